@@ -1,0 +1,115 @@
+"""Plumbing shared by the scripts: config dataclasses as flags, atomic files, the one checkpoint
+loader, and one-line errors for bad input."""
+import argparse
+import dataclasses
+import functools
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+
+class UserError(Exception):
+    """Bad input: the scripts print the message on one line and exit with code 2."""
+
+
+def cli(main):
+    """Run main(); a UserError becomes one line on stderr and exit code 2, Ctrl-C exit code 130."""
+    @functools.wraps(main)
+    def wrapped(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            sys.exit(130)
+    return wrapped
+
+
+def parse_config(cls, argv=None, description=None, checks=None):
+    """Turn a @dataclass into --field flags (same spelling as the code), with help from the field's
+    `doc` metadata. argparse reports unknown flags and wrong types itself (one line, exit code 2)."""
+    parser = argparse.ArgumentParser(description=description,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(cls):
+        kind = f.type if isinstance(f.type, type) else eval(f.type)  # annotations may be strings
+        help_ = f.metadata.get("doc", "")
+        if kind is bool:
+            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default, help=help_)
+        else:
+            choices = f.metadata.get("choices")
+            parser.add_argument(f"--{f.name}", type=kind, default=f.default, help=help_, choices=choices)
+    args = parser.parse_args(argv)
+    cfg = cls(**vars(args))
+    for ok, msg in (checks(cfg) if checks else []):
+        if not ok:
+            parser.error(msg)
+    return cfg
+
+
+def field(default, doc, choices=None):
+    return dataclasses.field(default=default, metadata={"doc": doc, "choices": choices})
+
+
+def atomic_write(path, data: bytes):
+    """Write bytes to a temp file in the same folder, then rename: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_save(obj, path):
+    """torch.save through a temp file + rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path, device="cpu"):
+    """The one checkpoint loader: returns (model, checkpoint dict) or raises a UserError that says
+    what is wrong with the file and what to do."""
+    from jfmini.model import GPT, GPTConfig
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} not found; run `python train.py` first or pass --ckpt PATH")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise UserError(f"checkpoint {path} is unreadable ({type(e).__name__}); it is truncated or not a "
+                        f"jfmini checkpoint: delete it and train again") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
+        raise UserError(f"{path} is not a jfmini checkpoint (no model weights inside); pass a file written by train.py")
+    model = GPT(GPTConfig(**ckpt["model_config"]))
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError:
+        raise UserError(f"{path} holds weights that do not fit its own model config; it is corrupt: train again") from None
+    return model.to(device).eval(), ckpt
+
+
+def pick_device(name="auto"):
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda asked for, but no CUDA GPU is visible; use --device cpu")
+    return name

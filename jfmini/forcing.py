@@ -1,0 +1,217 @@
+"""Jacobi Forcing training data and loss (DESIGN sections 4 and 5).
+
+    model --Jacobi decode prompts, record every state of every block--> Trajectories
+    Trajectories --noise schedule: pick a noisy state k_j per block--> packed rows
+    packed rows --one forward with the noise-aware mask--> consistency + lambda * AR loss
+
+The Jacobi iteration used to collect trajectories is the decoder's own (jfmini.decoding.Jacobi);
+this file only adds a hook that records each block's state before every iteration.
+"""
+import io
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from jfmini.common import UserError, atomic_write
+from jfmini.decoding import Jacobi
+
+
+@dataclass
+class Trajectories:
+    """Jacobi trajectories of N prompts, T blocks of n tokens each, stored compactly.
+
+    prompts: concatenated prompt tokens, split by prompt_offsets (N + 1,)
+    fixed:   (N, T, n) fixed points: the greedy AR continuation, block by block
+    states:  (S, n) every recorded state (before each iteration), owner (S,) = prompt * T + block
+    """
+    prompts: np.ndarray
+    prompt_offsets: np.ndarray
+    fixed: np.ndarray
+    states: np.ndarray
+    owner: np.ndarray
+
+    @property
+    def block_len(self):
+        return self.fixed.shape[2]
+
+    def __len__(self):
+        return self.fixed.shape[0]
+
+    def prompt(self, i):
+        return self.prompts[self.prompt_offsets[i]:self.prompt_offsets[i + 1]]
+
+    def save(self, path):
+        buf = io.BytesIO()
+        np.savez(buf, **{k: getattr(self, k) for k in self.__dataclass_fields__})
+        atomic_write(path, buf.getvalue())
+
+    @classmethod
+    def load(cls, path):
+        try:
+            with np.load(path) as z:
+                traj = cls(**{k: z[k] for k in cls.__dataclass_fields__})
+        except Exception as e:
+            raise UserError(f"trajectories file {path} is unreadable ({type(e).__name__}); delete it and run "
+                            f"the stage again to regenerate it") from None
+        return traj
+
+
+class _Recorder:
+    """pre_step hook: store the current block's n-token state (committed part + drafts) of each row."""
+
+    def __init__(self, jac, num_blocks):
+        B, n = jac.B, jac.n
+        self.T = num_blocks
+        self.states = torch.zeros(B, num_blocks, n, n, dtype=torch.long, device=jac.dev)
+        self.count = torch.zeros(B, num_blocks, dtype=torch.long, device=jac.dev)
+
+    def __call__(self, jac):
+        n, ar_n, bidx = jac.n, jac.ar_n, jac.bidx
+        committed = n - jac.L0                                     # (B,) tokens of the block already committed
+        first = jac.m - committed                                  # block start position
+        blk = ((first - jac.start) // n).clamp(max=self.T - 1)
+        from_out = jac.out.gather(1, (first[:, None] + ar_n).clamp(max=jac.C - 1))
+        from_draft = jac.draft.gather(1, (ar_n - committed[:, None]).clamp(0, jac.W - 1))
+        state = torch.where(ar_n < committed[:, None], from_out, from_draft)   # (B, n)
+        k = self.count[bidx, blk].clamp(max=n - 1)
+        ok = ~jac.done
+        self.states[bidx, blk, k] = torch.where(ok[:, None], state, self.states[bidx, blk, k])
+        self.count[bidx, blk] += ok.long()
+
+
+@torch.no_grad()
+def collect_trajectories(model, prompts, block_len, num_blocks, batch_size, eot, log=print):
+    """Greedy Jacobi-decode every prompt for num_blocks blocks of block_len, recording every state."""
+    n, T = block_len, num_blocks
+    fixed, states, owner = [], [], []
+    jac = rec = None
+    for lo in range(0, len(prompts), batch_size):
+        chunk = prompts[lo:lo + batch_size]
+        chunk = chunk + [chunk[-1]] * (batch_size - len(chunk))      # fixed batch shape; extras dropped
+        if jac is None:
+            jac = Jacobi(model, block_len=n, batch=batch_size, eot=None)
+            rec = _Recorder(jac, T)
+            jac.pre_step = rec
+        rec.states.zero_()
+        rec.count.zero_()
+        jac.prefill(chunk, n * T)
+        for _ in range(n * T):                                       # at most n iterations per block
+            jac.step()
+            if bool(jac.done.all()):
+                break
+        start = jac.start[:, None] + torch.arange(n * T, device=jac.dev)
+        fx = jac.out.gather(1, start).view(batch_size, T, n).cpu().numpy()
+        st, cnt = rec.states.cpu().numpy(), rec.count.cpu().numpy()
+        for b in range(min(batch_size, len(prompts) - lo)):
+            fixed.append(fx[b])
+            for j in range(T):
+                states.append(st[b, j, :cnt[b, j]])
+                owner += [(lo + b) * T + j] * int(cnt[b, j])
+        log(f"  trajectories: {min(lo + batch_size, len(prompts))}/{len(prompts)} prompts")
+    lens = [len(p) for p in prompts]
+    return Trajectories(prompts=np.concatenate([np.asarray(p, dtype=np.uint16) for p in prompts]),
+                        prompt_offsets=np.concatenate([[0], np.cumsum(lens)]).astype(np.int64),
+                        fixed=np.stack(fixed).astype(np.uint16),
+                        states=np.concatenate(states).astype(np.uint16),
+                        owner=np.asarray(owner, dtype=np.int64))
+
+
+def noise_ratio(states, fixed_point):
+    """(n - index of the first mismatch with the fixed point) / n, for states (S, n)."""
+    n = fixed_point.shape[-1]
+    diff = states != fixed_point
+    first = np.where(diff.any(-1), diff.argmax(-1), n)
+    return (n - first) / n
+
+
+def target_ratios(num_blocks, schedule, rng, t_min=0.0, t_max=1.0, window=16):
+    """Noise ratio wanted for each block j: progressive = a ramp from t_min to t_max that repeats
+    every `window` blocks; reverse = the ramp descending; random = uniform draws."""
+    ramp = np.linspace(t_min, t_max, window)
+    j = np.arange(num_blocks) % window
+    if schedule == "progressive":
+        return ramp[j]
+    if schedule == "reverse":
+        return ramp[::-1][j]
+    if schedule == "random":
+        return rng.uniform(t_min, t_max, num_blocks)
+    raise ValueError(f"unknown schedule {schedule!r}")
+
+
+@dataclass
+class Packed:
+    """A batch of packed rows (numpy), fixed length L. noisy_idx[b, j*n + t] is the position of k_j[t];
+    its clean twin l_j[t] sits n positions later."""
+    tokens: np.ndarray      # (B, L)
+    pos: np.ndarray         # (B, L)
+    ar_targets: np.ndarray  # (B, L) next clean token, -1 = no target
+    noisy_idx: np.ndarray   # (B, T*n)
+    cons_weight: np.ndarray  # (B, T*n) 1 where the consistency loss applies
+    prompt_len: np.ndarray  # (B,)
+    pad_start: np.ndarray   # (B,)
+
+
+def packed_length(max_prompt, block_len, num_blocks, multiple=128):
+    return math.ceil((max_prompt + 2 * block_len * num_blocks) / multiple) * multiple
+
+
+def pack(traj, rows, length, schedule, rng, eot, window=16):
+    """Pack the trajectories of prompts `rows` into one batch, choosing k_j by the noise schedule."""
+    n, T = traj.block_len, traj.fixed.shape[1]
+    B = len(rows)
+    out = Packed(np.zeros((B, length), np.int64), np.zeros((B, length), np.int64),
+                 np.full((B, length), -1, np.int64), np.zeros((B, T * n), np.int64),
+                 np.zeros((B, T * n), np.float32), np.zeros(B, np.int64), np.zeros(B, np.int64))
+    by_owner = np.searchsorted(traj.owner, np.arange(len(traj) * T + 1))  # owner is sorted
+    for r, i in enumerate(rows):
+        prompt, fixed = traj.prompt(i).astype(np.int64), traj.fixed[i].astype(np.int64)  # (P,), (T, n)
+        P = len(prompt)
+        clean = fixed.reshape(-1)                                   # the greedy continuation
+        cut = np.flatnonzero(clean == eot)
+        valid_until = cut[0] if len(cut) else len(clean)            # stream index of the first end-of-text
+        wanted = target_ratios(T, schedule, rng, window=window)
+        toks, pos = [prompt], [np.arange(P)]
+        ar = [np.append(prompt[1:], clean[0])]                     # prompt predicts its next token, then l_0[0]
+        for j in range(T):
+            cands = traj.states[by_owner[i * T + j]:by_owner[i * T + j + 1]].astype(np.int64)
+            cands = np.concatenate([cands, fixed[j][None]])         # the fixed point itself has ratio 0
+            ratios = noise_ratio(cands, fixed[j])
+            k = cands[np.abs(ratios - wanted[j]).argmin()]
+            diff = np.flatnonzero(k != fixed[j])
+            stream = j * n + np.arange(n)                            # stream index of l_j[t]
+            nxt = np.append(clean[stream[1:]], clean[stream[-1] + 1] if j + 1 < T else -1)
+            ok = stream < valid_until                                # l_j[t] predicts a token up to end-of-text
+            base = P + 2 * n * j
+            out.noisy_idx[r, j * n:(j + 1) * n] = base + np.arange(n)
+            if len(diff):                                            # from the first divergence through n-1
+                out.cons_weight[r, j * n + diff[0]:(j + 1) * n] = ok[diff[0]:]
+            toks += [k, fixed[j]]
+            pos += [P + j * n + np.arange(n)] * 2
+            ar += [np.full(n, -1), np.where(ok, nxt, -1)]
+        row = np.concatenate(toks)
+        L = len(row)
+        if L > length:
+            raise ValueError(f"packed row of {L} tokens exceeds length {length}")
+        out.tokens[r, :L], out.pos[r, :L], out.ar_targets[r, :L] = row, np.concatenate(pos), np.concatenate(ar)
+        out.pos[r, L:] = np.arange(L, length)
+        out.prompt_len[r], out.pad_start[r] = P, L
+    return out
+
+
+def forcing_loss(logits, ar_targets, noisy_idx, cons_weight, block_len, lam):
+    """L = L_pc + lam * L_AR from one forward's logits (B, L, V).
+
+    L_pc: soft cross-entropy from the detached clean distribution at l_j[t] (n positions after k_j[t])
+    to the noisy one at k_j[t], averaged over the positions cons_weight keeps.
+    L_AR: next-token cross-entropy on the clean stream."""
+    V = logits.shape[-1]
+    ar = F.cross_entropy(logits.flatten(0, 1), ar_targets.flatten(), ignore_index=-1)
+    idx = noisy_idx[..., None].expand(-1, -1, V)
+    student = logits.gather(1, idx).log_softmax(-1)
+    teacher = logits.gather(1, idx + block_len).detach().softmax(-1)
+    pc = -(teacher * student).sum(-1)                                # (B, T*n)
+    pc = (pc * cons_weight).sum() / cons_weight.sum().clamp(min=1)
+    return pc + lam * ar, pc, ar

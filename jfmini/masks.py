@@ -1,0 +1,65 @@
+"""The noise-aware causal mask of Jacobi Forcing (DESIGN section 5), written once as a pure function.
+
+A packed training row (block length n, T blocks) and its position ids:
+
+    [ prompt | k_0 | l_0 | k_1 | l_1 | ... | k_{T-1} | l_{T-1} | padding ]
+      0..P-1  P+0..P+n-1 (same ids for k_j and l_j)  ...
+    k_j: a noisy Jacobi state of block j      l_j: its fixed point (clean)
+
+Who may look at whom (1 = may attend), P=1, n=2, T=2:
+
+            p k0a k0b l0a l0b k1a k1b l1a l1b
+    p       1
+    k0a     1  1
+    k0b     1  1   1
+    l0a     1          1
+    l0b     1          1   1
+    k1a     1  1   1            1
+    k1b     1  1   1            1   1
+    l1a     1          1   1            1
+    l1b     1          1   1            1   1
+
+Clean queries see the prompt and the clean stream (plain AR). Noisy queries see the prompt, earlier
+*noisy* blocks (the noisy context the decoder really has) and their own block causally;
+context="clean" makes them see earlier clean blocks instead (the CLLM-style ablation).
+"""
+import torch
+from torch.nn.attention.flex_attention import create_block_mask
+
+
+def noise_aware_mask(prompt_len, pad_start, block_len, context="noisy"):
+    """mask_mod(b, h, q, kv) -> bool for FlexAttention and the dense form alike.
+
+    prompt_len, pad_start: (B,) tensors, per batch row (indexed by b, so one compiled kernel serves
+    rows of any prompt length and block count). block_len: n, the same for the whole batch.
+    """
+    if context not in ("noisy", "clean"):
+        raise ValueError(f"context must be 'noisy' or 'clean', not {context!r}")
+    n, clean_context = block_len, context == "clean"
+
+    def mask_mod(b, h, q, kv):
+        P, end = prompt_len[b], pad_start[b]
+        rq, rk = q - P, kv - P                                # offsets after the prompt
+        blk_q, blk_k = rq // (2 * n), rk // (2 * n)           # block index j
+        clean_q, clean_k = rq % (2 * n) >= n, rk % (2 * n) >= n
+        off_q, off_k = rq % n, rk % n                         # offset inside the block
+        sees_prompt = (kv < P) & (kv <= q)
+        own_block = (blk_k == blk_q) & (clean_k == clean_q) & (off_k <= off_q)
+        earlier_block = (blk_k < blk_q) & (clean_k == (clean_q | clean_context))
+        body = (q >= P) & (kv >= P) & (own_block | earlier_block)
+        real = (q < end) & (kv < end)
+        return (real & (sees_prompt | body)) | ((q >= end) & (kv == q))  # padding rows see themselves only
+    return mask_mod
+
+
+def dense_mask(mask_mod, batch, length, device="cpu"):
+    """The bool (B, 1, L, L) mask for scaled_dot_product_attention, evaluated from mask_mod."""
+    b = torch.arange(batch, device=device)[:, None, None]
+    q = torch.arange(length, device=device)[None, :, None]
+    kv = torch.arange(length, device=device)[None, None, :]
+    return mask_mod(b, 0, q, kv)[:, None]
+
+
+def flex_mask(mask_mod, batch, length, device):
+    """The FlexAttention BlockMask from the same mask_mod (the fast CUDA path)."""
+    return create_block_mask(mask_mod, batch, None, length, length, device=device)

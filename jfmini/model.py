@@ -1,0 +1,150 @@
+"""A pre-norm GPT with rotary positions, explicit position ids and a static KV cache (DESIGN section 3).
+
+Positions are an input because Jacobi Forcing needs them free: during training a noisy block and its
+clean twin share position ids; during decoding, draft tokens sit at chosen positions.
+
+One forward serves everything:
+
+    model(idx, pos)                      causal attention over idx (pretraining)
+    model(idx, pos, mask)                mask: bool (B, 1, T, T) for SDPA, or a FlexAttention BlockMask
+    model(idx, pos, mask, slots)         decoding: write K/V of idx at cache `slots` (B, T), then attend
+                                         over the whole static cache with the bool mask (B, 1, T, S)
+
+The cache is a preallocated module buffer (gpt-fast style) so a captured CUDA graph keeps writing
+into the same memory. It only ever holds verified tokens where the decoder's committed-length pointer
+says so; everything past the pointer is masked out and simply overwritten later.
+"""
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 50257  # GPT-2 BPE with end-of-text
+    seq_len: int = 1024      # longest context trained on
+    n_layer: int = 8
+    n_head: int = 8
+    d_model: int = 512
+    rope_base: float = 10000.0
+
+    def to_dict(self):
+        return asdict(self)
+
+
+def rotate(x, cos, sin):
+    """Rotary embedding on the two halves of the head dim. x (B, H, T, Dh); cos, sin (B, 1, T, Dh/2)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+class KVCache(nn.Module):
+    def __init__(self, batch, n_head, length, head_dim, dtype, device):
+        super().__init__()
+        shape = (batch, n_head, length, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def write(self, slots, k, v):
+        """Store k, v (B, H, T, Dh) at cache slots (B, T)."""
+        index = slots[:, None, :, None].expand_as(k)
+        self.k.scatter_(2, index, k)
+        self.v.scatter_(2, index, v)
+
+    def copy(self, src, dst):
+        """Move the entries at slots src (B, T) to slots dst (B, T): commits a winning draft row."""
+        B, H, _, D = self.k.shape
+        for buf in (self.k, self.v):
+            rows = buf.gather(2, src[:, None, :, None].expand(B, H, src.shape[1], D))
+            buf.scatter_(2, dst[:, None, :, None].expand_as(rows), rows)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_head, self.head_dim = cfg.n_head, cfg.d_model // cfg.n_head
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.cache = None
+
+    def forward(self, x, cos, sin, mask, slots):
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, Dh)
+        q, k = rotate(q, cos, sin).to(v.dtype), rotate(k, cos, sin).to(v.dtype)
+        if slots is not None:
+            self.cache.write(slots, k, v)
+            k, v = self.cache.k, self.cache.v  # (B, H, S, Dh): the whole static buffer, mask picks
+        if isinstance(mask, BlockMask):
+            y = flex_attention(q, k, v, block_mask=mask)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.norm1, self.norm2 = nn.RMSNorm(cfg.d_model), nn.RMSNorm(cfg.d_model)
+        self.attn = Attention(cfg)
+        self.fc = nn.Linear(cfg.d_model, 4 * cfg.d_model, bias=False)
+        self.out = nn.Linear(4 * cfg.d_model, cfg.d_model, bias=False)
+
+    def forward(self, x, cos, sin, mask, slots):
+        x = x + self.attn(self.norm1(x), cos, sin, mask, slots)
+        return x + self.out(F.gelu(self.fc(self.norm2(x)), approximate="tanh"))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.cfg = cfg
+        padded_vocab = math.ceil(cfg.vocab_size / 64) * 64  # a friendlier matmul size; extra rows never win
+        self.embed = nn.Embedding(padded_vocab, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm = nn.RMSNorm(cfg.d_model)
+        head_dim = cfg.d_model // cfg.n_head
+        inv_freq = cfg.rope_base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.forwards = 0  # real forward calls (eager); decoders report the same count
+        for name, p in self.named_parameters():
+            if p.dim() == 2:  # GPT-2 init; residual projections scaled by depth
+                std = 0.02 / math.sqrt(2 * cfg.n_layer) if name.endswith(("proj.weight", "out.weight")) else 0.02
+                nn.init.normal_(p, mean=0.0, std=std)
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, idx, pos, mask=None, slots=None):
+        """idx, pos: (B, T) (pos may be (T,)); returns float logits (B, T, vocab_size)."""
+        if not torch.compiler.is_compiling():
+            self.forwards += 1
+        x = self.embed(idx)
+        angles = pos.expand(idx.shape)[:, None, :, None].float() * self.inv_freq  # (B, 1, T, Dh/2)
+        cos, sin = angles.cos(), angles.sin()
+        for block in self.blocks:
+            x = block(x, cos, sin, mask, slots)
+        logits = F.linear(self.norm(x), self.embed.weight)  # tied head
+        return logits[..., :self.cfg.vocab_size].float()
+
+    def setup_cache(self, batch, length, dtype=None, device=None):
+        """Allocate (or reuse) the static cache: `batch` rows, `length` slots per row."""
+        p = self.embed.weight
+        dtype, device = dtype or p.dtype, device or p.device
+        first = self.blocks[0].attn.cache
+        if first is not None and first.k.shape[0] == batch and first.k.shape[2] == length and first.k.dtype == dtype:
+            return
+        for block in self.blocks:
+            a = block.attn
+            a.cache = KVCache(batch, a.n_head, length, a.head_dim, dtype, device)
+
+    def clear_cache(self):
+        for block in self.blocks:
+            block.attn.cache = None
+
+    def copy_cache(self, src, dst):
+        for block in self.blocks:
+            block.attn.cache.copy(src, dst)
