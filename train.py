@@ -1,0 +1,475 @@
+"""Train jfmini end to end: pretrain a small GPT on Python code, then Jacobi Forcing rounds.
+
+    python train.py                           # the whole pipeline: pretrain, round 1 (n=16), round 2 (n=32)
+    python train.py --stage pretrain          # one stage; later stages reuse earlier outputs in --out_dir
+    python train.py --resume                  # continue an interrupted stage from its last checkpoint
+    torchrun --nproc_per_node=2 train.py      # data parallel (nccl on GPU, gloo on CPU)
+
+Outputs in --out_dir: base.pt (the AR model), traj_r{r}.npz (trajectories), jf{r}.pt (round r model),
+*_state.pt (resumable training state, written atomically every --ckpt_every steps).
+Defaults depend on the device (--preset): printed at start-up.
+"""
+import dataclasses
+import json
+import math
+import os
+import random
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from jfmini.common import UserError, atomic_save, cli, field, load_checkpoint, parse_config, pick_device
+from jfmini.data import code_prompts, get_batch, gpt2_tokenizer, load_split, prepare_corpus
+from jfmini.forcing import Trajectories, collect_trajectories, forcing_loss, pack, packed_length
+from jfmini.masks import dense_mask, flex_mask, noise_aware_mask
+from jfmini.model import GPT, GPTConfig
+
+
+@dataclass
+class TrainConfig:
+    stage: str = field("all", "stages to run: all, or a comma list of pretrain, round1, round2")
+    out_dir: str = field("out", "where checkpoints, trajectories and the token cache go")
+    preset: str = field("auto", "defaults for the unset flags: gpu (the real model), cpu (a small one); "
+                                "auto = gpu when CUDA is visible", ["auto", "gpu", "cpu"])
+    device: str = field("auto", "auto, cpu, cuda, cuda:N")
+    resume: bool = field(False, "continue an interrupted stage from its *_state.pt checkpoint")
+    seed: int = field(1337, "seed for init, batches, prompts and the noise schedule")
+    compile: str = field("auto", "torch.compile the training steps: auto (on CUDA), yes, no", ["auto", "yes", "no"])
+    # model (None: from the preset)
+    n_layer: int = field(None, "transformer blocks")
+    n_head: int = field(None, "attention heads")
+    d_model: int = field(None, "model width")
+    seq_len: int = field(None, "context length")
+    # pretraining
+    corpus: str = field(None, "stdlib or stdlib+torch (the Python sources installed here)", ["stdlib", "stdlib+torch"])
+    batch_size: int = field(None, "sequences per micro-batch (per process)")
+    grad_accum: int = field(None, "micro-batches per optimizer step")
+    steps: int = field(None, "pretraining optimizer steps")
+    lr: float = field(None, "peak learning rate (AdamW, linear warmup, cosine decay to lr/10)")
+    warmup: int = field(None, "warmup steps")
+    weight_decay: float = field(0.1, "AdamW weight decay on matrices")
+    eval_every: int = field(None, "steps between validation losses")
+    eval_batches: int = field(None, "batches per validation loss")
+    ckpt_every: int = field(None, "steps between resumable checkpoints")
+    # Jacobi Forcing rounds
+    block_lens: str = field("16,32", "block length n of each round, comma separated (round r uses the r-th)")
+    traj_prompts: int = field(None, "prompts (function/class starts from the training files) per round")
+    traj_tokens: int = field(None, "new tokens per trajectory (num_blocks = traj_tokens / n)")
+    traj_batch: int = field(None, "prompts Jacobi-decoded at once while collecting trajectories")
+    distill_steps: int = field(None, "optimizer steps per round")
+    distill_batch: int = field(None, "packed rows per step (per process)")
+    distill_lr: float = field(None, "peak learning rate of a round")
+    lam: float = field(10.0, "weight of the AR loss: L = L_consistency + lam * L_AR")
+    schedule: str = field("progressive", "noise schedule", ["progressive", "random", "reverse"])
+    context: str = field("noisy", "what noisy blocks attend to: earlier noisy blocks, or clean ones (CLLM)",
+                         ["noisy", "clean"])
+    noise_window: int = field(16, "blocks per ramp of the progressive schedule (capped at the blocks per "
+                                  "trajectory, so every trajectory sees the whole ramp)")
+
+
+PRESETS = {
+    "gpu": dict(n_layer=8, n_head=8, d_model=512, seq_len=1024, corpus="stdlib+torch", batch_size=32,
+                grad_accum=2, steps=1800, lr=2e-3, warmup=100, eval_every=300, eval_batches=20, ckpt_every=300,
+                traj_prompts=8192, traj_tokens=256, traj_batch=512, distill_steps=600, distill_batch=32,
+                distill_lr=3e-4),
+    "cpu": dict(n_layer=4, n_head=4, d_model=128, seq_len=256, corpus="stdlib", batch_size=16, grad_accum=1,
+                steps=800, lr=3e-3, warmup=50, eval_every=200, eval_batches=10, ckpt_every=100,
+                traj_prompts=256, traj_tokens=64, traj_batch=64, distill_steps=150, distill_batch=8,
+                distill_lr=5e-4),
+}
+
+
+def checks(c):
+    yield c.stage == "all" or all(s == "pretrain" or re.fullmatch(r"round[1-9]", s) for s in c.stage.split(",")), \
+        "--stage must be 'all' or a comma list of pretrain, round1, round2, ..."
+    for name in ("n_layer", "n_head", "d_model", "seq_len", "batch_size", "grad_accum", "steps", "eval_every",
+                 "eval_batches", "ckpt_every", "traj_prompts", "traj_tokens", "traj_batch", "distill_steps",
+                 "distill_batch", "noise_window"):
+        v = getattr(c, name)
+        yield v is None or v >= 1, f"--{name} must be at least 1 (got {v})"
+    for name in ("lr", "distill_lr"):
+        v = getattr(c, name)
+        yield v is None or v > 0, f"--{name} must be positive (got {v})"
+    yield c.warmup is None or c.warmup >= 0, "--warmup must be 0 or more"
+    yield c.lam >= 0, "--lam must be 0 or more"
+    try:
+        ok = all(int(x) >= 2 for x in c.block_lens.split(","))
+    except ValueError:
+        ok = False
+    yield ok, f"--block_lens must be comma-separated integers of at least 2 (got {c.block_lens!r})"
+    if c.d_model and c.n_head:
+        yield c.d_model % c.n_head == 0 and (c.d_model // c.n_head) % 2 == 0, \
+            "--d_model must be a multiple of --n_head with an even head size"
+
+
+# ----------------------------------------------------------------------------- helpers
+
+class Run:
+    """Device, distributed rank and logging for one process."""
+
+    def __init__(self, cfg):
+        self.ddp = "RANK" in os.environ
+        if self.ddp:
+            backend = "nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo"
+            dist.init_process_group(backend)
+            self.rank, self.world = dist.get_rank(), dist.get_world_size()
+            local = int(os.environ.get("LOCAL_RANK", 0))
+            self.device = f"cuda:{local}" if backend == "nccl" else "cpu"
+            if backend == "nccl":
+                torch.cuda.set_device(self.device)
+        else:
+            self.rank, self.world, self.device = 0, 1, pick_device(cfg.device)
+        self.cuda = self.device.startswith("cuda")
+        self.master = self.rank == 0
+        self.compile = cfg.compile == "yes" or (cfg.compile == "auto" and self.cuda)
+        self.t0 = time.time()
+
+    def log(self, msg):
+        if self.master:
+            print(f"[{time.time() - self.t0:7.1f}s] {msg}", flush=True)
+
+    def autocast(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self.cuda else torch.autocast("cpu", enabled=False)
+
+    def sync(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+
+
+def lr_at(step, total, peak, warmup):
+    """Linear warmup, then cosine decay to peak/10."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    frac = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
+
+
+def make_optimizer(model, lr, weight_decay, cuda):
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    other = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=cuda)
+
+
+def peak_flops(device):
+    """bf16 dense peak of the GPU, for MFU; None when unknown."""
+    if not device.startswith("cuda"):
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, flops in (("H100", 989e12), ("H200", 989e12), ("A100", 312e12), ("L4", 121e12)):
+        if key in name:
+            return flops
+    return None
+
+
+def flops_per_token(mcfg, n_params):
+    """6N for the matmuls (tied head counted once) + 12 * layers * width * context for attention."""
+    return 6 * n_params + 12 * mcfg.n_layer * mcfg.d_model * mcfg.seq_len
+
+
+def save_state(path, model, opt, step, cfg, extra=None):
+    atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                 "model_config": model.cfg.to_dict(), "train_config": dataclasses.asdict(cfg),
+                 "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state()},
+                 **(extra or {})}, path)
+
+
+def nonfinite(run, what, step, state_path):
+    kept = f"the last good checkpoint {state_path} is kept; resume with --resume and a lower learning rate" \
+        if state_path.exists() else "no checkpoint was written yet; lower the learning rate and start again"
+    raise UserError(f"{what} loss became NaN/inf at step {step}; {kept}")
+
+
+@torch.no_grad()
+def val_loss(model, data, mcfg, batches, batch_size, run, seed=0):
+    """Mean next-token loss on the held-out files (same windows every call)."""
+    rng = np.random.default_rng(seed)
+    model.eval()
+    total = 0.0
+    pos = torch.arange(mcfg.seq_len, device=run.device)
+    for _ in range(batches):
+        x, y = get_batch(data, batch_size, mcfg.seq_len, rng)
+        x, y = torch.from_numpy(x).to(run.device), torch.from_numpy(y).to(run.device)
+        with run.autocast():
+            logits = model(x, pos)
+        total += F.cross_entropy(logits.flatten(0, 1), y.flatten()).item()
+    model.train()
+    return total / batches
+
+
+# ----------------------------------------------------------------------------- pretraining
+
+def pretrain(cfg, run, out):
+    final, state_path = out / "base.pt", out / "pretrain_state.pt"
+    if final.exists() and not cfg.resume:
+        run.log(f"pretrain: {final} exists, reusing it (delete it to pretrain again)")
+        return
+    data_dir = out / f"data_{cfg.corpus.replace('+', '_')}"
+    enc = gpt2_tokenizer()
+    if run.master:
+        prepare_corpus(data_dir, cfg.corpus, enc, log=run.log)
+    if run.ddp:
+        dist.barrier()
+    train_data, val_data = load_split(data_dir, "train"), load_split(data_dir, "val")
+    mcfg = GPTConfig(vocab_size=enc.n_vocab, seq_len=cfg.seq_len, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                     d_model=cfg.d_model)
+    torch.manual_seed(cfg.seed)
+    model = GPT(mcfg).to(run.device)
+    opt = make_optimizer(model, cfg.lr, cfg.weight_decay, run.cuda)
+    step = 0
+    if cfg.resume and state_path.exists():
+        _, state = load_checkpoint(state_path)
+        if state.get("model_config") != mcfg.to_dict():
+            raise UserError(f"{state_path} was written for another model config; resume with the same flags "
+                            f"or delete it")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        step = state["step"]
+        run.log(f"pretrain: resuming from {state_path} at step {step}")
+    elif cfg.resume and final.exists():
+        run.log(f"pretrain: {final} is already complete")
+        return
+    n_params = model.num_params()
+    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * run.world
+    run.log(f"pretrain: {n_params / 1e6:.1f}M parameters, {len(train_data):,} train tokens, "
+            f"{tokens_per_step:,} tokens/step, {cfg.steps} steps ({cfg.steps * tokens_per_step / len(train_data):.1f} epochs)")
+    ddp_model = torch.nn.parallel.DistributedDataParallel(model) if run.ddp else model
+    pos = torch.arange(cfg.seq_len, device=run.device)
+
+    def loss_fn(x, y):
+        with run.autocast():
+            logits = ddp_model(x, pos)
+        return F.cross_entropy(logits.flatten(0, 1), y.flatten())
+
+    step_loss = torch.compile(loss_fn) if run.compile else loss_fn
+    rng = np.random.default_rng(cfg.seed * 1000 + run.rank + step)  # a fresh stream after a resume
+    peak, fpt = peak_flops(run.device), flops_per_token(mcfg, n_params)
+    model.train()
+    t_log, tok_log = time.time(), 0
+    try:
+        while step < cfg.steps:
+            lr = lr_at(step, cfg.steps, cfg.lr, cfg.warmup)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            total = 0.0
+            for micro in range(cfg.grad_accum):
+                x, y = get_batch(train_data, cfg.batch_size, cfg.seq_len, rng)
+                x, y = torch.from_numpy(x).to(run.device, non_blocking=True), torch.from_numpy(y).to(run.device, non_blocking=True)
+                if run.ddp:
+                    ddp_model.require_backward_grad_sync = micro == cfg.grad_accum - 1
+                loss = step_loss(x, y) / cfg.grad_accum
+                loss.backward()
+                total = total + loss.detach()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            tok_log += tokens_per_step
+            if step % 20 == 0 or step == cfg.steps or step == 1:
+                loss_v = total.item()
+                if not math.isfinite(loss_v):
+                    nonfinite(run, "pretraining", step, state_path)
+                run.sync()
+                dt = time.time() - t_log
+                tps = tok_log / dt
+                mfu = f", MFU {tps * fpt / (peak * run.world):.1%}" if peak else ""
+                run.log(f"pretrain step {step}/{cfg.steps}: loss {loss_v:.3f}, lr {lr:.2e}, {tps:,.0f} tokens/s{mfu}")
+                t_log, tok_log = time.time(), 0
+            if step % cfg.eval_every == 0 or step == cfg.steps:
+                vl = val_loss(model, val_data, mcfg, cfg.eval_batches, cfg.batch_size, run)
+                run.log(f"pretrain step {step}: val loss {vl:.4f}")
+                t_log, tok_log = time.time(), 0
+            if run.master and (step % cfg.ckpt_every == 0 or step == cfg.steps):
+                save_state(state_path, model, opt, step, cfg)
+    except KeyboardInterrupt:
+        if run.master:
+            save_state(state_path, model, opt, step, cfg)
+            print(f"interrupted at step {step}: saved {state_path}; continue with --resume", file=sys.stderr)
+        raise
+    if run.master:
+        vl = val_loss(model, val_data, mcfg, cfg.eval_batches, cfg.batch_size, run)
+        atomic_save({"model": model.state_dict(), "model_config": mcfg.to_dict(), "kind": "base",
+                     "val_loss": vl, "train_config": dataclasses.asdict(cfg), "steps": step}, final)
+        run.log(f"pretrain: done, val loss {vl:.4f}, saved {final}")
+
+
+# ----------------------------------------------------------------------------- Jacobi Forcing rounds
+
+def distill_round(cfg, run, out, r):
+    n = int(cfg.block_lens.split(",")[r - 1])
+    T = max(1, cfg.traj_tokens // n)
+    src = out / ("base.pt" if r == 1 else f"jf{r - 1}.pt")
+    final, state_path, traj_path = out / f"jf{r}.pt", out / f"jf{r}_state.pt", out / f"traj_r{r}.npz"
+    if final.exists() and not cfg.resume:
+        run.log(f"round {r}: {final} exists, reusing it (delete it to train the round again)")
+        return
+    if cfg.resume and final.exists() and not state_path.exists():
+        run.log(f"round {r}: {final} is already complete")
+        return
+    model, ckpt = load_checkpoint(src, run.device)
+    mcfg = model.cfg
+    enc = gpt2_tokenizer()
+    # 1. Trajectories from the previous model, reused when present.
+    t0 = time.time()
+    if traj_path.exists():
+        traj = Trajectories.load(traj_path)
+        if traj.block_len != n:
+            raise UserError(f"{traj_path} holds block length {traj.block_len}, round {r} needs {n}; delete it")
+        run.log(f"round {r}: reusing {len(traj)} trajectories from {traj_path}")
+    else:
+        corpus = ckpt.get("train_config", {}).get("corpus") or cfg.corpus
+        prompts = code_prompts(corpus, enc, cfg.traj_prompts, max_tokens=64, seed=cfg.seed + r)
+        mine = prompts[run.rank::run.world]                       # each rank decodes its share
+        run.log(f"round {r}: collecting trajectories of {len(prompts)} prompts, {T} blocks of n={n} "
+                f"({'bf16' if run.cuda else 'fp32'})")
+        decoder = model.to(torch.bfloat16) if run.cuda else model
+        traj = collect_trajectories(decoder.eval(), mine, n, T, min(cfg.traj_batch, len(mine)), eot=None,
+                                    log=run.log)
+        if run.ddp:
+            parts = [None] * run.world
+            dist.all_gather_object(parts, traj)
+            traj = merge_trajectories(parts)
+        if run.master:
+            traj.save(traj_path)
+        model, _ = load_checkpoint(src, run.device)                # fp32 master weights for training
+        run.log(f"round {r}: {len(traj)} trajectories, {len(traj.states)} states "
+                f"({len(traj.states) / (len(traj) * T):.1f} iterations per block) in {time.time() - t0:.0f}s")
+    model.clear_cache()
+    # 2. Training on packed noisy/clean rows.
+    opt = make_optimizer(model, cfg.distill_lr, 0.0, run.cuda)
+    step = 0
+    if cfg.resume and state_path.exists():
+        _, state = load_checkpoint(state_path)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        step = state["step"]
+        run.log(f"round {r}: resuming from {state_path} at step {step}")
+    L = packed_length(64, n, T)
+    B = cfg.distill_batch
+    prompt_len = torch.zeros(B, dtype=torch.long, device=run.device)
+    pad_start = torch.zeros(B, dtype=torch.long, device=run.device)
+    mask_mod = noise_aware_mask(prompt_len, pad_start, n, cfg.context)   # one mask function for every batch
+    ddp_model = torch.nn.parallel.DistributedDataParallel(model) if run.ddp else model
+
+    def loss_fn(tokens, pos, ar_targets, noisy_idx, cons_weight, mask):
+        with run.autocast():
+            logits = ddp_model(tokens, pos, mask)
+        return forcing_loss(logits, ar_targets, noisy_idx, cons_weight, n, cfg.lam)
+
+    step_loss = torch.compile(loss_fn) if run.compile else loss_fn
+    rng = np.random.default_rng(cfg.seed * 7919 + r * 31 + run.rank + step)
+    order = rng.permutation(len(traj))
+    cursor = 0
+    model.train()
+    t_log, tok_log, t_start = time.time(), 0, time.time()
+    run.log(f"round {r}: training {cfg.distill_steps} steps of {B * run.world} rows x {L} tokens "
+            f"(lambda {cfg.lam}, {cfg.schedule} schedule, {cfg.context} context)")
+    try:
+        while step < cfg.distill_steps:
+            if cursor + B * run.world > len(order):
+                order, cursor = rng.permutation(len(traj)), 0
+            rows = order[cursor + run.rank * B: cursor + (run.rank + 1) * B]
+            cursor += B * run.world
+            p = pack(traj, rows, L, cfg.schedule, rng, enc.eot_token, window=min(cfg.noise_window, T))
+            t = {k: torch.from_numpy(getattr(p, k)).to(run.device, non_blocking=True)
+                 for k in ("tokens", "pos", "ar_targets", "noisy_idx", "cons_weight")}
+            prompt_len.copy_(torch.from_numpy(p.prompt_len))
+            pad_start.copy_(torch.from_numpy(p.pad_start))
+            mask = flex_mask(mask_mod, B, L, run.device) if run.cuda else dense_mask(mask_mod, B, L, run.device)
+            lr = lr_at(step, cfg.distill_steps, cfg.distill_lr, min(50, cfg.distill_steps // 10))
+            for g in opt.param_groups:
+                g["lr"] = lr
+            loss, pc, ar = step_loss(t["tokens"], t["pos"], t["ar_targets"], t["noisy_idx"], t["cons_weight"], mask)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            tok_log += B * L * run.world
+            if step % 20 == 0 or step == cfg.distill_steps or step == 1:
+                lv = loss.item()
+                if not math.isfinite(lv):
+                    nonfinite(run, f"round {r}", step, state_path)
+                dt = time.time() - t_log
+                run.log(f"round {r} step {step}/{cfg.distill_steps}: loss {lv:.3f} (consistency {pc.item():.3f}, "
+                        f"AR {ar.item():.3f}), lr {lr:.2e}, {tok_log / dt:,.0f} tokens/s")
+                t_log, tok_log = time.time(), 0
+            if run.master and (step % cfg.ckpt_every == 0 or step == cfg.distill_steps):
+                save_state(state_path, model, opt, step, cfg, {"kind": "jacobi_forcing_state", "round": r})
+    except KeyboardInterrupt:
+        if run.master:
+            save_state(state_path, model, opt, step, cfg, {"kind": "jacobi_forcing_state", "round": r})
+            print(f"interrupted at step {step}: saved {state_path}; continue with --resume", file=sys.stderr)
+        raise
+    train_s = time.time() - t_start
+    if run.master:
+        corpus = ckpt.get("train_config", {}).get("corpus") or cfg.corpus
+        data_dir = out / f"data_{corpus.replace('+', '_')}"
+        vl = val_loss(model, load_split(data_dir, "val"), mcfg, cfg.eval_batches, cfg.batch_size, run) \
+            if (data_dir / "val.bin").exists() else float("nan")
+        atomic_save({"model": model.state_dict(), "model_config": mcfg.to_dict(), "kind": "jacobi_forcing",
+                     "round": r, "block_len": n, "val_loss": vl, "train_config": dataclasses.asdict(cfg),
+                     "steps": step}, final)
+        state_path.unlink(missing_ok=True)
+        run.log(f"round {r}: done in {train_s:.0f}s of training ({step * B * L * run.world:,} tokens), "
+                f"val loss {vl:.4f} (base {ckpt.get('val_loss', float('nan')):.4f}), saved {final}")
+
+
+def merge_trajectories(parts):
+    """Concatenate per-rank Trajectories (prompt indices renumbered)."""
+    prompts, offsets, fixed, states, owner = [], [0], [], [], []
+    n_before = 0
+    T = parts[0].fixed.shape[1]
+    for t in parts:
+        prompts.append(t.prompts)
+        offsets += list(offsets[-1] + t.prompt_offsets[1:])
+        fixed.append(t.fixed)
+        states.append(t.states)
+        owner.append(t.owner + n_before * T)
+        n_before += len(t)
+    return Trajectories(np.concatenate(prompts), np.asarray(offsets, dtype=np.int64), np.concatenate(fixed),
+                        np.concatenate(states), np.concatenate(owner))
+
+
+@cli
+def main(argv=None):
+    cfg = parse_config(TrainConfig, argv, description=__doc__.split("\n")[0], checks=checks)
+    run = Run(cfg)
+    preset = cfg.preset if cfg.preset != "auto" else ("gpu" if run.cuda else "cpu")
+    cfg = dataclasses.replace(cfg, preset=preset, **{k: v for k, v in PRESETS[preset].items()
+                                                      if getattr(cfg, k) is None})
+    for ok, msg in checks(cfg):
+        if not ok:
+            raise UserError(msg)
+    rounds = len(cfg.block_lens.split(","))
+    stages = ("pretrain",) + tuple(f"round{r}" for r in range(1, rounds + 1)) if cfg.stage == "all" \
+        else tuple(cfg.stage.split(","))
+    if any(s != "pretrain" and int(s[5:]) > rounds for s in stages):
+        raise UserError(f"--stage names a round past the {rounds} rounds of --block_lens {cfg.block_lens}")
+    run.log(f"device {run.device} (world {run.world}), torch {torch.__version__}, preset {preset}, "
+            f"compile {run.compile}, stages {','.join(stages)}")
+    run.log("config " + json.dumps(dataclasses.asdict(cfg)))
+    out = Path(cfg.out_dir)
+    random.seed(cfg.seed)
+    if "pretrain" in stages:
+        pretrain(cfg, run, out)
+    for r in range(1, rounds + 1):
+        if f"round{r}" in stages:
+            if run.ddp:
+                dist.barrier()
+            distill_round(cfg, run, out, r)
+    if run.ddp:
+        dist.barrier()
+        dist.destroy_process_group()
+    run.log("all done")
+
+
+if __name__ == "__main__":
+    main()
