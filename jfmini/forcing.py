@@ -103,8 +103,8 @@ def collect_trajectories(model, prompts, block_len, num_blocks, batch_size, eot,
             if bool(jac.done.all()):
                 break
         start = jac.start[:, None] + torch.arange(n * T, device=jac.dev)
-        fx = jac.out.gather(1, start).view(batch_size, T, n).cpu().numpy()
-        st, cnt = rec.states.cpu().numpy(), rec.count.cpu().numpy()
+        fx = jac.out.gather(1, start).view(batch_size, T, n).cpu().numpy().copy()  # own memory: buffers are reused
+        st, cnt = rec.states.cpu().numpy().copy(), rec.count.cpu().numpy().copy()
         for b in range(min(batch_size, len(prompts) - lo)):
             fixed.append(fx[b])
             for j in range(T):

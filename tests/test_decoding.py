@@ -1,0 +1,95 @@
+"""Losslessness: every decoder commits exactly the greedy AR tokens (DESIGN sections 4 and 6)."""
+import itertools
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from jfmini.common import UserError
+from jfmini.decoding import Jacobi, generate_ar
+
+GRID = list(itertools.product([1, 2, 3, 8, 16], [0, 1, 4], [1, 2, 3], [0.5, 0.85, 1.0]))
+
+
+def no_cache_greedy(model, prompt, count):
+    ids = list(prompt)
+    for _ in range(count):
+        ids.append(int(model(torch.tensor([ids]), torch.arange(len(ids)))[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_ar_oracle_matches_full_recompute(seed):
+    model = tiny_model(seed=seed)
+    prompt = torch.randint(0, 256, (7,)).tolist()
+    assert generate_ar(model, prompt, 30)[0] == no_cache_greedy(model, prompt, 30)
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("with_eot", [False, True])
+def test_every_decoder_is_lossless_over_the_grid(seed, with_eot):
+    model = tiny_model(seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(0, 256, (int(torch.randint(1, 12, (1,), generator=g)),), generator=g).tolist()
+    N = 48
+    eot = None
+    if with_eot:  # make a token the model really emits mid-way the end-of-text, so it lands mid-block
+        full, _ = generate_ar(model, prompt, N)
+        eot = full[13 + seed]
+    ref, _ = generate_ar(model, prompt, N, eot=eot)
+    assert len(ref) < N if with_eot else len(ref) == N
+    for n, P, K, r in GRID:
+        jac = Jacobi(model, block_len=n, num_blocks=K, pool_size=P, activation_ratio=r, eot=eot)
+        model.forwards = 0
+        out, stats = jac.generate(prompt, N)
+        assert out == ref, (n, P, K, r)
+        assert stats.forwards == model.forwards - 1, "forward count must equal real calls (minus the prefill)"
+        assert stats.new_tokens == len(ref)
+
+
+def test_lossless_with_batched_rows_of_different_prompt_lengths():
+    model = tiny_model(seed=5)
+    prompts = [[1, 2, 3], list(range(40, 51)), [7], list(range(100, 106))]
+    jac = Jacobi(model, block_len=6, batch=4)
+    jac.prefill(prompts, 30)
+    while not bool(jac.done.all()):
+        jac.step()
+    for b, p in enumerate(prompts):
+        assert jac.out[b, len(p):len(p) + 30].tolist() == generate_ar(model, p, 30)[0]
+
+
+def test_block_len_one_is_exactly_ar():
+    model = tiny_model(seed=1)
+    prompt = [5, 6, 7]
+    out, stats = Jacobi(model, block_len=1).generate(prompt, 25)
+    assert out == generate_ar(model, prompt, 25)[0]
+    assert stats.tokens_per_forward == 1.0 and stats.forwards == 25
+
+
+def test_recycling_and_multiblock_change_the_forward_count_not_the_tokens():
+    """Guards against a decoder that silently ignores its options."""
+    tpf = {}
+    for seed in range(4):
+        model = tiny_model(seed=seed)
+        prompt = [3, 1, 4, 1, 5]
+        for cfg in ((16, 0, 1), (16, 4, 1), (16, 4, 2)):
+            out, st = Jacobi(model, block_len=cfg[0], pool_size=cfg[1], num_blocks=cfg[2]).generate(prompt, 60)
+            tpf.setdefault(cfg, []).append(st.tokens_per_forward)
+    mean = {k: sum(v) / len(v) for k, v in tpf.items()}
+    assert mean[(16, 4, 1)] > mean[(16, 0, 1)]
+
+
+@pytest.mark.parametrize("kwargs", [dict(block_len=0), dict(block_len=-3), dict(num_blocks=0), dict(pool_size=-1),
+                                    dict(activation_ratio=0.0), dict(activation_ratio=1.5)])
+def test_bad_sizes_are_refused(kwargs):
+    with pytest.raises(UserError):
+        Jacobi(tiny_model(), **kwargs)
+
+
+def test_prompt_too_long_and_empty_prompt_are_refused():
+    model = tiny_model(seq_len=32)
+    jac = Jacobi(model, block_len=4)
+    with pytest.raises(UserError, match="context"):
+        jac.generate(list(range(30)), 8)
+    with pytest.raises(UserError, match="empty"):
+        jac.generate([], 8)

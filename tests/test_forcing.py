@@ -1,0 +1,161 @@
+"""Trajectories, the noise schedule, packing and the loss (DESIGN sections 4 and 5)."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import EOT, tiny_model
+from jfmini.decoding import generate_ar
+from jfmini.forcing import (Trajectories, collect_trajectories, forcing_loss, noise_ratio, pack, packed_length,
+                            target_ratios)
+from jfmini.masks import dense_mask, noise_aware_mask
+
+
+def synthetic(prompts, T, n, seed=0, states_per_block=None):
+    """Trajectories whose block j of prompt i has states with first mismatch at 1..n (ratios (n-1)/n..0)."""
+    rng = np.random.default_rng(seed)
+    fixed = rng.integers(0, 200, (len(prompts), T, n))
+    states, owner = [], []
+    for i in range(len(prompts)):
+        for j in range(T):
+            for first in (states_per_block or range(1, n + 1)):
+                s = fixed[i, j].copy()
+                s[first:] = (s[first:] + 1 + rng.integers(0, 50, n - first)) % 250
+                states.append(s)
+                owner.append(i * T + j)
+    lens = [len(p) for p in prompts]
+    return Trajectories(np.concatenate(prompts).astype(np.uint16), np.concatenate([[0], np.cumsum(lens)]),
+                        fixed.astype(np.uint16), np.asarray(states, np.uint16), np.asarray(owner))
+
+
+@pytest.fixture
+def traj():
+    return synthetic([np.arange(5) + 10, np.arange(9) + 40], T=4, n=4)
+
+
+def test_noisy_and_clean_twins_share_positions(traj):
+    n, T = 4, 4
+    p = pack(traj, [0, 1], packed_length(16, n, T), "progressive", np.random.default_rng(0), EOT)
+    for r in range(2):
+        P = p.prompt_len[r]
+        assert list(p.pos[r, :P]) == list(range(P))
+        for j in range(T):
+            k = p.pos[r, P + 2 * n * j: P + 2 * n * j + n]
+            l = p.pos[r, P + 2 * n * j + n: P + 2 * n * (j + 1)]
+            assert list(k) == list(l) == list(range(P + n * j, P + n * (j + 1)))
+        # the clean twins hold the fixed points
+        assert list(p.tokens[r, P + n: P + 2 * n]) == list(traj.fixed[r, 0])
+
+
+@pytest.mark.parametrize("schedule", ["progressive", "reverse", "random"])
+def test_selected_noise_ratios_follow_the_schedule(schedule):
+    n, T = 16, 16
+    traj = synthetic([np.arange(6)], T=T, n=n)
+    p = pack(traj, [0], packed_length(16, n, T), schedule, np.random.default_rng(1), EOT)
+    P = 6
+    got = np.array([noise_ratio(p.tokens[0, P + 2 * n * j: P + 2 * n * j + n][None], traj.fixed[0, j])[0]
+                    for j in range(T)])
+    wanted = target_ratios(T, schedule, np.random.default_rng(1))
+    available = np.arange(n) / n      # ratios on offer: states with first mismatch at 1..n-1, the fixed point
+    nearest = available[np.abs(available[None] - wanted[:, None]).argmin(1)]
+    np.testing.assert_allclose(got, nearest)
+    if schedule == "progressive":
+        assert got[0] == 0 and got[-1] == (n - 1) / n and np.all(np.diff(got) >= 0)
+    if schedule == "reverse":
+        assert np.all(np.diff(got) <= 0)
+
+
+def test_progressive_ramp_repeats_every_window():
+    t = target_ratios(8, "progressive", None, window=4)
+    np.testing.assert_allclose(t, [0, 1 / 3, 2 / 3, 1] * 2)
+
+
+def test_consistency_loss_zero_when_noisy_equals_clean_and_positive_otherwise():
+    model = tiny_model(spread=1.0)
+    n, T = 4, 3
+    clean_traj = synthetic([np.arange(7)], T=T, n=n, states_per_block=[n])       # every state is the fixed point
+    noisy_traj = synthetic([np.arange(7)], T=T, n=n, states_per_block=[1])
+    for traj, zero in ((clean_traj, True), (noisy_traj, False)):
+        L = packed_length(16, n, T)
+        p = pack(traj, [0], L, "progressive", np.random.default_rng(0), EOT, window=T)
+        mod = noise_aware_mask(torch.tensor(p.prompt_len), torch.tensor(p.pad_start), n)
+        logits = model(torch.tensor(p.tokens), torch.tensor(p.pos), dense_mask(mod, 1, L))
+        _, pc, _ = forcing_loss(logits, torch.tensor(p.ar_targets), torch.tensor(p.noisy_idx),
+                                torch.tensor(p.cons_weight), n, 10.0)
+        assert (pc.item() == 0.0) == zero
+
+
+def test_ar_part_equals_plain_causal_lm_loss_on_the_clean_stream(traj):
+    model = tiny_model(spread=1.0)
+    n, T = 4, 4
+    L = packed_length(16, n, T)
+    p = pack(traj, [0, 1], L, "progressive", np.random.default_rng(0), EOT)
+    mod = noise_aware_mask(torch.tensor(p.prompt_len), torch.tensor(p.pad_start), n)
+    logits = model(torch.tensor(p.tokens), torch.tensor(p.pos), dense_mask(mod, 2, L))
+    _, _, ar = forcing_loss(logits, torch.tensor(p.ar_targets), torch.tensor(p.noisy_idx),
+                            torch.tensor(p.cons_weight), n, 10.0)
+    total, count = 0.0, 0
+    for r in range(2):
+        stream = torch.tensor(np.concatenate([traj.prompt(r), traj.fixed[r].reshape(-1)]).astype(np.int64))
+        lg = model(stream[None, :-1], torch.arange(len(stream) - 1))[0]
+        total += F.cross_entropy(lg, stream[1:], reduction="sum").item()
+        count += len(stream) - 1
+    assert ar.item() == pytest.approx(total / count, rel=1e-5)
+
+
+def test_tokens_after_end_of_text_are_ignored(traj):
+    n, T = 4, 4
+    traj.fixed[0, 1, 2] = EOT                         # end-of-text in block 1 of prompt 0
+    p = pack(traj, [0], packed_length(16, n, T), "progressive", np.random.default_rng(0), EOT)
+    P = 5
+    eot_stream = 1 * n + 2
+    clean_pos = [P + 2 * n * (s // n) + n + s % n for s in range(T * n)]
+    targets = p.ar_targets[0, clean_pos]
+    assert targets[eot_stream - 1] == EOT              # learning to emit end-of-text is kept
+    assert np.all(targets[eot_stream:] == -1)          # nothing after it is a target
+    assert np.all(p.cons_weight[0, eot_stream:] == 0)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_trajectories_end_at_the_greedy_ar_continuation(seed):
+    model = tiny_model(seed=seed)
+    rng = np.random.default_rng(seed)
+    prompts = [rng.integers(0, 256, int(rng.integers(3, 12))).tolist() for _ in range(5)]
+    n, T = 5, 3
+    traj = collect_trajectories(model, prompts, n, T, batch_size=4, eot=None, log=lambda *_: None)
+    for i, prompt in enumerate(prompts):
+        ar, _ = generate_ar(model, prompt, n * T)
+        assert traj.fixed[i].reshape(-1).tolist() == ar
+        for j in range(T):
+            states = traj.states[traj.owner == i * T + j]
+            assert 1 <= len(states) <= n
+            assert states[0][0] == traj.fixed[i, j, 0]              # the first token is always verified
+            ratios = noise_ratio(states, traj.fixed[i, j])
+            assert np.all(ratios < 1) and np.all(np.diff(ratios) <= 0)  # converging, never backwards
+
+
+def test_trajectories_round_trip(tmp_path, traj):
+    traj.save(tmp_path / "t.npz")
+    back = Trajectories.load(tmp_path / "t.npz")
+    assert np.array_equal(back.states, traj.states) and np.array_equal(back.fixed, traj.fixed)
+
+
+def test_a_few_distillation_steps_lower_the_loss():
+    model = tiny_model(spread=1.0).train()
+    n, T = 4, 4
+    traj = synthetic([np.arange(6) + i for i in range(8)], T=T, n=n)
+    L = packed_length(16, n, T)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    rng = np.random.default_rng(0)
+    losses = []
+    for step in range(30):
+        p = pack(traj, list(range(8)), L, "progressive", rng, EOT)
+        mod = noise_aware_mask(torch.tensor(p.prompt_len), torch.tensor(p.pad_start), n)
+        logits = model(torch.tensor(p.tokens), torch.tensor(p.pos), dense_mask(mod, 8, L))
+        loss, _, _ = forcing_loss(logits, torch.tensor(p.ar_targets), torch.tensor(p.noisy_idx),
+                                  torch.tensor(p.cons_weight), n, 1.0)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5])
