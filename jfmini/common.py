@@ -30,10 +30,16 @@ def cli(main):
     return wrapped
 
 
+class Parser(argparse.ArgumentParser):
+    def error(self, message):
+        """One line, not the usage block: 'train.py: error: ... (see --help)', exit code 2."""
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def parse_config(cls, argv=None, description=None, checks=None):
     """Turn a @dataclass into --field flags (same spelling as the code), with help from the field's
     `doc` metadata. argparse reports unknown flags and wrong types itself (one line, exit code 2)."""
-    parser = argparse.ArgumentParser(description=description,
+    parser = Parser(description=description,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(cls):
         kind = f.type if isinstance(f.type, type) else eval(f.type)  # annotations may be strings
@@ -105,6 +111,13 @@ def load_checkpoint(path, device="cpu"):
     except RuntimeError:
         raise UserError(f"{path} holds weights that do not fit its own model config; it is corrupt: train again") from None
     return model.to(device).eval(), ckpt
+
+
+def default_checkpoint(out_dir="out"):
+    """The newest Jacobi Forcing round in out_dir, else the base model (what decode.py uses)."""
+    rounds = sorted(Path(out_dir).glob("jf[0-9]*.pt"), key=lambda p: int(p.stem[2:]) if p.stem[2:].isdigit() else -1)
+    rounds = [p for p in rounds if p.stem[2:].isdigit()]
+    return str(rounds[-1] if rounds else Path(out_dir) / "base.pt")
 
 
 def pick_device(name="auto"):

@@ -26,6 +26,14 @@ import torch
 from jfmini.common import UserError
 
 
+# Decoder settings by name; "mr" = rejection recycling + multi-block with the paper's defaults.
+METHODS = {
+    "ar": dict(block_len=1, num_blocks=1, pool_size=0),
+    "jacobi": dict(block_len=32, num_blocks=1, pool_size=0),
+    "mr": dict(block_len=64, num_blocks=2, pool_size=4, activation_ratio=0.85),
+}
+
+
 @dataclass
 class Stats:
     new_tokens: int = 0   # committed new tokens (capped at max_new_tokens, up to and including end-of-text)
@@ -116,7 +124,7 @@ class Jacobi:
     """
 
     def __init__(self, model, block_len=16, num_blocks=1, pool_size=0, activation_ratio=0.85, batch=1,
-                 eot=None, graph=None, pre_step=None):
+                 eot=None, graph=None, compile=False, pre_step=None):
         check_args(block_len, num_blocks, pool_size, activation_ratio)
         self.model, self.n, self.K, self.B = model, block_len, num_blocks, batch
         self.P = pool_size if block_len > 1 else 0       # a 1-token draft has no n-gram to recycle
@@ -131,6 +139,8 @@ class Jacobi:
         self.dev = dev = model.embed.weight.device
         self.graph_enabled = (dev.type == "cuda") if graph is None else graph
         self._graph = None
+        # inductor fuses the small tensor ops of an iteration before the graph is captured
+        self._fn = torch.compile(self._step, dynamic=False) if compile and self.graph_enabled else self._step
         B, n, W = batch, self.n, self.W
         model.setup_cache(B, self.S)
         self.caches = [blk.attn.cache for blk in model.blocks]  # this decoder owns its cache buffers
@@ -320,12 +330,12 @@ class Jacobi:
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):
-            for _ in range(2):
-                self._step()
+            for _ in range(3):
+                self._fn()
         torch.cuda.current_stream().wait_stream(s)
         self._graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self._graph):
-            self._step()
+            self._fn()
         for t, v in zip(self._state(), saved):  # warm-up and capture ran real steps: undo them
             t.copy_(v)
 

@@ -4,7 +4,7 @@ import itertools
 import pytest
 import torch
 
-from conftest import tiny_model
+from conftest import cuda, tiny_model
 from jfmini.common import UserError
 from jfmini.decoding import Jacobi, generate_ar
 
@@ -93,3 +93,17 @@ def test_prompt_too_long_and_empty_prompt_are_refused():
         jac.generate(list(range(30)), 8)
     with pytest.raises(UserError, match="empty"):
         jac.generate([], 8)
+
+
+@cuda
+@pytest.mark.parametrize("compile", [False, True])
+def test_cuda_graph_decoders_are_lossless(compile):
+    model = tiny_model(seed=3).cuda()
+    prompt = [9, 8, 7, 6]
+    ref, _ = generate_ar(model, prompt, 64)
+    for n, P, K in ((1, 0, 1), (8, 0, 1), (16, 4, 2), (64, 4, 2)):
+        jac = Jacobi(model, block_len=n, pool_size=P, num_blocks=K, compile=compile)
+        assert jac.graph_enabled
+        for _ in range(2):                                # the second run replays the captured graph
+            out, stats = jac.generate(prompt, 64, sync_every=3)
+            assert out == ref, (n, P, K)

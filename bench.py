@@ -1,0 +1,225 @@
+"""Benchmark: AR vs Jacobi vs Jacobi Forcing on HumanEval prompts (DESIGN section 7).
+
+    python bench.py                          # the table, then one JSON line
+    python bench.py --sweep                  # first search block length x pool size x blocks for this GPU
+    python bench.py --prompts my.jsonl --limit 20
+
+Rows: AR eager and AR fast (base model), vanilla Jacobi (base), the Jacobi Forcing model with vanilla
+Jacobi, with MR (recycling + multi-block, the paper's defaults) and with the best configuration the
+sweep found on this device. Speedups are against the base model's AR rows of the same run.
+Greedy decoding, stop at end-of-text; prefill is timed apart; warm-up and graph capture excluded.
+"""
+import ast
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from jfmini.common import UserError, cli, default_checkpoint, field, load_checkpoint, parse_config, pick_device
+from jfmini.data import gpt2_tokenizer, read_prompts
+from jfmini.decoding import METHODS, Jacobi, Stats, generate_ar
+
+
+@dataclass
+class BenchConfig:
+    ckpt: str = field(None, "Jacobi Forcing checkpoint (default: the newest out/jf*.pt)")
+    base_ckpt: str = field("out/base.pt", "the AR base model it was distilled from")
+    prompts: str = field(None, "JSONL of {task_id, prompt} records (default: HumanEval's 164)")
+    limit: int = field(0, "use only the first N prompts (0 = all)")
+    max_new_tokens: int = field(256, "new tokens per prompt at most (greedy, stops at end-of-text)")
+    eager_limit: int = field(16, "prompts for the AR eager row (a slow plain loop; its tokens/s needs few)")
+    sweep: bool = field(False, "search block_len x pool_size x num_blocks first; the fastest becomes 'MR best'")
+    sweep_prompts: int = field(12, "prompts per sweep configuration")
+    sweep_file: str = field("out/sweep.json", "where the sweep's choice is kept for later runs on this device")
+    compile: str = field("auto", "inductor-fuse each captured step: auto (on CUDA), no", ["auto", "no"])
+    ar_sync_every: int = field(16, "AR fast checks end-of-text every k tokens (no host sync per token)")
+    device: str = field("auto", "auto, cpu, cuda")
+    profile: bool = field(False, "print where the time of one MR iteration goes (CUDA kernels)")
+
+
+def checks(c):
+    for name in ("max_new_tokens", "eager_limit", "sweep_prompts", "ar_sync_every"):
+        yield getattr(c, name) >= 1, f"--{name} must be at least 1 (got {getattr(c, name)})"
+    yield c.limit >= 0, f"--limit must be 0 (all) or more (got {c.limit})"
+
+
+SWEEP = [dict(block_len=n, pool_size=p, num_blocks=k, activation_ratio=0.85)
+         for n in (16, 32, 64, 128) for p in (0, 2, 4, 8) for k in (1, 2, 3)]
+
+
+def completion_text(enc, tokens):
+    return enc.decode([t for t in tokens if t != enc.eot_token])
+
+
+def parses(prompt, completion):
+    """Does prompt + completion, cut where the function ends (first line back at column 0), parse?"""
+    lines = completion.split("\n")
+    body = [lines[0]]
+    for line in lines[1:]:
+        if line and not line[0].isspace():
+            break
+        body.append(line)
+    try:
+        ast.parse(prompt + "\n".join(body))
+        return True
+    except (SyntaxError, ValueError):
+        return False
+
+
+def distinct4(tokens):
+    grams = [tuple(tokens[i:i + 4]) for i in range(len(tokens) - 3)]
+    return len(set(grams)) / len(grams) if grams else 1.0
+
+
+@torch.no_grad()
+def run_row(model, settings, prompts, cfg, eot, compile, sync_every=1):
+    """Decode every prompt; returns (outputs, Stats). settings None = the AR eager loop."""
+    if settings is None:
+        generate_ar(model, prompts[0], cfg.max_new_tokens, eot)          # warm-up
+        outs, total = [], Stats()
+        for p in prompts:
+            toks, st = generate_ar(model, p, cfg.max_new_tokens, eot)
+            outs.append(toks)
+            total += st
+        return outs, total, None
+    jac = Jacobi(model, eot=eot, compile=compile, **settings)
+    jac.generate(prompts[0], cfg.max_new_tokens, sync_every)              # warm-up, capture
+    outs, total = [], Stats()
+    for p in prompts:
+        toks, st = jac.generate(p, cfg.max_new_tokens, sync_every)
+        outs.append(toks)
+        total += st
+    return outs, total, step_us(jac, prompts[0]) if jac.graph_enabled else None
+
+
+def step_us(jac, prompt, iters=100):
+    """Median-free simple timing of one captured iteration (graph replays between CUDA events)."""
+    jac.prefill([prompt], 1)
+    jac.step()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        jac.step()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1e3 / iters
+
+
+def profile_step(model, prompt, settings, eot):
+    """Where one MR iteration's time goes: CUDA kernel time of eager (uncaptured) iterations."""
+    jac = Jacobi(model, eot=eot, graph=False, **settings)
+    jac.prefill([prompt], 256)
+    for _ in range(3):
+        jac.step()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(10):
+            jac.step()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15))
+
+
+def sweep(model, prompts, cfg, eot, log):
+    results = []
+    for s in SWEEP:
+        outs, st, _ = run_row(model, s, prompts, cfg, eot, compile=False)
+        results.append({**s, "tokens_per_forward": st.tokens_per_forward, "tokens_per_s": st.tokens_per_s})
+        log(f"  sweep n={s['block_len']:<3d} pool={s['pool_size']} K={s['num_blocks']}: "
+            f"TPF {st.tokens_per_forward:5.2f}, {st.tokens_per_s:8,.0f} tokens/s")
+        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    return results
+
+
+@cli
+def main(argv=None):
+    cfg = parse_config(BenchConfig, argv, description=__doc__.split("\n")[0], checks=checks)
+    t_start = time.time()
+    log = lambda msg: print(f"[{time.time() - t_start:6.1f}s] {msg}", file=sys.stderr, flush=True)
+    device = pick_device(cfg.device)
+    cuda = device.startswith("cuda")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    compile = cfg.compile == "auto" and cuda
+    enc = gpt2_tokenizer()
+    eot = enc.eot_token
+    records = read_prompts(cfg.prompts)[:cfg.limit or None]
+    prompts = [enc.encode(r["prompt"], allowed_special="all") for r in records]
+    jf_path = cfg.ckpt or default_checkpoint()
+    models, vals = {}, {}
+    for key, path in (("base", cfg.base_ckpt), ("jf", jf_path)):
+        model, ck = load_checkpoint(path, device)
+        if model.cfg.vocab_size != enc.n_vocab:
+            raise UserError(f"{path} was not trained with GPT-2's vocabulary; pass a checkpoint written by train.py")
+        longest = max(len(p) for p in prompts)
+        if longest + cfg.max_new_tokens > model.cfg.seq_len:
+            raise UserError(f"the longest prompt ({longest} tokens) + --max_new_tokens {cfg.max_new_tokens} exceeds "
+                            f"the context of {path} ({model.cfg.seq_len}); lower --max_new_tokens")
+        models[key], vals[key] = model.to(dtype).eval(), ck.get("val_loss", float("nan"))
+    gpu = torch.cuda.get_device_name(device) if cuda else "cpu"
+    log(f"{len(prompts)} prompts, {cfg.max_new_tokens} new tokens max, {gpu}, torch {torch.__version__}, {dtype}; "
+        f"base {cfg.base_ckpt}, Jacobi Forcing {jf_path}")
+
+    best, sweep_results = None, None
+    sweep_path = Path(cfg.sweep_file)
+    if cfg.sweep:
+        log(f"sweep: {len(SWEEP)} configurations on {min(cfg.sweep_prompts, len(prompts))} prompts")
+        sweep_results = sweep(models["jf"], prompts[:cfg.sweep_prompts], cfg, eot, log)
+        top = max(sweep_results, key=lambda r: r["tokens_per_s"])
+        best = {k: top[k] for k in ("block_len", "pool_size", "num_blocks", "activation_ratio")}
+        sweep_path.parent.mkdir(parents=True, exist_ok=True)
+        sweep_path.write_text(json.dumps({"device": gpu, "best": best, "results": sweep_results}))
+        log(f"sweep: fastest is {best}, kept in {sweep_path}")
+    elif sweep_path.exists():
+        saved = json.loads(sweep_path.read_text())
+        if saved.get("device") == gpu:
+            best = saved["best"]
+            log(f"MR best: {best} from the earlier sweep in {sweep_path}")
+
+    jacobi, mr = METHODS["jacobi"], METHODS["mr"]
+    rows = [("AR eager", "base", None), ("AR fast", "base", METHODS["ar"]), ("Jacobi", "base", jacobi),
+            ("AR fast", "jf", METHODS["ar"]), ("JF Jacobi", "jf", jacobi), ("JF MR", "jf", mr)]
+    if best:
+        rows.append(("JF MR best", "jf", best))
+    results, outputs, refs = [], [], {}
+    for name, key, settings in rows:
+        use = prompts[:cfg.eager_limit] if settings is None else prompts
+        sync_every = cfg.ar_sync_every if settings == METHODS["ar"] else 1
+        outs, st, step = run_row(models[key], settings, use, cfg, eot, compile, sync_every)
+        if name == "AR fast":
+            refs[key] = outs                       # the model's own greedy output: the lossless reference
+        texts = [completion_text(enc, o) for o in outs]
+        results.append({
+            "row": name, "model": key, "settings": settings or "eager loop", "prompts": len(use),
+            "tokens": st.new_tokens, "forwards": st.forwards, "tokens_per_forward": st.tokens_per_forward,
+            "tokens_per_s": st.tokens_per_s, "prefill_ms": 1e3 * st.prefill_s / len(use), "step_us": step,
+            "parse_rate": sum(parses(records[i]["prompt"], t) for i, t in enumerate(texts)) / len(texts),
+            "distinct4": sum(distinct4(o) for o in outs) / len(outs), "val_loss": vals[key]})
+        outputs.append(outs)
+        log(f"{name} ({key}): TPF {st.tokens_per_forward:.2f}, {st.tokens_per_s:,.0f} tokens/s"
+            + (f", {step:.0f} us/step" if step else ""))
+    ar_eager, ar_fast = results[0], results[1]
+    for r, outs in zip(results, outputs):
+        r["lossless"] = sum(o == ref for o, ref in zip(outs, refs[r["model"]])) / len(outs)
+        r["speedup_vs_ar_fast"] = r["tokens_per_s"] / ar_fast["tokens_per_s"]
+        r["speedup_vs_ar_eager"] = r["tokens_per_s"] / ar_eager["tokens_per_s"]
+
+    head = f"{'row':<12}{'model':<6}{'TPF':>6}{'tokens/s':>10}{'vs fast':>9}{'vs eager':>9}{'step us':>9}" \
+           f"{'lossless':>9}{'parse':>7}{'dist4':>7}{'val':>7}"
+    print(head)
+    print("-" * len(head))
+    for r in results:
+        step = f"{r['step_us']:.0f}" if r["step_us"] else "-"
+        print(f"{r['row']:<12}{r['model']:<6}{r['tokens_per_forward']:>6.2f}{r['tokens_per_s']:>10,.0f}"
+              f"{r['speedup_vs_ar_fast']:>8.2f}x{r['speedup_vs_ar_eager']:>8.2f}x{step:>9}"
+              f"{r['lossless']:>9.1%}{r['parse_rate']:>7.1%}{r['distinct4']:>7.3f}{r['val_loss']:>7.3f}")
+    print(json.dumps({"device": gpu, "torch": torch.__version__, "dtype": str(dtype).replace("torch.", ""),
+                      "prompts": len(prompts), "config": asdict(cfg), "base_ckpt": cfg.base_ckpt, "ckpt": jf_path,
+                      "rows": results, "sweep": sweep_results, "seconds": time.time() - t_start}))
+    if cfg.profile and cuda:
+        profile_step(models["jf"], prompts[0], best or mr, eot)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""Stream a greedy completion with a Jacobi Forcing model and report tokens per forward.
+
+    python decode.py --prompt "def fib(n):"                     # MR decoding (n=64, K=2, pool 4, r=0.85)
+    python decode.py --prompt "def fib(n):" --method jacobi     # vanilla Jacobi, block length 32
+    python decode.py --prompt "def fib(n):" --method ar         # one token per forward
+    python decode.py --prompt "def fib(n):" --show              # the Jacobi trajectory, iteration by iteration
+
+Every method prints the same text: the model's own greedy output. Only the forward count differs.
+"""
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from jfmini.common import UserError, cli, default_checkpoint, field, load_checkpoint, parse_config, pick_device
+from jfmini.data import gpt2_tokenizer
+from jfmini.decoding import METHODS, Jacobi
+
+
+@dataclass
+class DecodeConfig:
+    prompt: str = field(None, "text to complete (required)")
+    ckpt: str = field(None, "checkpoint (default: the newest out/jf*.pt, else out/base.pt)")
+    method: str = field("mr", "decoder: ar, jacobi (vanilla) or mr (recycling + multi-block)", list(METHODS))
+    block_len: int = field(None, "tokens per block n (default: ar 1, jacobi 32, mr 64)")
+    num_blocks: int = field(None, "blocks in flight K (mr default 2)")
+    pool_size: int = field(None, "recycled candidates verified per forward (mr default 4)")
+    activation_ratio: float = field(None, "converged fraction of the newest block that activates the next (mr 0.85)")
+    max_new_tokens: int = field(256, "stop after this many new tokens (or at end-of-text)")
+    show: bool = field(False, "render the trajectory: committed tokens, correct guesses, wrong guesses")
+    device: str = field("auto", "auto, cpu, cuda")
+    graph: str = field("auto", "capture each iteration as a CUDA graph: auto (on CUDA), no", ["auto", "no"])
+
+
+def checks(c):
+    yield c.prompt is not None, "--prompt is required, e.g. --prompt \"def fib(n):\""
+    yield c.max_new_tokens >= 1, f"--max_new_tokens must be at least 1 (got {c.max_new_tokens})"
+    for name in ("block_len", "num_blocks"):
+        v = getattr(c, name)
+        yield v is None or v >= 1, f"--{name} must be at least 1 (got {v})"
+    yield c.pool_size is None or c.pool_size >= 0, f"--pool_size must be 0 or more (got {c.pool_size})"
+    r = c.activation_ratio
+    yield r is None or 0 < r <= 1, f"--activation_ratio must be in (0, 1] (got {r})"
+
+
+def decoder_settings(cfg):
+    """The method's defaults, overridden by any size flag given."""
+    s = dict(METHODS[cfg.method])
+    for k in ("block_len", "num_blocks", "pool_size", "activation_ratio"):
+        if getattr(cfg, k) is not None:
+            s[k] = getattr(cfg, k)
+    return s
+
+
+COLOR = {"new": "\033[1;32m", "good": "\033[30;43m", "bad": "\033[2;31m", "end": "\033[0m"}
+PLAIN = {"new": ("[", "]"), "good": ("{", "}"), "bad": ("", "")}
+
+
+def piece(enc, tok):
+    return enc.decode([tok]).replace("\n", "\\n").replace("\t", "\\t")
+
+
+def render(enc, frames, final, prompt_len, color):
+    """One line per iteration (the paper's Figure 4): tokens committed by this forward, then the drafts,
+    marked where they already equal the final output (a correct guess not yet verified) or not."""
+    def mark(kind, text):
+        return f"{COLOR[kind]}{text}{COLOR['end']}" if color else f"{PLAIN[kind][0]}{text}{PLAIN[kind][1]}"
+    legend = (f"{mark('new', 'committed now')} {mark('good', 'correct guess')} {mark('bad', 'wrong guess')}")
+    lines = [f"trajectory ({legend}):"]
+    prev_m = prompt_len
+    for it, (m, draft) in enumerate(frames):
+        new = [mark("new", piece(enc, t)) for t in final[prev_m - prompt_len:m - prompt_len]]
+        guesses = []
+        for i, t in enumerate(draft):
+            at = m - prompt_len + i
+            ok = at < len(final) and final[at] == t
+            guesses.append(mark("good" if ok else "bad", piece(enc, t)))
+        lines.append(f"{it:4d} +{m - prev_m:<3d}" + "".join(new) + " | " + " ".join(guesses))
+        prev_m = m
+    return "\n".join(lines)
+
+
+@cli
+def main(argv=None):
+    cfg = parse_config(DecodeConfig, argv, description=__doc__.split("\n")[0], checks=checks)
+    device = pick_device(cfg.device)
+    ckpt_path = cfg.ckpt or default_checkpoint()
+    model, ckpt = load_checkpoint(ckpt_path, device)
+    enc = gpt2_tokenizer()
+    if model.cfg.vocab_size != enc.n_vocab:
+        raise UserError(f"{ckpt_path} was trained with a {model.cfg.vocab_size}-token vocabulary, not GPT-2's; "
+                        f"pass a checkpoint written by train.py")
+    if device.startswith("cuda"):
+        model = model.to(torch.bfloat16)
+    settings = decoder_settings(cfg)
+    prompt = enc.encode(cfg.prompt, allowed_special="all")
+    jac = Jacobi(model, eot=enc.eot_token, graph=None if cfg.graph == "auto" else False, **settings)
+    print(f"# {ckpt_path} ({ckpt.get('kind', '?')}), {cfg.method} {settings}, {device}", file=sys.stderr)
+    frames, shown = [], [None]
+
+    def on_step(j):
+        m = int(j.m[0])
+        tokens = j.out[0, len(prompt):m].tolist()
+        if cfg.show:
+            frames.append((m, j.draft[0, :int(j.valid[0])].tolist()))
+        else:
+            if shown[0] is None:  # the prompt was accepted: echo it, then stream
+                sys.stdout.write(cfg.prompt)
+                shown[0] = cfg.prompt
+            text = enc.decode([t for t in tokens[:cfg.max_new_tokens] if t != enc.eot_token])
+            sys.stdout.write(text[len(shown[0]) - len(cfg.prompt):])
+            sys.stdout.flush()
+            shown[0] = cfg.prompt + text
+
+    tokens, stats = jac.generate(prompt, cfg.max_new_tokens, on_step=on_step)
+    if cfg.show:
+        print(cfg.prompt + enc.decode([t for t in tokens if t != enc.eot_token]))
+        print(render(enc, frames, tokens, len(prompt), sys.stdout.isatty()))
+    capture = " including the one-off CUDA graph capture" if jac.graph_enabled else ""
+    print(f"\n# {stats.new_tokens} tokens in {stats.forwards} forwards: {stats.tokens_per_forward:.2f} tokens "
+          f"per forward, {stats.tokens_per_s:,.0f} tokens/s{capture} (prefill {stats.prefill_s * 1e3:.1f} ms)",
+          file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
