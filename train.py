@@ -341,7 +341,7 @@ def distill_round(cfg, run, out, r):
         model, _ = load_checkpoint(src, run.device)                # fp32 master weights for training
         run.log(f"round {r}: {len(traj)} trajectories, {len(traj.states)} states "
                 f"({len(traj.states) / (len(traj) * T):.1f} iterations per block) in {time.time() - t0:.0f}s")
-    model.clear_cache()
+    model.cache = None
     # 2. Training on packed noisy/clean rows.
     opt = make_optimizer(model, cfg.distill_lr, 0.0, run.cuda)
     step = 0

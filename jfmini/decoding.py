@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+from torch.nn.attention.flex_attention import BlockMask
 
 from jfmini.common import UserError
 
@@ -60,12 +61,17 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def cache_mask(m, seg_start, slots, length):
-    """May query (b, t) read cache slot s? Yes for the committed prefix (s < m[b]) and for its own
-    row's slots from the row's start through its own slot (causal within the row). (B, 1, T, S)."""
+def may_read(kv, lo, hi, seg, slot):
+    """May a query read cache slot kv? Yes for the committed prefix (lo <= kv < hi) and for its own
+    row's slots from the row's first slot `seg` through its own `slot` (causal within the row).
+    Written once; evaluated densely for SDPA and per tile inside FlexAttention."""
+    return ((kv >= lo) & (kv < hi)) | ((kv >= seg) & (kv <= slot))
+
+
+def cache_mask(hi, seg, slots, length, lo=0):
+    """The dense bool mask (B, 1, T, S) over a cache of `length` slots; hi (B,), seg and slots (B, T)."""
     cols = torch.arange(length, device=slots.device)
-    own = (cols >= seg_start[..., None]) & (cols <= slots[..., None])
-    return ((cols < m[:, None, None]) | own)[:, None]
+    return may_read(cols, lo, hi[:, None, None], seg[..., None], slots[..., None])[:, None]
 
 
 def check_args(block_len=1, num_blocks=1, pool_size=0, activation_ratio=0.85, max_new_tokens=1):
@@ -92,7 +98,7 @@ def generate_ar(model, prompt, max_new_tokens, eot=None):
     dev = model.embed.weight.device
     P = len(prompt)
     S = P + max_new_tokens
-    model.setup_cache(1, S)
+    model.new_cache(1, S)
     t0 = time.perf_counter()
     idx = torch.tensor([prompt], device=dev)
     slots = torch.arange(P, device=dev)[None]
@@ -124,14 +130,17 @@ class Jacobi:
     """
 
     def __init__(self, model, block_len=16, num_blocks=1, pool_size=0, activation_ratio=0.85, batch=1,
-                 eot=None, graph=None, compile=False, pre_step=None):
+                 eot=None, graph=None, compile=False, max_len=None, pre_step=None):
         check_args(block_len, num_blocks, pool_size, activation_ratio)
         self.model, self.n, self.K, self.B = model, block_len, num_blocks, batch
         self.P = pool_size if block_len > 1 else 0       # a 1-token draft has no n-gram to recycle
         self.W = self.K * self.n                         # main row: drafts of all blocks
         self.T = self.W + self.P * self.n                # tokens per forward
-        self.C = model.cfg.seq_len + 2 * self.W          # committed region (+ slack for tentative writes)
-        self.S = self.C + self.P * self.n                # + scratch slots of the candidate rows
+        # Cache slots: [candidate scratch (P*n) | positions 0..C-1]. C covers the longest prompt plus new
+        # tokens (max_len) and slack for tentative draft writes; a smaller max_len means a cheaper attention.
+        self.base = self.P * self.n
+        self.C = (max_len or model.cfg.seq_len) + 2 * self.W
+        self.S = self.base + self.C
         self.M = 2 * self.P                              # pool entries (ring buffer per sequence)
         self.threshold = math.ceil(activation_ratio * self.n - 1e-9)
         self.eot = -1 if eot is None else eot
@@ -142,14 +151,13 @@ class Jacobi:
         # inductor fuses the small tensor ops of an iteration before the graph is captured
         self._fn = torch.compile(self._step, dynamic=False) if compile and self.graph_enabled else self._step
         B, n, W = batch, self.n, self.W
-        model.setup_cache(B, self.S)
-        self.caches = [blk.attn.cache for blk in model.blocks]  # this decoder owns its cache buffers
+        self.cache = model.new_cache(B, self.S)          # this decoder owns its cache buffer
         ar = lambda k: torch.arange(k, device=dev)
         self.ar_n, self.ar_W, self.bidx = ar(n), ar(W), ar(B)
         cand = torch.arange(self.P * n, device=dev)
         self.offs = torch.cat([ar(W), cand % n])             # position offsets of the T tokens
-        self.cand_slots = self.C + cand                       # scratch slots of candidate rows
-        self.cand_seg = self.C + (cand // n) * n              # first scratch slot of each candidate row
+        self.cand_slots = cand                                # scratch slots of candidate rows
+        self.cand_seg = (cand // n) * n                       # first scratch slot of each candidate row
         z = lambda *shape: torch.zeros(shape, dtype=torch.long, device=dev)
         # Decoding state: all tensors, updated in place so a captured graph can replay the step.
         self.out = z(B, self.C)        # committed tokens (prompt + generated)
@@ -166,11 +174,26 @@ class Jacobi:
         self.done = torch.zeros(B, dtype=torch.bool, device=dev)
         self.iters = z(B)              # forwards that did work, per row
         self.it = z(B)                 # iteration counter (seeds the initial guesses)
+        # On CUDA with compile: FlexAttention evaluates may_read per tile from live state tensors, and the
+        # number of KV tiles per row follows the committed length, so tiles past it are never read.
+        self.flex = compile and self.graph_enabled
+        self._flex_state = []
+        if self.flex:
+            tile = self.tile = 128
+            nq, self.nk = math.ceil(self.T / tile), math.ceil(self.S / tile)
+            self.hi, self.q_seg, self.q_slot = z(B), z(B, self.T), z(B, self.T)
+            self.kv_tiles = torch.full((B, 1, nq), self.nk, dtype=torch.int32, device=dev)
+            order = torch.arange(self.nk, dtype=torch.int32, device=dev).expand(B, 1, nq, self.nk).contiguous()
+
+            def mask_mod(b, h, q, kv):
+                return may_read(kv, self.base, self.hi[b], self.q_seg[b, q], self.q_slot[b, q])
+            self.block_mask = BlockMask.from_kv_blocks(self.kv_tiles, order, BLOCK_SIZE=(tile, tile),
+                                                       mask_mod=mask_mod, seq_lengths=(self.T, self.S))
+            self._flex_state = [self.hi, self.q_seg, self.q_slot, self.kv_tiles]
 
     # ------------------------------------------------------------------ setup
     def _install(self):
-        for blk, cache in zip(self.model.blocks, self.caches):
-            blk.attn.cache = cache
+        self.model.cache = self.cache
 
     @torch.no_grad()
     def prefill(self, prompts, max_new_tokens):
@@ -184,12 +207,16 @@ class Jacobi:
         if max(lens) + max_new_tokens > self.model.cfg.seq_len:
             raise UserError(f"prompt of {max(lens)} tokens + max_new_tokens {max_new_tokens} exceeds the model's "
                             f"context of {self.model.cfg.seq_len}; shorten the prompt or lower --max_new_tokens")
+        if max(lens) + max_new_tokens > self.C - 2 * self.W:
+            raise ValueError(f"this decoder was built for max_len {self.C - 2 * self.W} tokens")
         self._install()
         Pm = max(lens)
         idx = torch.tensor([p + [0] * (Pm - len(p)) for p in prompts], device=self.dev)
-        slots = torch.arange(Pm, device=self.dev).expand(B, Pm)
-        zero = torch.zeros(B, dtype=torch.long, device=self.dev)
-        logits = self.model(idx, slots, cache_mask(zero, zero[:, None].expand(B, Pm), slots, self.S), slots)
+        pos = torch.arange(Pm, device=self.dev).expand(B, Pm)
+        slots = self.base + pos
+        first = torch.full((B,), self.base, device=self.dev)
+        logits = self.model(idx, pos, cache_mask(first, first[:, None].expand(B, Pm), slots, self.S, lo=self.base),
+                            slots)
         start = torch.tensor(lens, device=self.dev)
         self.out.zero_()
         self.out[:, :Pm] = idx
@@ -217,6 +244,17 @@ class Jacobi:
         return self.out.gather(1, h % m[:, None])
 
     # ------------------------------------------------------------------ one iteration
+    def _mask(self, m, seg, slots):
+        """The attention rule of this iteration: a dense bool mask (SDPA), or the live BlockMask (Flex)."""
+        if not self.flex:
+            return cache_mask(self.base + m, seg, slots, self.S, lo=self.base)
+        self.hi.copy_(self.base + m)
+        self.q_seg.copy_(seg)
+        self.q_slot.copy_(slots)
+        tiles = ((self.base + m + self.W + self.tile - 1) // self.tile).clamp(max=self.nk)
+        self.kv_tiles.copy_(tiles[:, None, None].expand_as(self.kv_tiles))
+        return self.block_mask
+
     def _accepted(self, x, g, limit):
         """1 + longest run of drafts equal to the prediction before them, within `limit` tokens.
         x, g (B, R, L); limit (B,). Returns (B, R)."""
@@ -233,9 +271,9 @@ class Jacobi:
         #    to the new length pointer), candidate rows write into scratch slots.
         tokens = torch.cat([draft, self.cand[:, :P].reshape(B, P * n)], 1)   # (B, T)
         pos = m[:, None] + self.offs                                          # (B, T)
-        slots = torch.cat([pos[:, :W], self.cand_slots.expand(B, -1)], 1)
-        seg = torch.cat([m[:, None].expand(B, W), self.cand_seg.expand(B, -1)], 1)
-        g = self.model(tokens, pos, cache_mask(m, seg, slots, self.S), slots).argmax(-1)  # (B, T)
+        slots = torch.cat([self.base + pos[:, :W], self.cand_slots.expand(B, -1)], 1)
+        seg = torch.cat([self.base + m[:, None].expand(B, W), self.cand_seg.expand(B, -1)], 1)
+        g = self.model(tokens, pos, self._mask(m, seg, slots), slots).argmax(-1)  # (B, T)
         g_main = g[:, :W]
         # 2. Acceptance of every row; the best row wins (ties go to the main row).
         a_main = self._accepted(draft[:, None], g_main[:, None], V)[:, 0]
@@ -250,8 +288,8 @@ class Jacobi:
             chosen = torch.cat([torch.where(use, self.cand[self.bidx, cw], draft[:, :n]), draft[:, n:]], 1)
             G = torch.cat([torch.where(use, g_cand[self.bidx, cw], g_main[:, :n]), g_main[:, n:]], 1)
             # a winning candidate's K/V moves from scratch into place (a no-op copy when the main row wins)
-            dst = m[:, None] + ar_n
-            self.model.copy_cache(torch.where(use, self.C + cw[:, None] * n + ar_n, dst), dst)
+            dst = self.base + m[:, None] + ar_n
+            self.cache.copy(torch.where(use, cw[:, None] * n + ar_n, dst), dst)
         done = self.done
         a = torch.where(done, 0, a)           # finished rows stay frozen
         # 3. Commit the accepted tokens.
@@ -341,7 +379,7 @@ class Jacobi:
 
     def _state(self):
         return [self.out, self.m, self.draft, self.valid, self.L0, self.nb, self.pool, self.ptr, self.cand,
-                self.done, self.iters, self.it] + [b for c in self.caches for b in (c.k, c.v)]
+                self.done, self.iters, self.it, self.cache.kv] + self._flex_state
 
     # ------------------------------------------------------------------ decoding loop
     @torch.no_grad()

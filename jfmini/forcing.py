@@ -83,7 +83,7 @@ class _Recorder:
 
 
 @torch.no_grad()
-def collect_trajectories(model, prompts, block_len, num_blocks, batch_size, eot, log=print):
+def collect_trajectories(model, prompts, block_len, num_blocks, batch_size, eot, compile=False, log=print):
     """Greedy Jacobi-decode every prompt for num_blocks blocks of block_len, recording every state."""
     n, T = block_len, num_blocks
     fixed, states, owner = [], [], []
@@ -92,7 +92,8 @@ def collect_trajectories(model, prompts, block_len, num_blocks, batch_size, eot,
         chunk = prompts[lo:lo + batch_size]
         chunk = chunk + [chunk[-1]] * (batch_size - len(chunk))      # fixed batch shape; extras dropped
         if jac is None:
-            jac = Jacobi(model, block_len=n, batch=batch_size, eot=None)
+            jac = Jacobi(model, block_len=n, batch=batch_size, eot=None, compile=compile,
+                         max_len=max(len(p) for p in prompts) + n * T)
             rec = _Recorder(jac, T)
             jac.pre_step = rec
         rec.states.zero_()

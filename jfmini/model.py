@@ -43,24 +43,25 @@ def rotate(x, cos, sin):
 
 
 class KVCache(nn.Module):
-    def __init__(self, batch, n_head, length, head_dim, dtype, device):
-        super().__init__()
-        shape = (batch, n_head, length, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+    """Keys and values of every layer in ONE static buffer (layers, 2, B, H, S, Dh), so that moving a
+    winning draft's entries is one gather and one scatter for the whole model."""
 
-    def write(self, slots, k, v):
-        """Store k, v (B, H, T, Dh) at cache slots (B, T)."""
-        index = slots[:, None, :, None].expand_as(k)
-        self.k.scatter_(2, index, k)
-        self.v.scatter_(2, index, v)
+    def __init__(self, n_layer, batch, n_head, length, head_dim, dtype, device):
+        super().__init__()
+        shape = (n_layer, 2, batch, n_head, length, head_dim)
+        self.register_buffer("kv", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def write(self, layer, slots, k, v):
+        """Store k, v (B, H, T, Dh) of one layer at cache slots (B, T); return that layer's (k, v) buffers."""
+        kv = self.kv[layer]                                        # (2, B, H, S, Dh), a view
+        kv.scatter_(3, slots[None, :, None, :, None].expand(2, *k.shape), torch.stack([k, v]))
+        return kv[0], kv[1]
 
     def copy(self, src, dst):
-        """Move the entries at slots src (B, T) to slots dst (B, T): commits a winning draft row."""
-        B, H, _, D = self.k.shape
-        for buf in (self.k, self.v):
-            rows = buf.gather(2, src[:, None, :, None].expand(B, H, src.shape[1], D))
-            buf.scatter_(2, dst[:, None, :, None].expand_as(rows), rows)
+        """Move the entries at slots src (B, n) to slots dst (B, n) in every layer: commits a winning row."""
+        L, _, B, H, _, D = self.kv.shape
+        idx = lambda s: s[None, None, :, None, :, None].expand(L, 2, B, H, s.shape[1], D)
+        self.kv.scatter_(4, idx(dst), self.kv.gather(4, idx(src)))
 
 
 class Attention(nn.Module):
@@ -69,15 +70,13 @@ class Attention(nn.Module):
         self.n_head, self.head_dim = cfg.n_head, cfg.d_model // cfg.n_head
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
-        self.cache = None
 
-    def forward(self, x, cos, sin, mask, slots):
+    def forward(self, x, cos, sin, mask, slots, cache, layer):
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, Dh)
         q, k = rotate(q, cos, sin).to(v.dtype), rotate(k, cos, sin).to(v.dtype)
         if slots is not None:
-            self.cache.write(slots, k, v)
-            k, v = self.cache.k, self.cache.v  # (B, H, S, Dh): the whole static buffer, mask picks
+            k, v = cache.write(layer, slots, k, v)  # (B, H, S, Dh): the whole static buffer, the mask picks
         if isinstance(mask, BlockMask):
             y = flex_attention(q, k, v, block_mask=mask)
         else:
@@ -93,8 +92,8 @@ class Block(nn.Module):
         self.fc = nn.Linear(cfg.d_model, 4 * cfg.d_model, bias=False)
         self.out = nn.Linear(4 * cfg.d_model, cfg.d_model, bias=False)
 
-    def forward(self, x, cos, sin, mask, slots):
-        x = x + self.attn(self.norm1(x), cos, sin, mask, slots)
+    def forward(self, x, cos, sin, mask, slots, cache, layer):
+        x = x + self.attn(self.norm1(x), cos, sin, mask, slots, cache, layer)
         return x + self.out(F.gelu(self.fc(self.norm2(x)), approximate="tanh"))
 
 
@@ -110,6 +109,7 @@ class GPT(nn.Module):
         inv_freq = cfg.rope_base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.forwards = 0  # real forward calls (eager); decoders report the same count
+        self.cache = None  # a KVCache, installed by the decoder that owns it
         for name, p in self.named_parameters():
             if p.dim() == 2:  # GPT-2 init; residual projections scaled by depth
                 std = 0.02 / math.sqrt(2 * cfg.n_layer) if name.endswith(("proj.weight", "out.weight")) else 0.02
@@ -125,26 +125,14 @@ class GPT(nn.Module):
         x = self.embed(idx)
         angles = pos.expand(idx.shape)[:, None, :, None].float() * self.inv_freq  # (B, 1, T, Dh/2)
         cos, sin = angles.cos(), angles.sin()
-        for block in self.blocks:
-            x = block(x, cos, sin, mask, slots)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos, sin, mask, slots, self.cache, i)
         logits = F.linear(self.norm(x), self.embed.weight)  # tied head
         return logits[..., :self.cfg.vocab_size].float()
 
-    def setup_cache(self, batch, length, dtype=None, device=None):
-        """Allocate (or reuse) the static cache: `batch` rows, `length` slots per row."""
+    def new_cache(self, batch, length, dtype=None):
+        """A static cache of `length` slots for `batch` rows, installed in the model."""
         p = self.embed.weight
-        dtype, device = dtype or p.dtype, device or p.device
-        first = self.blocks[0].attn.cache
-        if first is not None and first.k.shape[0] == batch and first.k.shape[2] == length and first.k.dtype == dtype:
-            return
-        for block in self.blocks:
-            a = block.attn
-            a.cache = KVCache(batch, a.n_head, length, a.head_dim, dtype, device)
-
-    def clear_cache(self):
-        for block in self.blocks:
-            block.attn.cache = None
-
-    def copy_cache(self, src, dst):
-        for block in self.blocks:
-            block.attn.cache.copy(src, dst)
+        a = self.blocks[0].attn
+        self.cache = KVCache(self.cfg.n_layer, batch, a.n_head, length, a.head_dim, dtype or p.dtype, p.device)
+        return self.cache

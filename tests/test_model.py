@@ -13,7 +13,7 @@ def test_kv_cache_decoding_matches_full_forward(model):
     pos = torch.arange(24)
     full = model(x, pos)                                   # causal, no cache
     S = 40
-    model.setup_cache(1, S)
+    model.new_cache(1, S)
     zero = torch.zeros(1, dtype=torch.long)
     slots = pos[:10][None]
     steps = [model(x[:, :10], slots, cache_mask(zero, zero[:, None].expand(1, 10), slots, S), slots)]
