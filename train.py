@@ -70,19 +70,22 @@ class TrainConfig:
     schedule: str = field("progressive", "noise schedule", ["progressive", "random", "reverse"])
     context: str = field("noisy", "what noisy blocks attend to: earlier noisy blocks, or clean ones (CLLM)",
                          ["noisy", "clean"])
+    replay: float = field(5.0, "weight of an extra AR loss on real corpus text each round step (keeps the "
+                               "distilled model's validation loss near the base; 0 = off, the paper's loss)")
+    replay_batch: int = field(None, "corpus sequences per step for the replay loss")
     noise_window: int = field(16, "blocks per ramp of the progressive schedule (capped at the blocks per "
                                   "trajectory, so every trajectory sees the whole ramp)")
 
 
 PRESETS = {
     "gpu": dict(n_layer=8, n_head=8, d_model=512, seq_len=1024, corpus="stdlib+torch", batch_size=32,
-                grad_accum=2, steps=1800, lr=2e-3, warmup=100, eval_every=300, eval_batches=20, ckpt_every=300,
-                traj_prompts=8192, traj_tokens=256, traj_batch=512, distill_steps=600, distill_batch=32,
-                distill_lr=3e-4),
+                grad_accum=2, steps=2200, lr=2e-3, warmup=100, eval_every=300, eval_batches=20, ckpt_every=300,
+                traj_prompts=8192, traj_tokens=256, traj_batch=512, distill_steps=800, distill_batch=32,
+                distill_lr=3e-4, replay_batch=8),
     "cpu": dict(n_layer=4, n_head=4, d_model=128, seq_len=256, corpus="stdlib", batch_size=16, grad_accum=1,
                 steps=800, lr=3e-3, warmup=50, eval_every=200, eval_batches=10, ckpt_every=100,
-                traj_prompts=256, traj_tokens=64, traj_batch=64, distill_steps=150, distill_batch=8,
-                distill_lr=5e-4),
+                traj_prompts=256, traj_tokens=64, traj_batch=64, distill_steps=60, distill_batch=8,
+                distill_lr=5e-4, replay_batch=2),
 }
 
 
@@ -91,7 +94,7 @@ def checks(c):
         "--stage must be 'all' or a comma list of pretrain, round1, round2, ..."
     for name in ("n_layer", "n_head", "d_model", "seq_len", "batch_size", "grad_accum", "steps", "eval_every",
                  "eval_batches", "ckpt_every", "traj_prompts", "traj_tokens", "traj_batch", "distill_steps",
-                 "distill_batch", "noise_window"):
+                 "distill_batch", "noise_window", "replay_batch"):
         v = getattr(c, name)
         yield v is None or v >= 1, f"--{name} must be at least 1 (got {v})"
     for name in ("lr", "distill_lr"):
@@ -99,6 +102,7 @@ def checks(c):
         yield v is None or v > 0, f"--{name} must be positive (got {v})"
     yield c.warmup is None or c.warmup >= 0, "--warmup must be 0 or more"
     yield c.lam >= 0, "--lam must be 0 or more"
+    yield c.replay >= 0, "--replay must be 0 or more"
     try:
         ok = all(int(x) >= 2 for x in c.block_lens.split(","))
     except ValueError:
@@ -316,6 +320,8 @@ def distill_round(cfg, run, out, r):
     model, ckpt = load_checkpoint(src, run.device)
     mcfg = model.cfg
     enc = gpt2_tokenizer()
+    corpus = ckpt.get("train_config", {}).get("corpus") or cfg.corpus    # the one the base was trained on
+    data_dir = out / f"data_{corpus.replace('+', '_')}"
     # 1. Trajectories from the previous model, reused when present.
     t0 = time.time()
     if traj_path.exists():
@@ -324,14 +330,13 @@ def distill_round(cfg, run, out, r):
             raise UserError(f"{traj_path} holds block length {traj.block_len}, round {r} needs {n}; delete it")
         run.log(f"round {r}: reusing {len(traj)} trajectories from {traj_path}")
     else:
-        corpus = ckpt.get("train_config", {}).get("corpus") or cfg.corpus
         prompts = code_prompts(corpus, enc, cfg.traj_prompts, max_tokens=64, seed=cfg.seed + r)
         mine = prompts[run.rank::run.world]                       # each rank decodes its share
         run.log(f"round {r}: collecting trajectories of {len(prompts)} prompts, {T} blocks of n={n} "
                 f"({'bf16' if run.cuda else 'fp32'})")
         decoder = model.to(torch.bfloat16) if run.cuda else model
         traj = collect_trajectories(decoder.eval(), mine, n, T, min(cfg.traj_batch, len(mine)), eot=None,
-                                    log=run.log)
+                                    compile=run.compile, log=run.log)
         if run.ddp:
             parts = [None] * run.world
             dist.all_gather_object(parts, traj)
@@ -358,10 +363,21 @@ def distill_round(cfg, run, out, r):
     mask_mod = noise_aware_mask(prompt_len, pad_start, n, cfg.context)   # one mask function for every batch
     ddp_model = torch.nn.parallel.DistributedDataParallel(model) if run.ddp else model
 
-    def loss_fn(tokens, pos, ar_targets, noisy_idx, cons_weight, mask):
+    replay = cfg.replay > 0 and (data_dir / "train.bin").exists()
+    if cfg.replay > 0 and not replay:
+        run.log(f"round {r}: no token cache in {data_dir}, so no replay loss")
+    real_data = load_split(data_dir, "train") if replay else None
+    real_pos = torch.arange(mcfg.seq_len, device=run.device)
+
+    def loss_fn(tokens, pos, ar_targets, noisy_idx, cons_weight, mask, x, y):
         with run.autocast():
             logits = ddp_model(tokens, pos, mask)
-        return forcing_loss(logits, ar_targets, noisy_idx, cons_weight, n, cfg.lam)
+        loss, pc, ar = forcing_loss(logits, ar_targets, noisy_idx, cons_weight, n, cfg.lam)
+        if x is None:
+            return loss, pc, ar, torch.zeros_like(ar)
+        with run.autocast():
+            real = F.cross_entropy(ddp_model(x, real_pos).flatten(0, 1), y.flatten())
+        return loss + cfg.replay * real, pc, ar, real
 
     step_loss = torch.compile(loss_fn) if run.compile else loss_fn
     rng = np.random.default_rng(cfg.seed * 7919 + r * 31 + run.rank + step)
@@ -386,20 +402,24 @@ def distill_round(cfg, run, out, r):
             lr = lr_at(step, cfg.distill_steps, cfg.distill_lr, min(50, cfg.distill_steps // 10))
             for g in opt.param_groups:
                 g["lr"] = lr
-            loss, pc, ar = step_loss(t["tokens"], t["pos"], t["ar_targets"], t["noisy_idx"], t["cons_weight"], mask)
+            x = y = None
+            if replay:
+                x, y = (torch.from_numpy(v).to(run.device) for v in get_batch(real_data, cfg.replay_batch, mcfg.seq_len, rng))
+            loss, pc, ar, real = step_loss(t["tokens"], t["pos"], t["ar_targets"], t["noisy_idx"], t["cons_weight"],
+                                           mask, x, y)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
             step += 1
-            tok_log += B * L * run.world
+            tok_log += (B * L + (cfg.replay_batch * mcfg.seq_len if replay else 0)) * run.world
             if step % 20 == 0 or step == cfg.distill_steps or step == 1:
                 lv = loss.item()
                 if not math.isfinite(lv):
                     nonfinite(run, f"round {r}", step, state_path)
                 dt = time.time() - t_log
                 run.log(f"round {r} step {step}/{cfg.distill_steps}: loss {lv:.3f} (consistency {pc.item():.3f}, "
-                        f"AR {ar.item():.3f}), lr {lr:.2e}, {tok_log / dt:,.0f} tokens/s")
+                        f"AR {ar.item():.3f}, replay {real.item():.3f}), lr {lr:.2e}, {tok_log / dt:,.0f} tokens/s")
                 t_log, tok_log = time.time(), 0
             if run.master and (step % cfg.ckpt_every == 0 or step == cfg.distill_steps):
                 save_state(state_path, model, opt, step, cfg, {"kind": "jacobi_forcing_state", "round": r})
@@ -410,8 +430,6 @@ def distill_round(cfg, run, out, r):
         raise
     train_s = time.time() - t_start
     if run.master:
-        corpus = ckpt.get("train_config", {}).get("corpus") or cfg.corpus
-        data_dir = out / f"data_{corpus.replace('+', '_')}"
         vl = val_loss(model, load_split(data_dir, "val"), mcfg, cfg.eval_batches, cfg.batch_size, run) \
             if (data_dir / "val.bin").exists() else float("nan")
         atomic_save({"model": model.state_dict(), "model_config": mcfg.to_dict(), "kind": "jacobi_forcing",
