@@ -22,7 +22,6 @@ import time
 from dataclasses import dataclass
 
 import torch
-from torch.nn.attention.flex_attention import BlockMask
 
 from jfmini.common import UserError
 
@@ -149,7 +148,7 @@ class Jacobi:
         self.graph_enabled = (dev.type == "cuda") if graph is None else graph
         self._graph = None
         # inductor fuses the small tensor ops of an iteration before the graph is captured
-        self._fn = torch.compile(self._step, dynamic=False) if compile and self.graph_enabled else self._step
+        self._fn = torch.compile(self._step, dynamic=False) if compile else self._step
         B, n, W = batch, self.n, self.W
         self.cache = model.new_cache(B, self.S)          # this decoder owns its cache buffer
         ar = lambda k: torch.arange(k, device=dev)
@@ -174,22 +173,6 @@ class Jacobi:
         self.done = torch.zeros(B, dtype=torch.bool, device=dev)
         self.iters = z(B)              # forwards that did work, per row
         self.it = z(B)                 # iteration counter (seeds the initial guesses)
-        # On CUDA with compile: FlexAttention evaluates may_read per tile from live state tensors, and the
-        # number of KV tiles per row follows the committed length, so tiles past it are never read.
-        self.flex = compile and self.graph_enabled
-        self._flex_state = []
-        if self.flex:
-            tile = self.tile = 128
-            nq, self.nk = math.ceil(self.T / tile), math.ceil(self.S / tile)
-            self.hi, self.q_seg, self.q_slot = z(B), z(B, self.T), z(B, self.T)
-            self.kv_tiles = torch.full((B, 1, nq), self.nk, dtype=torch.int32, device=dev)
-            order = torch.arange(self.nk, dtype=torch.int32, device=dev).expand(B, 1, nq, self.nk).contiguous()
-
-            def mask_mod(b, h, q, kv):
-                return may_read(kv, self.base, self.hi[b], self.q_seg[b, q], self.q_slot[b, q])
-            self.block_mask = BlockMask.from_kv_blocks(self.kv_tiles, order, BLOCK_SIZE=(tile, tile),
-                                                       mask_mod=mask_mod, seq_lengths=(self.T, self.S))
-            self._flex_state = [self.hi, self.q_seg, self.q_slot, self.kv_tiles]
 
     # ------------------------------------------------------------------ setup
     def _install(self):
@@ -244,17 +227,6 @@ class Jacobi:
         return self.out.gather(1, h % m[:, None])
 
     # ------------------------------------------------------------------ one iteration
-    def _mask(self, m, seg, slots):
-        """The attention rule of this iteration: a dense bool mask (SDPA), or the live BlockMask (Flex)."""
-        if not self.flex:
-            return cache_mask(self.base + m, seg, slots, self.S, lo=self.base)
-        self.hi.copy_(self.base + m)
-        self.q_seg.copy_(seg)
-        self.q_slot.copy_(slots)
-        tiles = ((self.base + m + self.W + self.tile - 1) // self.tile).clamp(max=self.nk)
-        self.kv_tiles.copy_(tiles[:, None, None].expand_as(self.kv_tiles))
-        return self.block_mask
-
     def _accepted(self, x, g, limit):
         """1 + longest run of drafts equal to the prediction before them, within `limit` tokens.
         x, g (B, R, L); limit (B,). Returns (B, R)."""
@@ -262,6 +234,7 @@ class Jacobi:
         ok = (x[..., 1:] == g[..., :-1]) & (torch.arange(L - 1, device=self.dev) < limit[:, None, None] - 1)
         return 1 + ok.long().cumprod(-1).sum(-1)
 
+    @torch.no_grad()
     def _step(self):
         if self.pre_step is not None:
             self.pre_step(self)
@@ -273,7 +246,8 @@ class Jacobi:
         pos = m[:, None] + self.offs                                          # (B, T)
         slots = torch.cat([self.base + pos[:, :W], self.cand_slots.expand(B, -1)], 1)
         seg = torch.cat([self.base + m[:, None].expand(B, W), self.cand_seg.expand(B, -1)], 1)
-        g = self.model(tokens, pos, self._mask(m, seg, slots), slots).argmax(-1)  # (B, T)
+        mask = cache_mask(self.base + m, seg, slots, self.S, lo=self.base)       # (B, 1, T, S)
+        g = self.model(tokens, pos, mask, slots).argmax(-1)                     # (B, T)
         g_main = g[:, :W]
         # 2. Acceptance of every row; the best row wins (ties go to the main row).
         a_main = self._accepted(draft[:, None], g_main[:, None], V)[:, 0]
@@ -356,7 +330,7 @@ class Jacobi:
     def step(self):
         """One iteration: replays the captured CUDA graph, or runs eagerly (CPU)."""
         if not self.graph_enabled:
-            return self._step()
+            return self._fn()
         if self._graph is None:
             self._capture()
         self._graph.replay()
@@ -379,7 +353,7 @@ class Jacobi:
 
     def _state(self):
         return [self.out, self.m, self.draft, self.valid, self.L0, self.nb, self.pool, self.ptr, self.cand,
-                self.done, self.iters, self.it, self.cache.kv] + self._flex_state
+                self.done, self.iters, self.it, self.cache.kv]
 
     # ------------------------------------------------------------------ decoding loop
     @torch.no_grad()

@@ -77,7 +77,11 @@ class Attention(nn.Module):
         q, k = rotate(q, cos, sin).to(v.dtype), rotate(k, cos, sin).to(v.dtype)
         if slots is not None:
             k, v = cache.write(layer, slots, k, v)  # (B, H, S, Dh): the whole static buffer, the mask picks
-        if isinstance(mask, BlockMask):
+            # Plain matmul-softmax-matmul: for the few query tokens of a decoding step, compiled, this beats
+            # the fused SDPA kernels (they are built for long queries; measured on an H100, see README).
+            scores = (q @ k.transpose(-1, -2)).float() * self.head_dim ** -0.5          # (B, H, T, S)
+            y = scores.masked_fill(~mask, float("-inf")).softmax(-1).to(v.dtype) @ v
+        elif isinstance(mask, BlockMask):
             y = flex_attention(q, k, v, block_mask=mask)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
