@@ -353,7 +353,7 @@ class Jacobi:
 
     def _state(self):
         return [self.out, self.m, self.draft, self.valid, self.L0, self.nb, self.pool, self.ptr, self.cand,
-                self.done, self.iters, self.it, self.cache.kv]
+                self.done, self.iters, self.it] + list(self.cache.buffers())
 
     # ------------------------------------------------------------------ decoding loop
     @torch.no_grad()

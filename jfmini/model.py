@@ -43,25 +43,33 @@ def rotate(x, cos, sin):
 
 
 class KVCache(nn.Module):
-    """Keys and values of every layer in ONE static buffer (layers, 2, B, H, S, Dh), so that moving a
-    winning draft's entries is one gather and one scatter for the whole model."""
+    """One static (B, H, S, Dh) key buffer and value buffer per layer (gpt-fast style). Writes index the
+    buffers themselves (no views), which inductor performs in place inside a captured graph."""
 
     def __init__(self, n_layer, batch, n_head, length, head_dim, dtype, device):
         super().__init__()
-        shape = (n_layer, 2, batch, n_head, length, head_dim)
-        self.register_buffer("kv", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.n_layer = n_layer
+        for i in range(n_layer):
+            for kind in "kv":
+                self.register_buffer(f"{kind}{i}", torch.zeros(batch, n_head, length, head_dim, dtype=dtype,
+                                                               device=device), persistent=False)
+        self.register_buffer("rows", torch.arange(batch, device=device)[:, None], persistent=False)
+
+    def buffers_of(self, layer):
+        return getattr(self, f"k{layer}"), getattr(self, f"v{layer}")
 
     def write(self, layer, slots, k, v):
-        """Store k, v (B, H, T, Dh) of one layer at cache slots (B, T); return that layer's (k, v) buffers."""
-        kv = self.kv[layer]                                        # (2, B, H, S, Dh), a view
-        kv.scatter_(3, slots[None, :, None, :, None].expand(2, *k.shape), torch.stack([k, v]))
-        return kv[0], kv[1]
+        """Store k, v (B, H, T, Dh) of one layer at cache slots (B, T); return that layer's buffers."""
+        kb, vb = self.buffers_of(layer)
+        kb[self.rows, :, slots] = k.transpose(1, 2)               # indexed (B, T, H, Dh)
+        vb[self.rows, :, slots] = v.transpose(1, 2)
+        return kb, vb
 
     def copy(self, src, dst):
         """Move the entries at slots src (B, n) to slots dst (B, n) in every layer: commits a winning row."""
-        L, _, B, H, _, D = self.kv.shape
-        idx = lambda s: s[None, None, :, None, :, None].expand(L, 2, B, H, s.shape[1], D)
-        self.kv.scatter_(4, idx(dst), self.kv.gather(4, idx(src)))
+        for layer in range(self.n_layer):
+            for buf in self.buffers_of(layer):
+                buf[self.rows, :, dst] = buf[self.rows, :, src]
 
 
 class Attention(nn.Module):
