@@ -79,9 +79,9 @@ class TrainConfig:
 
 PRESETS = {
     "gpu": dict(n_layer=8, n_head=8, d_model=512, seq_len=1024, corpus="stdlib+torch", batch_size=32,
-                grad_accum=2, steps=2200, lr=2e-3, warmup=100, eval_every=300, eval_batches=20, ckpt_every=300,
-                traj_prompts=8192, traj_tokens=256, traj_batch=512, distill_steps=800, distill_batch=32,
-                distill_lr=3e-4, replay_batch=8),
+                grad_accum=2, steps=1500, lr=2e-3, warmup=100, eval_every=300, eval_batches=20, ckpt_every=300,
+                traj_prompts=6144, traj_tokens=256, traj_batch=512, distill_steps=900, distill_batch=32,
+                distill_lr=1e-3, replay_batch=8),
     "cpu": dict(n_layer=4, n_head=4, d_model=128, seq_len=256, corpus="stdlib", batch_size=16, grad_accum=1,
                 steps=800, lr=3e-3, warmup=50, eval_every=200, eval_batches=10, ckpt_every=100,
                 traj_prompts=256, traj_tokens=64, traj_batch=64, distill_steps=60, distill_batch=8,

@@ -17,6 +17,7 @@ same cache (no per-candidate copies). Acceptance, choosing the best row, the dra
 update and the commit are tensor ops; on CUDA the whole iteration is captured as one CUDA graph and
 the host reads one flag per iteration (or per `sync_every` iterations).
 """
+import gc
 import math
 import time
 from dataclasses import dataclass
@@ -346,8 +347,13 @@ class Jacobi:
                 self._fn()
         torch.cuda.current_stream().wait_stream(s)
         self._graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self._graph):
-            self._fn()
+        gc.collect()
+        gc.disable()  # a finalizer of an unreachable older graph must not run in the middle of this capture
+        try:
+            with torch.cuda.graph(self._graph):
+                self._fn()
+        finally:
+            gc.enable()
         for t, v in zip(self._state(), saved):  # warm-up and capture ran real steps: undo them
             t.copy_(v)
 
