@@ -156,18 +156,22 @@ def main(argv=None):
     enc = gpt2_tokenizer()
     eot = enc.eot_token
     records = read_prompts(cfg.prompts)[:cfg.limit or None]
-    prompts = [enc.encode(r["prompt"], allowed_special="all") for r in records]
     jf_path = cfg.ckpt or default_checkpoint()
     models, vals = {}, {}
     for key, path in (("base", cfg.base_ckpt), ("jf", jf_path)):
         model, ck = load_checkpoint(path, device)
         if model.cfg.vocab_size != enc.n_vocab:
             raise UserError(f"{path} was not trained with GPT-2's vocabulary; pass a checkpoint written by train.py")
-        longest = max(len(p) for p in prompts)
-        if longest + cfg.max_new_tokens > model.cfg.seq_len:
-            raise UserError(f"the longest prompt ({longest} tokens) + --max_new_tokens {cfg.max_new_tokens} exceeds "
-                            f"the context of {path} ({model.cfg.seq_len}); lower --max_new_tokens")
         models[key], vals[key] = model.to(dtype).eval(), ck.get("val_loss", float("nan"))
+    context = min(m.cfg.seq_len for m in models.values())
+    fits = [r for r in records if len(enc.encode(r["prompt"], allowed_special="all")) + cfg.max_new_tokens <= context]
+    if not fits:
+        raise UserError(f"no prompt fits the models' context of {context} tokens with --max_new_tokens "
+                        f"{cfg.max_new_tokens}; lower --max_new_tokens or use shorter prompts")
+    if len(fits) < len(records):
+        log(f"skipping {len(records) - len(fits)} prompts longer than the context allows")
+    records = fits
+    prompts = [enc.encode(r["prompt"], allowed_special="all") for r in records]
     gpu = torch.cuda.get_device_name(device) if cuda else "cpu"
     log(f"{len(prompts)} prompts, {cfg.max_new_tokens} new tokens max, {gpu}, torch {torch.__version__}, {dtype}; "
         f"base {cfg.base_ckpt}, Jacobi Forcing {jf_path}")

@@ -82,9 +82,9 @@ PRESETS = {
                 grad_accum=2, steps=1500, lr=2e-3, warmup=100, eval_every=300, eval_batches=20, ckpt_every=300,
                 traj_prompts=6144, traj_tokens=256, traj_batch=512, distill_steps=900, distill_batch=32,
                 distill_lr=1e-3, replay_batch=8),
-    "cpu": dict(n_layer=4, n_head=4, d_model=128, seq_len=256, corpus="stdlib", batch_size=16, grad_accum=1,
-                steps=800, lr=3e-3, warmup=50, eval_every=200, eval_batches=10, ckpt_every=100,
-                traj_prompts=256, traj_tokens=64, traj_batch=64, distill_steps=60, distill_batch=8,
+    "cpu": dict(n_layer=4, n_head=4, d_model=128, seq_len=256, corpus="stdlib", batch_size=8, grad_accum=1,
+                steps=260, lr=3e-3, warmup=20, eval_every=100, eval_batches=5, ckpt_every=50,
+                traj_prompts=256, traj_tokens=64, traj_batch=64, distill_steps=50, distill_batch=8,
                 distill_lr=5e-4, replay_batch=2),
 }
 
@@ -276,10 +276,12 @@ def pretrain(cfg, run, out):
             opt.zero_grad(set_to_none=True)
             step += 1
             tok_log += tokens_per_step
-            if step % 20 == 0 or step == cfg.steps or step == 1:
-                loss_v = total.item()
+            saving = step % cfg.ckpt_every == 0 or step == cfg.steps
+            if step % 20 == 0 or step == cfg.steps or step == 1 or saving:
+                loss_v = total.item()                 # checked before every save: NaN weights are never kept
                 if not math.isfinite(loss_v):
                     nonfinite(run, "pretraining", step, state_path)
+            if step % 20 == 0 or step == cfg.steps or step == 1:
                 run.sync()
                 dt = time.time() - t_log
                 tps = tok_log / dt
@@ -290,13 +292,15 @@ def pretrain(cfg, run, out):
                 vl = val_loss(model, val_data, mcfg, cfg.eval_batches, cfg.batch_size, run)
                 run.log(f"pretrain step {step}: val loss {vl:.4f}")
                 t_log, tok_log = time.time(), 0
-            if run.master and (step % cfg.ckpt_every == 0 or step == cfg.steps):
+            if run.master and saving:
                 save_state(state_path, model, opt, step, cfg)
     except KeyboardInterrupt:
         if run.master:
             save_state(state_path, model, opt, step, cfg)
             print(f"interrupted at step {step}: saved {state_path}; continue with --resume", file=sys.stderr)
         raise
+    if run.ddp:
+        check_replicas(model, run)
     if run.master:
         vl = val_loss(model, val_data, mcfg, cfg.eval_batches, cfg.batch_size, run)
         atomic_save({"model": model.state_dict(), "model_config": mcfg.to_dict(), "kind": "base",
@@ -413,15 +417,17 @@ def distill_round(cfg, run, out, r):
             opt.zero_grad(set_to_none=True)
             step += 1
             tok_log += (B * L + (cfg.replay_batch * mcfg.seq_len if replay else 0)) * run.world
-            if step % 20 == 0 or step == cfg.distill_steps or step == 1:
+            saving = step % cfg.ckpt_every == 0 or step == cfg.distill_steps
+            if step % 20 == 0 or step == cfg.distill_steps or step == 1 or saving:
                 lv = loss.item()
                 if not math.isfinite(lv):
                     nonfinite(run, f"round {r}", step, state_path)
+            if step % 20 == 0 or step == cfg.distill_steps or step == 1:
                 dt = time.time() - t_log
                 run.log(f"round {r} step {step}/{cfg.distill_steps}: loss {lv:.3f} (consistency {pc.item():.3f}, "
                         f"AR {ar.item():.3f}, replay {real.item():.3f}), lr {lr:.2e}, {tok_log / dt:,.0f} tokens/s")
                 t_log, tok_log = time.time(), 0
-            if run.master and (step % cfg.ckpt_every == 0 or step == cfg.distill_steps):
+            if run.master and saving:
                 save_state(state_path, model, opt, step, cfg, {"kind": "jacobi_forcing_state", "round": r})
     except KeyboardInterrupt:
         if run.master:
@@ -438,6 +444,17 @@ def distill_round(cfg, run, out, r):
         state_path.unlink(missing_ok=True)
         run.log(f"round {r}: done in {train_s:.0f}s of training ({step * B * L * run.world:,} tokens), "
                 f"val loss {vl:.4f} (base {ckpt.get('val_loss', float('nan')):.4f}), saved {final}")
+
+
+def check_replicas(model, run):
+    """DDP keeps one model per rank; after training they must be bit-identical. Compare checksums."""
+    flat = torch.cat([p.detach().float().flatten() for p in model.parameters()])
+    mine = torch.stack([flat.sum(), (flat * torch.arange(len(flat), device=flat.device) % 9973).sum()]).double()
+    sums = [torch.zeros_like(mine) for _ in range(run.world)]
+    dist.all_gather(sums, mine)
+    if any(not torch.equal(s, sums[0]) for s in sums):
+        raise RuntimeError(f"DDP replicas diverged: weight checksums {[s.tolist() for s in sums]}")
+    run.log(f"weights identical on all {run.world} ranks (checksum {sums[0][0].item():.6f})")
 
 
 def merge_trajectories(parts):

@@ -1,0 +1,265 @@
+"""The real scripts, run as subprocesses: bad input, interruption, corrupt files, NaN, determinism, DDP.
+
+Every bad input must end with exit code 2, one line on stderr naming the problem and the fix, no
+traceback, and no half-written file left behind.
+"""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT
+from jfmini.common import atomic_save, load_checkpoint
+from jfmini.model import GPT, GPTConfig
+
+pytestmark = pytest.mark.slow
+PY = sys.executable
+# A tiny pretraining run: seconds on one CPU core.
+TINY = ["--n_layer", "1", "--n_head", "2", "--d_model", "16", "--seq_len", "32", "--batch_size", "2",
+        "--eval_batches", "1", "--eval_every", "1000", "--corpus", "stdlib", "--device", "cpu"]
+
+
+def run(script, *args, cwd=None, timeout=300):
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    return subprocess.run([PY, str(ROOT / script), *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A small GPT-2-vocabulary checkpoint, a corrupt and a foreign file, prompts files."""
+    d = tmp_path_factory.mktemp("files")
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=50257, seq_len=64, n_layer=1, n_head=2, d_model=16))
+    atomic_save({"model": model.state_dict(), "model_config": model.cfg.to_dict(), "kind": "base",
+                 "val_loss": 10.0}, d / "base.pt")
+    blob = (d / "base.pt").read_bytes()
+    (d / "truncated.pt").write_bytes(blob[:len(blob) // 2])
+    (d / "random.pt").write_bytes(os.urandom(4096))
+    torch.save({"weights": [1, 2, 3]}, d / "foreign.pt")
+    (d / "good.jsonl").write_text('{"task_id": "t", "prompt": "def f(x):\\n"}\n')
+    (d / "badline.jsonl").write_text('{"task_id": "t", "prompt": "def f(x):\\n"}\nnot json\n')
+    (d / "empty.jsonl").write_text("\n")
+    return d
+
+
+def assert_clean_failure(res, *words):
+    err = res.stderr.strip()
+    assert res.returncode == 2, (res.returncode, res.stdout[-500:], err[-2000:])
+    assert "Traceback" not in err, err
+    assert len(err.splitlines()) == 1, err
+    for w in words:
+        assert w.lower() in err.lower(), err
+
+
+def no_temp_files(folder):
+    return not [p for p in Path(folder).rglob("*.tmp")]
+
+
+DECODE_BAD = [
+    (["--prompt", "x", "--bogus", "1"], ["unrecognized"]),
+    (["--prompt", "x", "--block_len", "abc"], ["invalid int"]),
+    (["--prompt", "x", "--block_len", "0"], ["block_len"]),
+    (["--prompt", "x", "--num_blocks", "-1"], ["num_blocks"]),
+    (["--prompt", "x", "--pool_size", "-2"], ["pool_size"]),
+    (["--prompt", "x", "--activation_ratio", "0"], ["activation_ratio"]),
+    (["--prompt", "x", "--activation_ratio", "1.5"], ["activation_ratio"]),
+    (["--prompt", "x", "--max_new_tokens", "0"], ["max_new_tokens"]),
+    (["--prompt", "x", "--method", "fast"], ["invalid choice"]),
+    ([], ["--prompt"]),
+    (["--prompt", ""], ["empty prompt"]),
+    (["--prompt", "x " * 100], ["context"]),
+    (["--prompt", "x", "--max_new_tokens", "80"], ["context"]),
+    (["--prompt", "x", "--ckpt", "{d}/missing.pt"], ["not found"]),
+    (["--prompt", "x", "--ckpt", "{d}/truncated.pt"], ["truncated"]),
+    (["--prompt", "x", "--ckpt", "{d}/random.pt"], ["unreadable"]),
+    (["--prompt", "x", "--ckpt", "{d}/foreign.pt"], ["not a jfmini checkpoint"]),
+]
+
+
+@pytest.mark.parametrize("args,words", DECODE_BAD)
+def test_decode_bad_input(files, args, words):
+    args = [a.replace("{d}", str(files)) for a in args]
+    if "--ckpt" not in args:
+        args += ["--ckpt", files / "base.pt"]
+    assert_clean_failure(run("decode.py", *args, "--device", "cpu"), *words)
+    assert no_temp_files(files)
+
+
+def test_decode_works_with_a_base_checkpoint(files):
+    res = run("decode.py", "--prompt", "def f(x):", "--ckpt", files / "base.pt", "--max_new_tokens", "8",
+              "--device", "cpu")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("def f(x):") and "tokens per forward" in res.stderr
+
+
+BENCH_BAD = [
+    (["--bogus"], ["unrecognized"]),
+    (["--limit", "-1"], ["limit"]),
+    (["--max_new_tokens", "x"], ["invalid int"]),
+    (["--ckpt", "{d}/missing.pt"], ["not found"]),
+    (["--ckpt", "{d}/truncated.pt"], ["truncated"]),
+    (["--base_ckpt", "{d}/random.pt"], ["unreadable"]),
+    (["--prompts", "{d}/badline.jsonl"], ["badline.jsonl:2"]),
+    (["--prompts", "{d}/missing.jsonl"], ["does not exist"]),
+    (["--prompts", "{d}/empty.jsonl"], ["no prompts"]),
+    (["--max_new_tokens", "200"], ["context"]),
+]
+
+
+@pytest.mark.parametrize("args,words", BENCH_BAD)
+def test_bench_bad_input(files, args, words):
+    args = [a.replace("{d}", str(files)) for a in args]
+    base = ["--ckpt", files / "base.pt", "--base_ckpt", files / "base.pt", "--prompts", files / "good.jsonl",
+            "--max_new_tokens", "8", "--device", "cpu", "--sweep_file", files / "sweep.json"]
+    assert_clean_failure(run("bench.py", *base, *args), *words)
+    assert no_temp_files(files)
+
+
+def test_bench_runs_and_prints_a_json_line(files):
+    res = run("bench.py", "--ckpt", files / "base.pt", "--base_ckpt", files / "base.pt", "--prompts",
+              files / "good.jsonl", "--max_new_tokens", "8", "--device", "cpu", "--sweep_file", files / "s.json")
+    assert res.returncode == 0, res.stderr
+    import json
+    record = json.loads(res.stdout.strip().splitlines()[-1])
+    assert {r["row"] for r in record["rows"]} >= {"AR eager", "AR fast", "Jacobi", "JF Jacobi", "JF MR"}
+    assert all(r["lossless"] == 1.0 for r in record["rows"])
+
+
+TRAIN_BAD = [
+    (["--bogus"], ["unrecognized"]),
+    (["--steps", "abc"], ["invalid int"]),
+    (["--steps", "0"], ["steps"]),
+    (["--lr", "-1"], ["lr"]),
+    (["--block_lens", "16,x"], ["block_lens"]),
+    (["--stage", "round7"], ["round"]),
+    (["--stage", "warmup"], ["stage"]),
+    (["--d_model", "30", "--n_head", "4"], ["d_model"]),
+    (["--preset", "tpu"], ["invalid choice"]),
+    (["--stage", "round1"], ["base.pt not found"]),
+]
+
+
+@pytest.mark.parametrize("args,words", TRAIN_BAD)
+def test_train_bad_input(tmp_path, args, words):
+    assert_clean_failure(run("train.py", "--out_dir", tmp_path, "--device", "cpu", *args), *words)
+    assert no_temp_files(tmp_path)
+
+
+def test_train_corrupt_state_and_trajectories(tmp_path, files):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "pretrain_state.pt").write_bytes(os.urandom(1000))
+    res = run("train.py", "--out_dir", out, "--stage", "pretrain", "--resume", *TINY, "--steps", "2")
+    assert_clean_failure(res, "pretrain_state.pt")
+    (out / "base.pt").write_bytes((files / "base.pt").read_bytes())
+    (out / "traj_r1.npz").write_bytes(b"PK\x03\x04 truncated")
+    res = run("train.py", "--out_dir", out, "--stage", "round1", "--device", "cpu")
+    assert_clean_failure(res, "traj_r1.npz", "delete")
+    assert no_temp_files(out)
+
+
+def wait_for(path, proc, timeout=240):
+    t0 = time.time()
+    while not Path(path).exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() - t0 < timeout
+        time.sleep(0.1)
+
+
+def test_sigkill_then_resume_reaches_the_same_final_step(tmp_path):
+    out = tmp_path / "out"
+    args = [PY, ROOT / "train.py", "--out_dir", out, "--stage", "pretrain", *TINY, "--steps", "60",
+            "--ckpt_every", "5"]
+    proc = subprocess.Popen(list(map(str, args)), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    wait_for(out / "pretrain_state.pt", proc)
+    time.sleep(np.random.default_rng().uniform(0, 1.0))      # a random moment after the first checkpoint
+    proc.kill()
+    proc.wait()
+    assert not (out / "base.pt").exists()
+    _, state = load_checkpoint(out / "pretrain_state.pt")      # what was left loads
+    assert 5 <= state["step"] < 60
+    res = run("train.py", "--out_dir", out, "--stage", "pretrain", *TINY, "--steps", "60", "--ckpt_every", "5",
+              "--resume")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert f"resuming from {out / 'pretrain_state.pt'} at step {state['step']}" in res.stdout
+    model, final = load_checkpoint(out / "base.pt")
+    assert final["steps"] == 60 and final["kind"] == "base"
+    assert no_temp_files(out)
+
+
+def test_ctrl_c_saves_and_exits_cleanly(tmp_path):
+    out = tmp_path / "out"
+    args = [PY, ROOT / "train.py", "--out_dir", out, "--stage", "pretrain", *TINY, "--steps", "100000",
+            "--ckpt_every", "5"]
+    proc = subprocess.Popen(list(map(str, args)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(out / "pretrain_state.pt", proc)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "--resume" in err
+    _, state = load_checkpoint(out / "pretrain_state.pt")
+    assert state["step"] >= 5
+    assert no_temp_files(out)
+
+
+def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    sys.path.insert(0, str(ROOT))
+    import train
+    real_ce = train.F.cross_entropy
+    calls = {"n": 0}
+
+    def poisoned(*a, **k):                 # finite for 12 steps, then NaN
+        calls["n"] += 1
+        loss = real_ce(*a, **k)
+        return loss * float("nan") if calls["n"] > 12 else loss
+    monkeypatch.setattr(train.F, "cross_entropy", poisoned)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        train.main(["--out_dir", str(out), "--stage", "pretrain", *TINY, "--steps", "40", "--ckpt_every", "5"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "NaN" in err and "pretrain_state.pt" in err and "kept" in err
+    model, state = load_checkpoint(out / "pretrain_state.pt")
+    assert state["step"] == 10
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert not (out / "base.pt").exists()
+
+
+def losses(stdout):
+    return [line.split("loss ")[1].split(",")[0] for line in stdout.splitlines() if "pretrain step" in line
+            and "loss" in line]
+
+
+def test_same_seed_same_losses_twice(tmp_path):
+    runs = [run("train.py", "--out_dir", tmp_path / f"o{i}", "--stage", "pretrain", *TINY, "--steps", "40")
+            for i in range(2)]
+    assert all(r.returncode == 0 for r in runs), runs[0].stderr
+    assert losses(runs[0].stdout) == losses(runs[1].stdout) and len(losses(runs[0].stdout)) >= 3
+
+
+def test_same_seed_same_trajectories_twice():
+    from conftest import tiny_model
+    from jfmini.forcing import collect_trajectories, pack
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
+    a, b = (collect_trajectories(tiny_model(seed=2), prompts, 4, 3, 2, None, log=lambda *_: None) for _ in range(2))
+    assert np.array_equal(a.states, b.states) and np.array_equal(a.fixed, b.fixed)
+    pa, pb = (pack(a, [0, 1], 64, "random", np.random.default_rng(7), 256) for _ in range(2))
+    assert np.array_equal(pa.tokens, pb.tokens)
+
+
+def test_torchrun_two_ranks_gloo_identical_weights(tmp_path):
+    out = tmp_path / "out"
+    res = subprocess.run(["torchrun", "--nproc_per_node=2", "--master_port", "29517", str(ROOT / "train.py"),
+                          "--out_dir", str(out), "--stage", "pretrain", *TINY, "--steps", "2"],
+                         capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "world 2" in res.stdout and "weights identical on all 2 ranks" in res.stdout
+    _, final = load_checkpoint(out / "base.pt")
+    assert final["steps"] == 2
