@@ -38,6 +38,8 @@ class BenchConfig:
     compile: str = field("auto", "inductor-fuse each captured step: auto (on CUDA), no", ["auto", "no"])
     ar_sync_every: int = field(16, "AR fast checks end-of-text every k tokens (no host sync per token)")
     device: str = field("auto", "auto, cpu, cuda")
+    dtype: str = field("auto", "decode in bfloat16 (auto on CUDA) or float32 (auto on CPU; bit-exact greedy "
+                               "choices, slower)", ["auto", "bfloat16", "float32"])
     profile: bool = field(False, "print where the time of one MR iteration goes (CUDA kernels)")
 
 
@@ -151,7 +153,8 @@ def main(argv=None):
     log = lambda msg: print(f"[{time.time() - t_start:6.1f}s] {msg}", file=sys.stderr, flush=True)
     device = pick_device(cfg.device)
     cuda = device.startswith("cuda")
-    dtype = torch.bfloat16 if cuda else torch.float32
+    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}.get(cfg.dtype,
+                                                                       torch.bfloat16 if cuda else torch.float32)
     compile = cfg.compile == "auto" and cuda
     enc = gpt2_tokenizer()
     eot = enc.eot_token

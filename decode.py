@@ -95,10 +95,11 @@ def main(argv=None):
     settings = decoder_settings(cfg)
     prompt = enc.encode(cfg.prompt, allowed_special="all")
     jac = Jacobi(model, eot=enc.eot_token, graph=None if cfg.graph == "auto" else False, **settings)
-    print(f"# {ckpt_path} ({ckpt.get('kind', '?')}), {cfg.method} {settings}, {device}", file=sys.stderr)
     frames, shown = [], [None]
 
     def on_step(j):
+        if not frames and shown[0] is None:  # the first iteration: the prompt was accepted
+            print(f"# {ckpt_path} ({ckpt.get('kind', '?')}), {cfg.method} {settings}, {device}", file=sys.stderr)
         m = int(j.m[0])
         tokens = j.out[0, len(prompt):m].tolist()
         if cfg.show:
