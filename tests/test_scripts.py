@@ -256,7 +256,8 @@ def test_same_seed_same_trajectories_twice():
 
 def test_torchrun_two_ranks_gloo_identical_weights(tmp_path):
     out = tmp_path / "out"
-    res = subprocess.run([PY, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", "29517", str(ROOT / "train.py"),
+    res = subprocess.run([PY, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", "29517",
+                          str(ROOT / "train.py"),
                           "--out_dir", str(out), "--stage", "pretrain", *TINY, "--steps", "2"],
                          capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert res.returncode == 0, res.stderr[-3000:]
