@@ -1,5 +1,4 @@
 """The model: KV-cache decoding, mask paths, and that training lowers the loss."""
-import pytest
 import torch
 import torch.nn.functional as F
 
