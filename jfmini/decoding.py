@@ -383,3 +383,22 @@ class Jacobi:
         P, m = int(self.start[0]), int(self.m[0])
         tokens = finish(self.out[0, P:m].tolist(), max_new_tokens, self.eot)
         return tokens, Stats(len(tokens), int(self.iters[0]), t1 - t0, t2 - t1)
+
+
+@torch.no_grad()
+def batch_tpf(model, prompts, block_len, max_new_tokens, eot=None, batch=64):
+    """Vanilla Jacobi tokens per forward over many prompts, decoded `batch` at a time: a quick check of
+    a model (train.py logs it after each round); bench.py measures one prompt at a time, with timing."""
+    tokens = forwards = 0
+    jac = Jacobi(model, block_len=block_len, batch=min(batch, len(prompts)), eot=eot,
+                 max_len=max(len(p) for p in prompts) + max_new_tokens)
+    for lo in range(0, len(prompts), jac.B):
+        chunk = prompts[lo:lo + jac.B]
+        jac.prefill(chunk + [chunk[-1]] * (jac.B - len(chunk)), max_new_tokens)  # fixed shape; extras dropped
+        while not bool(jac.done.all()):
+            for _ in range(8):          # rows that finish early stay frozen; one host sync per 8 iterations
+                jac.step()
+        for b in range(len(chunk)):
+            tokens += len(finish(jac.out[b, int(jac.start[b]):int(jac.m[b])].tolist(), max_new_tokens, jac.eot))
+            forwards += int(jac.iters[b])
+    return tokens / max(forwards, 1)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, tiny_model
 from jfmini.common import atomic_save, load_checkpoint
 from jfmini.model import GPT, GPTConfig
 
@@ -130,6 +130,21 @@ def test_bench_runs_and_prints_a_json_line(files):
     record = json.loads(res.stdout.strip().splitlines()[-1])
     assert {r["row"] for r in record["rows"]} >= {"AR eager", "AR fast", "Jacobi", "JF Jacobi", "JF MR"}
     assert all(r["lossless"] == 1.0 for r in record["rows"])
+    assert all(r["mismatches"] == 0 and r["tie_gaps"] == [] and r["lossless_ties_aside"] == 1.0 for r in record["rows"])
+
+
+def test_bench_tie_analysis_helpers():
+    import bench
+    assert bench.first_divergence([1, 2, 3], [1, 2, 3]) is None
+    assert bench.first_divergence([1, 2], [1, 2, 3]) is None          # a length difference is no token choice
+    assert bench.first_divergence([1, 2, 3, 4], [1, 2, 9, 4]) == 2
+    model = tiny_model()
+    model.new_cache(1, 16)                                             # ignored: tie_gap passes no slots
+    prompt, ref = [5, 6, 7], [8, 9, 10, 11]
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + ref[:2]]), torch.arange(5))[0, -1]
+    assert bench.tie_gap(model, prompt, ref, 2, 42) == pytest.approx((logits[10] - logits[42]).item(), abs=1e-5)
+    assert bench.tie_gap(model, prompt, ref, 2, ref[2]) == 0.0
 
 
 TRAIN_BAD = [
