@@ -3,6 +3,7 @@
 Every bad input must end with exit code 2, one line on stderr naming the problem and the fix, no
 traceback, and no half-written file left behind.
 """
+import math
 import os
 import signal
 import subprocess
@@ -143,8 +144,11 @@ def test_bench_tie_analysis_helpers():
     prompt, ref = [5, 6, 7], [8, 9, 10, 11]
     with torch.no_grad():
         logits = model(torch.tensor([prompt + ref[:2]]), torch.arange(5))[0, -1]
-    assert bench.tie_gap(model, prompt, ref, 2, 42) == pytest.approx((logits[10] - logits[42]).item(), abs=1e-5)
-    assert bench.tie_gap(model, prompt, ref, 2, ref[2]) == 0.0
+    gap, step = bench.tie_gap(model, prompt, ref, 2, 42, torch.bfloat16)
+    assert gap == pytest.approx((logits[10] - logits[42]).item(), abs=1e-5)
+    top = max(abs(logits[10].item()), abs(logits[42].item()))
+    assert step == 2.0 ** -7 * 2.0 ** math.floor(math.log2(top))      # bf16 spacing at that magnitude
+    assert bench.tie_gap(model, prompt, ref, 2, ref[2], torch.float32)[0] == 0.0
 
 
 TRAIN_BAD = [
