@@ -6,7 +6,7 @@ import torch
 
 from conftest import cuda, tiny_model
 from jfmini.common import UserError
-from jfmini.decoding import Jacobi, generate_ar
+from jfmini.decoding import Jacobi, batch_tpf, generate_ar
 
 GRID = list(itertools.product([1, 2, 3, 8, 16], [0, 1, 4], [1, 2, 3], [0.5, 0.85, 1.0]))
 
@@ -107,3 +107,22 @@ def test_cuda_graph_decoders_are_lossless(compile):
         for _ in range(2):                                # the second run replays the captured graph
             out, stats = jac.generate(prompt, 64, sync_every=3)
             assert out == ref, (n, P, K)
+
+
+@pytest.mark.parametrize("block_len", [1, 4, 16])
+def test_batch_tpf_matches_one_prompt_at_a_time(block_len):
+    """train.py's batched TPF check (rows of different prompt lengths, some stopping at end-of-text, a
+    last partial batch) counts exactly what bench.py's one-prompt decoding counts."""
+    model = tiny_model(seed=3)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 256, (int(torch.randint(1, 20, (1,), generator=g)),), generator=g).tolist()
+               for _ in range(5)]
+    eot = generate_ar(model, prompts[0], 40)[0][10]          # a token that really appears mid-way
+    tokens = forwards = 0
+    for p in prompts:
+        out, st = Jacobi(model, block_len=block_len, eot=eot).generate(p, 40)
+        assert out == generate_ar(model, p, 40, eot=eot)[0]
+        tokens, forwards = tokens + st.new_tokens, forwards + st.forwards
+    assert batch_tpf(model, prompts, block_len, 40, eot=eot, batch=2) == pytest.approx(tokens / forwards)
+    if block_len == 1:
+        assert tokens == forwards
