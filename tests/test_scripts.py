@@ -156,6 +156,7 @@ TRAIN_BAD = [
     (["--steps", "abc"], ["invalid int"]),
     (["--steps", "0"], ["steps"]),
     (["--lr", "-1"], ["lr"]),
+    (["--probe", "-1"], ["probe"]),
     (["--block_lens", "16,x"], ["block_lens"]),
     (["--stage", "round7"], ["round"]),
     (["--stage", "warmup"], ["stage"]),
