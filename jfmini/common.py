@@ -61,34 +61,58 @@ def field(default, doc, choices=None):
     return dataclasses.field(default=default, metadata={"doc": doc, "choices": choices})
 
 
-def atomic_write(path, data: bytes):
-    """Write bytes to a temp file in the same folder, then rename: readers never see half a file."""
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:             # it exists, owned by someone else
+        return True
+    return True
+
+
+def _remove_dead_temps(folder):
+    """Delete our temp files in `folder` whose writer no longer runs: a run killed mid-write leaves
+    its temp behind, and the next write into that folder removes it."""
+    for tmp in Path(folder).glob(".*.tmp"):
+        parts = tmp.name[:-len(".tmp")].rsplit(".", 2)          # ".<name>", "<pid>", "<random>"
+        if len(parts) == 3 and parts[1].isdigit():
+            pid = int(parts[1])
+            if pid != os.getpid() and not _pid_alive(pid):
+                tmp.unlink(missing_ok=True)
+
+
+def _atomic(path, write):
+    """write(tmp_name) into a temp file beside `path` (named after this process), then rename it over
+    `path`: readers never see half a file, and a crash leaves `path` as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
-        with os.fdopen(fd, "wb") as f:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
+        os.close(fd)
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:                # Ctrl-C included: never leave a temp behind
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        raise
+    _remove_dead_temps(path.parent)
+
+
+def atomic_write(path, data: bytes):
+    """Write bytes atomically (temp file + fsync + rename)."""
+    def write(tmp):
+        with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    _atomic(path, write)
 
 
 def atomic_save(obj, path):
-    """torch.save through a temp file + rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """torch.save atomically (temp file + rename)."""
+    _atomic(path, lambda tmp: torch.save(obj, tmp))
 
 
 def load_checkpoint(path, device="cpu"):
