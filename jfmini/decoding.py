@@ -17,6 +17,7 @@ same cache (no per-candidate copies). Acceptance, choosing the best row, the dra
 update and the commit are tensor ops; on CUDA the whole iteration is captured as one CUDA graph and
 the host reads one flag per iteration (or per `sync_every` iterations).
 """
+import contextlib
 import gc
 import math
 import time
@@ -144,7 +145,8 @@ class Jacobi:
         self.M = 2 * self.P                              # pool entries (ring buffer per sequence)
         self.threshold = math.ceil(activation_ratio * self.n - 1e-9)
         self.eot = -1 if eot is None else eot
-        self.pre_step = pre_step                         # optional hook (trajectory recording), same graph
+        self.pre_step = pre_step     # optional hook (trajectory recording), captured in the same graph; a hook
+                                     # with state exposes it as tensors() so that warm-up steps can be undone
         self.dev = dev = model.embed.weight.device
         self.graph_enabled = (dev.type == "cuda") if graph is None else graph
         self._graph = None
@@ -343,27 +345,38 @@ class Jacobi:
     def _capture(self):
         """Warm up on a side stream, then capture one iteration. The state tensors and the cache are
         the same memory at every replay, so the graph reads and writes the live state."""
-        saved = [t.clone() for t in self._state()]
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            for _ in range(3):
-                self._fn()
-        torch.cuda.current_stream().wait_stream(s)
-        self._graph = torch.cuda.CUDAGraph()
-        gc.collect()
-        gc.disable()  # a finalizer of an unreachable older graph must not run in the middle of this capture
+        with self.undone():                  # warm-up and capture run real steps: undo them afterwards
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                for _ in range(3):
+                    self._fn()
+            torch.cuda.current_stream().wait_stream(s)
+            self._graph = torch.cuda.CUDAGraph()
+            gc.collect()
+            gc.disable()  # a finalizer of an unreachable older graph must not run in the middle of this capture
+            try:
+                with torch.cuda.graph(self._graph):
+                    self._fn()
+            finally:
+                gc.enable()
+
+    @contextlib.contextmanager
+    def undone(self):
+        """Steps run inside this block leave no trace: every state tensor, the cache and the tensors of a
+        pre_step hook (its `tensors()`, e.g. a trajectory recorder's counts) are put back afterwards."""
+        tensors = self._state()
+        saved = [t.clone() for t in tensors]
         try:
-            with torch.cuda.graph(self._graph):
-                self._fn()
+            yield
         finally:
-            gc.enable()
-        for t, v in zip(self._state(), saved):  # warm-up and capture ran real steps: undo them
-            t.copy_(v)
+            for t, v in zip(tensors, saved):
+                t.copy_(v)
 
     def _state(self):
+        hook = list(self.pre_step.tensors()) if hasattr(self.pre_step, "tensors") else []
         return [self.out, self.m, self.draft, self.valid, self.L0, self.nb, self.pool, self.ptr, self.cand,
-                self.done, self.iters, self.it] + list(self.cache.buffers())
+                self.done, self.iters, self.it] + list(self.cache.buffers()) + hook
 
     # ------------------------------------------------------------------ decoding loop
     @torch.no_grad()

@@ -25,13 +25,17 @@ class Trajectories:
 
     prompts: concatenated prompt tokens, split by prompt_offsets (N + 1,)
     fixed:   (N, T, n) fixed points: the greedy AR continuation, block by block
-    states:  (S, n) every recorded state (before each iteration), owner (S,) = prompt * T + block
+    states:  (S, n) every recorded state (before each iteration), owner (S,) = prompt * T + block,
+             sorted; states[owner == g] are block g's states in iteration order
+    source:  what made them (JSON: checkpoint fingerprint, block length, blocks, prompts, seed), so a
+             stale file is never reused for another model
     """
     prompts: np.ndarray
     prompt_offsets: np.ndarray
     fixed: np.ndarray
     states: np.ndarray
     owner: np.ndarray
+    source: str = "{}"
 
     @property
     def block_len(self):
@@ -43,6 +47,24 @@ class Trajectories:
     def prompt(self, i):
         return self.prompts[self.prompt_offsets[i]:self.prompt_offsets[i + 1]]
 
+    def problem(self):
+        """What is inconsistent (a string), or None. Every block has 1..n states, each in order and each
+        starting with the block's verified first token, and states line up with owner one to one."""
+        N, T, n = self.fixed.shape
+        if len(self.owner) != len(self.states):
+            return f"{len(self.states)} states but {len(self.owner)} owner entries"
+        if len(self.prompt_offsets) != N + 1 or self.prompt_offsets[-1] != len(self.prompts):
+            return "prompt offsets do not match the prompts"
+        if len(self.owner) and (np.any(np.diff(self.owner) < 0) or self.owner[0] < 0 or self.owner[-1] >= N * T):
+            return "owner is not sorted or out of range"
+        counts = np.bincount(self.owner, minlength=N * T)
+        if counts.min(initial=1) < 1 or counts.max(initial=1) > n:
+            return f"a block has {counts.min()}..{counts.max()} states, expected 1..{n}"
+        first = self.fixed.reshape(N * T, n)[self.owner, 0]
+        if np.any(self.states[:, 0] != first):
+            return f"{int(np.sum(self.states[:, 0] != first))} states do not start with their block's first token"
+        return None
+
     def save(self, path):
         buf = io.BytesIO()
         np.savez(buf, **{k: getattr(self, k) for k in self.__dataclass_fields__})
@@ -52,10 +74,14 @@ class Trajectories:
     def load(cls, path):
         try:
             with np.load(path) as z:
-                traj = cls(**{k: z[k] for k in cls.__dataclass_fields__})
+                traj = cls(**{k: z[k] for k in cls.__dataclass_fields__ if k != "source"},
+                           source=str(z["source"]) if "source" in z else "{}")
         except Exception as e:
             raise UserError(f"trajectories file {path} is unreadable ({type(e).__name__}); delete it and run "
                             f"the stage again to regenerate it") from None
+        if (bad := traj.problem()) is not None:
+            raise UserError(f"trajectories file {path} is inconsistent ({bad}); delete it and run the stage "
+                            f"again to regenerate it")
         return traj
 
 
@@ -67,6 +93,12 @@ class _Recorder:
         self.T = num_blocks
         self.states = torch.zeros(B, num_blocks, n, n, dtype=torch.long, device=jac.dev)
         self.count = torch.zeros(B, num_blocks, dtype=torch.long, device=jac.dev)
+
+    def tensors(self):
+        """The recorder's state: the decoder puts it back after the warm-up steps of a CUDA graph capture
+        (without that, the first batch's block 0 counted 4 extra iterations and the states of every later
+        block were filed under the wrong block)."""
+        return [self.states, self.count]
 
     def __call__(self, jac):
         n, ar_n, bidx = jac.n, jac.ar_n, jac.bidx
@@ -83,7 +115,8 @@ class _Recorder:
 
 
 @torch.no_grad()
-def collect_trajectories(model, prompts, block_len, num_blocks, batch_size, eot, compile=False, log=print):
+def collect_trajectories(model, prompts, block_len, num_blocks, batch_size, eot, compile=False, log=print,
+                         graph=None, source="{}"):
     """Greedy Jacobi-decode every prompt for num_blocks blocks of block_len, recording every state."""
     n, T = block_len, num_blocks
     fixed, states, owner = [], [], []
@@ -92,7 +125,7 @@ def collect_trajectories(model, prompts, block_len, num_blocks, batch_size, eot,
         chunk = prompts[lo:lo + batch_size]
         chunk = chunk + [chunk[-1]] * (batch_size - len(chunk))      # fixed batch shape; extras dropped
         if jac is None:
-            jac = Jacobi(model, block_len=n, batch=batch_size, eot=None, compile=compile,
+            jac = Jacobi(model, block_len=n, batch=batch_size, eot=None, compile=compile, graph=graph,
                          max_len=max(len(p) for p in prompts) + n * T)
             rec = _Recorder(jac, T)
             jac.pre_step = rec
@@ -106,6 +139,9 @@ def collect_trajectories(model, prompts, block_len, num_blocks, batch_size, eot,
         start = jac.start[:, None] + torch.arange(n * T, device=jac.dev)
         fx = jac.out.gather(1, start).view(batch_size, T, n).cpu().numpy().copy()  # own memory: buffers are reused
         st, cnt = rec.states.cpu().numpy().copy(), rec.count.cpu().numpy().copy()
+        if cnt.max() > n or cnt.min() < 1:                          # each iteration commits >= 1 token
+            raise RuntimeError(f"trajectory recorder counted {cnt.min()}..{cnt.max()} iterations for a block "
+                               f"of {n} tokens: the recording is broken")
         for b in range(min(batch_size, len(prompts) - lo)):
             fixed.append(fx[b])
             for j in range(T):
@@ -113,11 +149,14 @@ def collect_trajectories(model, prompts, block_len, num_blocks, batch_size, eot,
                 owner += [(lo + b) * T + j] * int(cnt[b, j])
         log(f"  trajectories: {min(lo + batch_size, len(prompts))}/{len(prompts)} prompts")
     lens = [len(p) for p in prompts]
-    return Trajectories(prompts=np.concatenate([np.asarray(p, dtype=np.uint16) for p in prompts]),
+    traj = Trajectories(prompts=np.concatenate([np.asarray(p, dtype=np.uint16) for p in prompts]),
                         prompt_offsets=np.concatenate([[0], np.cumsum(lens)]).astype(np.int64),
                         fixed=np.stack(fixed).astype(np.uint16),
                         states=np.concatenate(states).astype(np.uint16),
-                        owner=np.asarray(owner, dtype=np.int64))
+                        owner=np.asarray(owner, dtype=np.int64), source=source)
+    if (bad := traj.problem()) is not None:
+        raise RuntimeError(f"collected trajectories are inconsistent: {bad}")
+    return traj
 
 
 def noise_ratio(states, fixed_point):

@@ -4,8 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import EOT, tiny_model
-from jfmini.decoding import generate_ar
+from conftest import EOT, cuda, tiny_model
+from jfmini.common import UserError
+from jfmini.decoding import Jacobi, generate_ar
 from jfmini.forcing import (Trajectories, collect_trajectories, forcing_loss, noise_ratio, pack, packed_length,
                             target_ratios)
 from jfmini.masks import dense_mask, noise_aware_mask
@@ -134,10 +135,93 @@ def test_trajectories_end_at_the_greedy_ar_continuation(seed):
             assert np.all(ratios < 1) and np.all(np.diff(ratios) <= 0)  # converging, never backwards
 
 
+def capture_like_step(self):
+    """Jacobi.step as on CUDA, without a GPU: the first call runs the real steps a graph capture runs
+    (3 warm-ups + the capture) and undoes them, then every call runs one step."""
+    if not getattr(self, "_warmed", False):
+        with self.undone():
+            for _ in range(4):
+                self._fn()
+        self._warmed = True
+    self._fn()
+
+
+def collect(model, prompts, n, T, batch_size):
+    return collect_trajectories(model, prompts, n, T, batch_size=batch_size, eot=None, log=lambda *_: None)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_graph_warm_up_leaves_trajectories_unchanged(monkeypatch, seed):
+    # The CUDA capture runs real iterations (the recorder hook included) before the first replay; they
+    # must not add states: once they did, and every later block's states were filed under another block.
+    model = tiny_model(seed=seed)
+    rng = np.random.default_rng(seed)
+    prompts = [rng.integers(0, 256, int(rng.integers(3, 12))).tolist() for _ in range(7)]
+    n, T = 6, 3
+    plain = collect(model, prompts, n, T, batch_size=4)
+    monkeypatch.setattr(Jacobi, "step", capture_like_step)
+    warmed = collect(model, prompts, n, T, batch_size=4)
+    assert plain.problem() is None and warmed.problem() is None
+    for k in ("fixed", "states", "owner"):
+        assert np.array_equal(getattr(plain, k), getattr(warmed, k)), k
+
+
+def test_undone_puts_back_the_hook_tensors():
+    model = tiny_model(seed=1)
+
+    class Hook:                       # a stateful pre_step hook, like the trajectory recorder
+        def __init__(self):
+            self.calls = torch.zeros(1, dtype=torch.long)
+
+        def tensors(self):
+            return [self.calls]
+
+        def __call__(self, jac):
+            self.calls += 1
+
+    hook = Hook()
+    jac = Jacobi(model, block_len=4, pre_step=hook, graph=False)
+    jac.prefill([[1, 2, 3]], 16)
+    with jac.undone():
+        for _ in range(3):
+            jac.step()
+        assert int(hook.calls) == 3 and int(jac.iters[0]) == 3
+    assert int(hook.calls) == 0 and int(jac.iters[0]) == 0
+
+
+@cuda
+def test_cuda_graph_collection_equals_eager_collection():
+    model = tiny_model(seed=2).cuda()
+    rng = np.random.default_rng(2)
+    prompts = [rng.integers(0, 256, int(rng.integers(3, 12))).tolist() for _ in range(9)]
+    eager = collect_trajectories(model, prompts, 8, 3, 4, eot=None, log=lambda *_: None, graph=False)
+    graph = collect_trajectories(model, prompts, 8, 3, 4, eot=None, log=lambda *_: None, graph=True)
+    for k in ("fixed", "states", "owner"):
+        assert np.array_equal(getattr(eager, k), getattr(graph, k)), k
+
+
+def test_inconsistent_trajectories_are_refused(tmp_path, traj):
+    assert traj.problem() is None
+    shifted = Trajectories(traj.prompts, traj.prompt_offsets, traj.fixed, traj.states,
+                           np.append(traj.owner, traj.owner[-1]))                 # one owner entry too many
+    assert "owner" in shifted.problem()
+    wrong_first = Trajectories(traj.prompts, traj.prompt_offsets, traj.fixed, traj.states.copy(), traj.owner)
+    wrong_first.states[5, 0] += 1                                                 # not the verified token
+    assert "first token" in wrong_first.problem()
+    too_many = Trajectories(traj.prompts, traj.prompt_offsets, traj.fixed, np.concatenate([traj.states] * 2),
+                            np.sort(np.concatenate([traj.owner] * 2)))            # 2n states in a block
+    assert "expected 1.." in too_many.problem()
+    wrong_first.save(tmp_path / "bad.npz")
+    with pytest.raises(UserError, match="inconsistent.*delete it"):
+        Trajectories.load(tmp_path / "bad.npz")
+
+
 def test_trajectories_round_trip(tmp_path, traj):
+    traj.source = '{"checkpoint": "abc"}'
     traj.save(tmp_path / "t.npz")
     back = Trajectories.load(tmp_path / "t.npz")
     assert np.array_equal(back.states, traj.states) and np.array_equal(back.fixed, traj.fixed)
+    assert back.source == traj.source
 
 
 def test_a_few_distillation_steps_lower_the_loss():
