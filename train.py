@@ -26,7 +26,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from jfmini.common import UserError, atomic_save, cli, field, load_checkpoint, parse_config, pick_device
+from jfmini.common import (UserError, atomic_save, cli, field, file_sha256, load_checkpoint, parse_config,
+                           pick_device)
 from jfmini.data import code_prompts, get_batch, gpt2_tokenizer, load_split, prepare_corpus, read_prompts
 from jfmini.decoding import batch_tpf
 from jfmini.forcing import Trajectories, collect_trajectories, forcing_loss, pack, packed_length
@@ -350,6 +351,10 @@ def distill_round(cfg, run, out, r):
     final, state_path, traj_path = out / f"jf{r}.pt", out / f"jf{r}_state.pt", out / f"traj_r{r}.npz"
     if final.exists() and not cfg.resume:
         run.log(f"round {r}: {final} exists, reusing it (delete it to train the round again)")
+        made_from = load_checkpoint(final)[1].get("source_sha256")
+        if made_from is not None and src.exists() and made_from != file_sha256(src):
+            run.log(f"round {r}: warning: {final.name} was distilled from an earlier {src.name}; delete "
+                    f"{final.name} to distil the current one")
         return
     if cfg.resume and final.exists() and not state_path.exists():
         run.log(f"round {r}: {final} is already complete")
@@ -361,21 +366,28 @@ def distill_round(cfg, run, out, r):
     enc = gpt2_tokenizer()
     corpus = ckpt.get("train_config", {}).get("corpus") or cfg.corpus    # the one the base was trained on
     data_dir = out / f"data_{corpus.replace('+', '_')}"
-    # 1. Trajectories from the previous model, reused when present.
+    # 1. Trajectories from the previous model, reused when present and made by this very model and config.
     t0 = time.time()
-    if traj_path.exists():
-        traj = Trajectories.load(traj_path)
-        if traj.block_len != n:
-            raise UserError(f"{traj_path} holds block length {traj.block_len}, round {r} needs {n}; delete it")
+    traj_source = json.dumps({"checkpoint": src.name, "sha256": file_sha256(src), "block_len": n, "blocks": T,
+                              "prompts": cfg.traj_prompts, "seed": cfg.seed, "corpus": corpus}, sort_keys=True)
+    traj = Trajectories.load(traj_path) if traj_path.exists() else None
+    if traj is not None and traj.source != traj_source:
+        run.log(f"round {r}: {traj_path} was made by another model or config, collecting new trajectories")
+        traj = None
+    if traj is not None:
         run.log(f"round {r}: reusing {len(traj)} trajectories from {traj_path}")
     else:
-        prompts = code_prompts(corpus, enc, cfg.traj_prompts, max_tokens=64, seed=cfg.seed + r)
+        max_prompt = min(64, mcfg.seq_len - n * T)                  # prompt + trajectory fit the context
+        if max_prompt < 8:
+            raise UserError(f"--traj_tokens {cfg.traj_tokens} leaves no room for a prompt in the model's context "
+                            f"of {mcfg.seq_len}; lower --traj_tokens")
+        prompts = code_prompts(corpus, enc, cfg.traj_prompts, max_tokens=max_prompt, seed=cfg.seed + r)
         mine = prompts[run.rank::run.world]                       # each rank decodes its share
         run.log(f"round {r}: collecting trajectories of {len(prompts)} prompts, {T} blocks of n={n} "
                 f"({'bf16' if run.cuda else 'fp32'})")
         decoder = model.to(torch.bfloat16) if run.cuda else model
         traj = collect_trajectories(decoder.eval(), mine, n, T, min(cfg.traj_batch, len(mine)), eot=None,
-                                    compile=run.compile, log=run.log)
+                                    compile=run.compile, log=run.log, source=traj_source)
         if run.ddp:
             parts = [None] * run.world
             dist.all_gather_object(parts, traj)
@@ -395,7 +407,7 @@ def distill_round(cfg, run, out, r):
         opt.load_state_dict(state["optimizer"])
         step = state["step"]
         run.log(f"round {r}: resuming from {state_path} at step {step}")
-    L = packed_length(64, n, T)
+    L = packed_length(int(np.diff(traj.prompt_offsets).max()), n, T)  # one fixed row length for the round
     B = cfg.distill_batch
     prompt_len = torch.zeros(B, dtype=torch.long, device=run.device)
     pad_start = torch.zeros(B, dtype=torch.long, device=run.device)
@@ -419,15 +431,16 @@ def distill_round(cfg, run, out, r):
         return loss + cfg.replay * real, pc, ar, real
 
     step_loss = torch.compile(loss_fn) if run.compile else loss_fn
-    rng = np.random.default_rng(cfg.seed * 7919 + r * 31 + run.rank + step)     # rows and noise schedule
+    order_rng = np.random.default_rng(cfg.seed * 7919 + r * 31 + step)      # the same on every rank
+    rng = np.random.default_rng(cfg.seed * 6007 + r * 31 + run.rank + step)  # noise schedule, per rank
     replay_rng = np.random.default_rng(cfg.seed * 104729 + r * 31 + run.rank + step)
 
     def batches():
-        """Packed batches, in order."""
-        order, cursor = rng.permutation(len(traj)), 0
+        """Packed batches, in order: each epoch is one permutation shared by all ranks, split between them."""
+        order, cursor = order_rng.permutation(len(traj)), 0
         while True:
             if cursor + B * run.world > len(order):
-                order, cursor = rng.permutation(len(traj)), 0
+                order, cursor = order_rng.permutation(len(traj)), 0
             rows = order[cursor + run.rank * B: cursor + (run.rank + 1) * B]
             cursor += B * run.world
             yield pack(traj, rows, L, cfg.schedule, rng, enc.eot_token, window=min(cfg.noise_window, T))
@@ -492,7 +505,7 @@ def distill_round(cfg, run, out, r):
             if (data_dir / "val.bin").exists() else float("nan")
         atomic_save({"model": model.state_dict(), "model_config": mcfg.to_dict(), "kind": "jacobi_forcing",
                      "round": r, "block_len": n, "val_loss": vl, "train_config": dataclasses.asdict(cfg),
-                     "steps": step}, final)
+                     "steps": step, "source_sha256": json.loads(traj_source)["sha256"]}, final)
         state_path.unlink(missing_ok=True)
         run.log(f"round {r}: done in {train_s:.0f}s of training ({step * B * L * run.world:,} tokens), "
                 f"val loss {vl:.4f} ({src.name}: {ckpt.get('val_loss', float('nan')):.4f}), saved {final}")
@@ -523,7 +536,7 @@ def merge_trajectories(parts):
         owner.append(t.owner + n_before * T)
         n_before += len(t)
     return Trajectories(np.concatenate(prompts), np.asarray(offsets, dtype=np.int64), np.concatenate(fixed),
-                        np.concatenate(states), np.concatenate(owner))
+                        np.concatenate(states), np.concatenate(owner), parts[0].source)
 
 
 @cli

@@ -3,6 +3,7 @@ loader, and one-line errors for bad input."""
 import argparse
 import dataclasses
 import functools
+import hashlib
 import os
 import sys
 import tempfile
@@ -113,6 +114,15 @@ def atomic_write(path, data: bytes):
 def atomic_save(obj, path):
     """torch.save atomically (temp file + rename)."""
     _atomic(path, lambda tmp: torch.save(obj, tmp))
+
+
+def file_sha256(path):
+    """Hex digest of a file's bytes (read in 1 MB pieces): identifies the model a derived file came from."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def load_checkpoint(path, device="cpu"):

@@ -3,6 +3,7 @@
 Every bad input must end with exit code 2, one line on stderr naming the problem and the fix, no
 traceback, and no half-written file left behind.
 """
+import json
 import math
 import os
 import signal
@@ -182,6 +183,36 @@ def test_train_corrupt_state_and_trajectories(tmp_path, files):
     (out / "traj_r1.npz").write_bytes(b"PK\x03\x04 truncated")
     res = run("train.py", "--out_dir", out, "--stage", "round1", "--device", "cpu")
     assert_clean_failure(res, "traj_r1.npz", "delete")
+    assert no_temp_files(out)
+
+
+def test_round_reuses_only_trajectories_of_the_same_source(tmp_path, files):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "base.pt").write_bytes((files / "base.pt").read_bytes())
+    args = ["--out_dir", out, "--stage", "round1", "--device", "cpu", "--corpus", "stdlib", "--traj_prompts", "6",
+            "--traj_tokens", "16", "--traj_batch", "6", "--distill_steps", "1", "--distill_batch", "2",
+            "--probe", "0", "--block_lens", "4,8"]
+    first = run("train.py", *args)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "collecting trajectories of 6 prompts" in first.stdout
+    (out / "jf1.pt").unlink()
+    again = run("train.py", *args)                                    # same base: the file is reused
+    assert again.returncode == 0 and "reusing 6 trajectories" in again.stdout, again.stderr[-2000:]
+    torch.manual_seed(1)                                              # another base model, same shapes
+    model = GPT(GPTConfig(vocab_size=50257, seq_len=64, n_layer=1, n_head=2, d_model=16))
+    atomic_save({"model": model.state_dict(), "model_config": model.cfg.to_dict(), "kind": "base",
+                 "val_loss": 10.0}, out / "base.pt")
+    stale = run("train.py", *args)                                    # jf1.pt kept, with a warning
+    assert stale.returncode == 0 and "warning: jf1.pt was distilled from an earlier base.pt" in stale.stdout
+    (out / "jf1.pt").unlink()
+    fresh = run("train.py", *args)
+    assert fresh.returncode == 0, fresh.stderr[-2000:]
+    assert "made by another model or config, collecting new trajectories" in fresh.stdout
+    from jfmini.common import file_sha256
+    from jfmini.forcing import Trajectories
+    traj = Trajectories.load(out / "traj_r1.npz")
+    assert json.loads(traj.source)["sha256"] == file_sha256(out / "base.pt") and traj.problem() is None
     assert no_temp_files(out)
 
 
