@@ -69,12 +69,11 @@ class TrainConfig:
     distill_steps: int = field(None, "optimizer steps per round")
     distill_batch: int = field(None, "packed rows per step (per process)")
     distill_lr: float = field(None, "peak learning rate of a round")
-    lam: float = field(1.0, "weight of the AR loss: L = L_consistency + lam * L_AR (the paper uses 10; 1 kept the "
-                                 "validation loss closer to the base here, see README)")
+    lam: float = field(10.0, "weight of the AR loss: L = L_consistency + lam * L_AR (DESIGN's reference: 10)")
     schedule: str = field("progressive", "noise schedule", ["progressive", "random", "reverse"])
-    context: str = field("clean", "what noisy blocks attend to: earlier clean blocks (CLLM-style; what vanilla "
-                                  "Jacobi decoding sees), or earlier noisy ones (the paper's multi-block "
-                                  "training; see README for the ablation)", ["clean", "noisy"])
+    context: str = field("noisy", "what noisy blocks attend to: earlier noisy blocks (the paper's noise-aware "
+                                  "mask) or earlier clean ones (CLLM-style, what vanilla Jacobi decoding sees)",
+                         ["noisy", "clean"])
     replay: float = field(5.0, "weight of an extra AR loss on real corpus text each round step (keeps the "
                                "distilled model's validation loss near the base; 0 = off, the paper's loss)")
     replay_batch: int = field(None, "corpus sequences per step for the replay loss")
