@@ -343,6 +343,17 @@ def probe_tpf(cfg, run, path, label):
     del model
 
 
+def row_batches(num_rows, batch, rank, world, rng):
+    """This rank's rows, batch by batch: each epoch is one permutation (the same rng state on every rank)
+    split between the ranks, so they never train on the same row in an epoch."""
+    order, cursor = rng.permutation(num_rows), 0
+    while True:
+        if cursor + batch * world > len(order):
+            order, cursor = rng.permutation(num_rows), 0
+        yield order[cursor + rank * batch: cursor + (rank + 1) * batch]
+        cursor += batch * world
+
+
 def distill_round(cfg, run, out, r):
     n = int(cfg.block_lens.split(",")[r - 1])
     T = max(1, cfg.traj_tokens // n)
@@ -435,13 +446,7 @@ def distill_round(cfg, run, out, r):
     replay_rng = np.random.default_rng(cfg.seed * 104729 + r * 31 + run.rank + step)
 
     def batches():
-        """Packed batches, in order: each epoch is one permutation shared by all ranks, split between them."""
-        order, cursor = order_rng.permutation(len(traj)), 0
-        while True:
-            if cursor + B * run.world > len(order):
-                order, cursor = order_rng.permutation(len(traj)), 0
-            rows = order[cursor + run.rank * B: cursor + (run.rank + 1) * B]
-            cursor += B * run.world
+        for rows in row_batches(len(traj), B, run.rank, run.world, order_rng):
             yield pack(traj, rows, L, cfg.schedule, rng, enc.eot_token, window=min(cfg.noise_window, T))
 
     source = batches()

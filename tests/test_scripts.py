@@ -305,6 +305,17 @@ def test_same_seed_same_trajectories_twice():
     assert np.array_equal(pa.tokens, pb.tokens)
 
 
+def test_ranks_split_each_epoch_without_overlap():
+    sys.path.insert(0, str(ROOT))
+    from train import row_batches
+    num_rows, B, world = 64, 8, 2
+    ranks = [row_batches(num_rows, B, rank, world, np.random.default_rng(5)) for rank in range(world)]
+    for epoch in range(3):
+        seen = [np.concatenate([next(g) for _ in range(num_rows // (B * world))]) for g in ranks]
+        both = np.concatenate(seen)
+        assert len(both) == num_rows and len(np.unique(both)) == num_rows     # every row once per epoch
+
+
 def test_torchrun_two_ranks_gloo_identical_weights(tmp_path):
     out = tmp_path / "out"
     res = subprocess.run([PY, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", "29517",
