@@ -89,8 +89,8 @@ PRESETS = {
                 traj_prompts=6144, traj_tokens=256, traj_batch=512, distill_steps=500, distill_batch=32,
                 distill_lr=3e-4, replay_batch=8, probe=164),
     "cpu": dict(n_layer=4, n_head=4, d_model=128, seq_len=256, corpus="stdlib", batch_size=8, grad_accum=1,
-                steps=260, lr=3e-3, warmup=20, eval_every=100, eval_batches=5, ckpt_every=50,
-                traj_prompts=256, traj_tokens=64, traj_batch=64, distill_steps=50, distill_batch=8,
+                steps=220, lr=3e-3, warmup=20, eval_every=100, eval_batches=5, ckpt_every=50,
+                traj_prompts=256, traj_tokens=64, traj_batch=64, distill_steps=40, distill_batch=8,
                 distill_lr=5e-4, replay_batch=2, probe=40),
 }
 
