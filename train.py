@@ -369,6 +369,9 @@ def distill_round(cfg, run, out, r):
     if cfg.resume and final.exists() and not state_path.exists():
         run.log(f"round {r}: {final} is already complete")
         return
+    if cfg.traj_prompts < cfg.distill_batch * run.world:
+        raise UserError(f"--traj_prompts {cfg.traj_prompts} is fewer than one step's rows (--distill_batch "
+                        f"{cfg.distill_batch} x {run.world} processes); raise --traj_prompts or lower --distill_batch")
     if r == 1:
         probe_tpf(cfg, run, src, f"round {r}: source {src.name}")
     model, ckpt = load_checkpoint(src, run.device)
@@ -419,6 +422,9 @@ def distill_round(cfg, run, out, r):
         run.log(f"round {r}: resuming from {state_path} at step {step}")
     L = packed_length(int(np.diff(traj.prompt_offsets).max()), n, T)  # one fixed row length for the round
     B = cfg.distill_batch
+    if len(traj) < B * run.world:                  # the corpus gave fewer prompts than asked for
+        raise UserError(f"round {r}: {len(traj)} trajectories are fewer than one step's rows (--distill_batch {B} "
+                        f"x {run.world} processes); lower --distill_batch")
     prompt_len = torch.zeros(B, dtype=torch.long, device=run.device)
     pad_start = torch.zeros(B, dtype=torch.long, device=run.device)
     mask_mod = noise_aware_mask(prompt_len, pad_start, n, cfg.context)   # one mask function for every batch

@@ -159,4 +159,11 @@ def pick_device(name="auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda asked for, but no CUDA GPU is visible; use --device cpu")
+    if name.startswith("cuda:"):
+        # graph capture, streams and synchronize() use the current device: make it this one
+        try:
+            torch.cuda.set_device(torch.device(name))
+        except (RuntimeError, ValueError) as e:
+            raise UserError(f"--device {name}: {str(e).splitlines()[0]}; "
+                            f"this machine has {torch.cuda.device_count()} GPU(s)") from None
     return name

@@ -345,7 +345,7 @@ class Jacobi:
     def _capture(self):
         """Warm up on a side stream, then capture one iteration. The state tensors and the cache are
         the same memory at every replay, so the graph reads and writes the live state."""
-        with self.undone():                  # warm-up and capture run real steps: undo them afterwards
+        with self.undone(), torch.cuda.device(self.dev):   # real steps, undone afterwards; on our GPU
             s = torch.cuda.Stream()
             s.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(s):

@@ -117,9 +117,6 @@ class GPT(nn.Module):
         self.embed = nn.Embedding(padded_vocab, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm = nn.RMSNorm(cfg.d_model)
-        head_dim = cfg.d_model // cfg.n_head
-        inv_freq = cfg.rope_base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.forwards = 0  # real forward calls (eager); decoders report the same count
         self.cache = None  # a KVCache, installed by the decoder that owns it
         for name, p in self.named_parameters():
@@ -135,12 +132,21 @@ class GPT(nn.Module):
         if not torch.compiler.is_compiling():
             self.forwards += 1
         x = self.embed(idx)
-        angles = pos.expand(idx.shape)[:, None, :, None].float() * self.inv_freq  # (B, 1, T, Dh/2)
-        cos, sin = angles.cos(), angles.sin()
+        cos, sin = self.rotary(pos.expand(idx.shape))
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, mask, slots, self.cache, i)
         logits = F.linear(self.norm(x), self.embed.weight)  # tied head
         return logits[..., :self.cfg.vocab_size].float()
+
+    def rotary(self, pos):
+        """cos and sin of the rotary angles for positions pos (B, T): (B, 1, T, Dh/2), always float32.
+        Computed here, not kept as a buffer: model.to(torch.bfloat16) would round a buffer, and bf16
+        frequencies put a token at position 1000 about 0.45 rad away from where training saw it."""
+        head_dim = self.cfg.d_model // self.cfg.n_head
+        inv_freq = self.cfg.rope_base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32, device=pos.device)
+                                          / head_dim)
+        angles = pos[:, None, :, None].float() * inv_freq
+        return angles.cos(), angles.sin()
 
     def new_cache(self, batch, length, dtype=None):
         """A static cache of `length` slots for `batch` rows, installed in the model."""

@@ -5,6 +5,7 @@ import torch.nn.functional as F
 from conftest import cuda, tiny_model
 from jfmini.decoding import cache_mask
 from jfmini.masks import dense_mask, flex_mask, noise_aware_mask
+from jfmini.model import GPT, GPTConfig
 
 
 def test_kv_cache_decoding_matches_full_forward(model):
@@ -64,3 +65,17 @@ def test_a_few_training_steps_lower_the_loss():
         opt.zero_grad()
         losses.append(loss.item())
     assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
+
+
+def test_rotary_angles_stay_float32_in_a_bf16_model():
+    # model.to(torch.bfloat16) must not round the rotary frequencies: positions far into the context
+    # would land up to ~0.45 rad away from where the model was trained.
+    model = GPT(GPTConfig(vocab_size=64, seq_len=1024, n_layer=1, n_head=2, d_model=32)).to(torch.bfloat16)
+    pos = torch.tensor([[0, 1, 517, 1023]])
+    cos, sin = model.rotary(pos)
+    assert cos.dtype == torch.float32 and cos.shape == (1, 1, 4, 8)
+    head_dim = 16
+    freq = 10000.0 ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    exact = pos[0, :, None].double() * freq                        # (T, Dh/2) in float64
+    assert torch.allclose(cos[0, 0].double(), exact.cos(), atol=1e-3)
+    assert torch.allclose(sin[0, 0].double(), exact.sin(), atol=1e-3)

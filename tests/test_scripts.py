@@ -164,6 +164,7 @@ TRAIN_BAD = [
     (["--d_model", "30", "--n_head", "4"], ["d_model"]),
     (["--preset", "tpu"], ["invalid choice"]),
     (["--stage", "round1"], ["base.pt not found"]),
+    (["--stage", "round1", "--traj_prompts", "4"], ["--traj_prompts 4", "--distill_batch"]),
 ]
 
 
