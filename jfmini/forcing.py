@@ -139,9 +139,6 @@ def collect_trajectories(model, prompts, block_len, num_blocks, batch_size, eot,
         start = jac.start[:, None] + torch.arange(n * T, device=jac.dev)
         fx = jac.out.gather(1, start).view(batch_size, T, n).cpu().numpy().copy()  # own memory: buffers are reused
         st, cnt = rec.states.cpu().numpy().copy(), rec.count.cpu().numpy().copy()
-        if cnt.max() > n or cnt.min() < 1:                          # each iteration commits >= 1 token
-            raise RuntimeError(f"trajectory recorder counted {cnt.min()}..{cnt.max()} iterations for a block "
-                               f"of {n} tokens: the recording is broken")
         for b in range(min(batch_size, len(prompts) - lo)):
             fixed.append(fx[b])
             for j in range(T):
