@@ -1,39 +1,46 @@
-"""Greedy decoders: AR (the oracle), Jacobi, rejection recycling, multi-block (DESIGN sections 4, 6).
+"""Greedy decoders: AR (the oracle), Jacobi, rejection recycling, context n-grams, multi-block
+(DESIGN sections 4, 6).
 
 Every decoder here commits exactly the tokens greedy AR would produce; they differ only in how many
-forwards that takes (tokens_per_forward).
+forwards that takes (tokens_per_forward, TPF).
 
-One Jacobi iteration (`Jacobi._step`) is a single fixed-shape forward over the cache:
+One Jacobi iteration (`Jacobi._step`) is a single fixed-shape forward over the KV cache:
 
-    committed x[0:m] in the KV cache | main row: drafts of K blocks      (W = K*n tokens at m..m+W-1)
-                                     | candidate 1: recycled n-gram      (n tokens at m..m+n-1)
-                                     | ...  candidate P                  (scratch slots after the
-                                                                          committed region)
-    block 0 (real-active: commits)   block 1 .. K-1 (pseudo-active: refined, never committed alone)
-    [ v d d d d d d d ][ d d d d d d d d ] ...        v = verified next token, d = draft guesses
+    cache: [ candidate scratch (R*c slots) | committed x[0:m] | main row's drafts ... ]
+    main row     [ v d d d d d d d ][ d d d d d d d d ]   W = K*n tokens at positions m..m+W-1
+                   block 0 (commits)  block 1..K-1 (pseudo-active: refined, never committed alone)
+    candidate 1  [ v c c c ]                              c tokens at positions m..m+c-1
+    ...          (rejection recycling: pool entries that contain v; context n-grams: what followed
+    candidate R   earlier occurrences of the newest tokens in the prompt and text so far)
 
-Each row attends to the committed prefix plus its own tokens causally, so every row reads the
-same cache (no per-candidate copies). Acceptance, choosing the best row, the draft shift, pool
-update and the commit are tensor ops; on CUDA the whole iteration is captured as one CUDA graph and
-the host reads one flag per iteration (or per `sync_every` iterations).
+v is the verified next token, d draft guesses. Every row attends to the committed prefix plus its own
+tokens causally, so all rows read the same cache (no per-candidate copies). Acceptance, choosing the
+best row, the commit, the draft update, multi-block growth and recycling are tensor ops; on CUDA the
+whole iteration is captured as one CUDA graph and the host reads one flag per `sync_every` iterations.
 """
 import contextlib
 import gc
+import inspect
 import math
 import time
 from dataclasses import dataclass
 
 import torch
+from torch.nn.attention.flex_attention import BlockMask
 
 from jfmini.common import UserError
 
 
-# Decoder settings by name; "mr" = rejection recycling + multi-block with the paper's defaults.
+# Decoder settings by name. "mr" = rejection recycling + multi-block with the paper's defaults (n=64,
+# K=2 blocks in flight, pool of 4 candidates, activation ratio 0.85); its candidates are 16 tokens long.
 METHODS = {
-    "ar": dict(block_len=1, num_blocks=1, pool_size=0),
-    "jacobi": dict(block_len=32, num_blocks=1, pool_size=0),
-    "mr": dict(block_len=64, num_blocks=2, pool_size=4, activation_ratio=0.85),
+    "ar": dict(block_len=1),
+    "jacobi": dict(block_len=32),
+    "mr": dict(block_len=64, num_blocks=2, pool_size=4, cand_len=16, activation_ratio=0.85),
 }
+SETTINGS = ("block_len", "num_blocks", "pool_size", "ngram", "cand_len", "activation_ratio")
+NGRAM_KEY = 4     # a context n-gram matches up to the verified next token and the 3 tokens before it
+KV_TILE = 128     # FlexAttention visits the cache in tiles of this many slots
 
 
 @dataclass
@@ -64,23 +71,47 @@ def sync(device):
 
 def may_read(kv, lo, hi, seg, slot):
     """May a query read cache slot kv? Yes for the committed prefix (lo <= kv < hi) and for its own
-    row's slots from the row's first slot `seg` through its own `slot` (causal within the row).
-    Written once; evaluated densely for SDPA and per tile inside FlexAttention."""
+    row's slots from the row's first slot `seg` through its own `slot` (causal within the row)."""
     return ((kv >= lo) & (kv < hi)) | ((kv >= seg) & (kv <= slot))
 
 
 def cache_mask(hi, seg, slots, length, lo=0):
-    """The dense bool mask (B, 1, T, S) over a cache of `length` slots; hi (B,), seg and slots (B, T)."""
+    """may_read as a dense bool mask (B, 1, T, S) over a cache of `length` slots; hi (B,), seg, slots (B, T)."""
     cols = torch.arange(length, device=slots.device)
     return may_read(cols, lo, hi[:, None, None], seg[..., None], slots[..., None])[:, None]
 
 
-def check_args(block_len=1, num_blocks=1, pool_size=0, activation_ratio=0.85, max_new_tokens=1):
+_NO_Q_BLOCKS = {"compute_q_blocks": False} if "compute_q_blocks" in inspect.signature(
+    BlockMask.from_kv_blocks).parameters else {}   # decoding runs no backward pass
+
+
+def flex_cache_mask(hi, seg, slots, length, lo=0):
+    """may_read as a FlexAttention BlockMask that visits only the cache tiles up to the last slot any row
+    may read, so a step's attention costs follow the live length, not the size of the static buffer."""
+    B, T = slots.shape
+    q_tiles, kv_tiles = -(-T // 128), length // KV_TILE
+    top = torch.maximum(hi, slots.max(1).values + 1)                          # (B,) one past the last slot read
+    live = ((top + KV_TILE - 1) // KV_TILE).to(torch.int32)
+    kv_num = live[:, None, None].expand(B, 1, q_tiles).contiguous()            # (B, 1, q_tiles)
+    kv_idx = torch.arange(kv_tiles, dtype=torch.int32, device=slots.device).expand(B, 1, q_tiles, kv_tiles)
+
+    def mask_mod(b, h, q, kv):
+        q = torch.clamp(q, max=T - 1)            # the kernel may ask about padding rows of the last tile
+        return may_read(kv, lo, hi[b], seg[b, q], slots[b, q])
+    return BlockMask.from_kv_blocks(kv_num, kv_idx.contiguous(), BLOCK_SIZE=(128, KV_TILE), mask_mod=mask_mod,
+                                    seq_lengths=(T, length), **_NO_Q_BLOCKS)
+
+
+def check_args(block_len=1, num_blocks=1, pool_size=0, ngram=0, cand_len=None, activation_ratio=0.85,
+               max_new_tokens=1):
     for name, v in (("block_len", block_len), ("num_blocks", num_blocks), ("max_new_tokens", max_new_tokens)):
         if v < 1:
             raise UserError(f"{name} must be at least 1 (got {v})")
-    if pool_size < 0:
-        raise UserError(f"pool_size must be 0 or more (got {pool_size})")
+    for name, v in (("pool_size", pool_size), ("ngram", ngram)):
+        if v < 0:
+            raise UserError(f"{name} must be 0 or more (got {v})")
+    if cand_len is not None and cand_len < 1:
+        raise UserError(f"cand_len must be at least 1 (got {cand_len})")
     if not 0 < activation_ratio <= 1:
         raise UserError(f"activation_ratio must be in (0, 1] (got {activation_ratio})")
 
@@ -124,46 +155,51 @@ def generate_ar(model, prompt, max_new_tokens, eot=None):
 class Jacobi:
     """Batched greedy Jacobi decoding in fixed shapes; block_len=1 is plain AR.
 
-    block_len n, num_blocks K (multi-block), pool_size P (rejection recycling candidates verified in
-    the same forward), activation_ratio r (a new pseudo-active block is appended once the newest
-    block has converged r*n tokens). Rows of the batch are independent sequences (used to collect
-    trajectories for many prompts at once); decode.py and bench.py use batch=1.
+    block_len n, num_blocks K (multi-block: a new pseudo-active block is appended once the newest block
+    has converged activation_ratio*n tokens), pool_size P (rejection recycling: rejected drafts that
+    contain the verified next token, verified in the same forward), ngram G (context n-gram candidates:
+    prompt lookup), cand_len c (tokens per candidate row, at most n). Rows of the batch are independent
+    sequences (trajectory collection decodes many prompts at once); decode.py and bench.py use batch=1.
+    attention: "flex" (FlexAttention over the live part of the cache; needs compile on CUDA) or "dense".
     """
 
-    def __init__(self, model, block_len=16, num_blocks=1, pool_size=0, activation_ratio=0.85, batch=1,
-                 eot=None, graph=None, compile=False, max_len=None, pre_step=None):
-        check_args(block_len, num_blocks, pool_size, activation_ratio)
+    def __init__(self, model, block_len=16, num_blocks=1, pool_size=0, ngram=0, cand_len=None,
+                 activation_ratio=0.85, batch=1, eot=None, graph=None, compile=False, max_len=None,
+                 pre_step=None, attention=None):
+        check_args(block_len, num_blocks, pool_size, ngram, cand_len, activation_ratio)
         self.model, self.n, self.K, self.B = model, block_len, num_blocks, batch
-        self.P = pool_size if block_len > 1 else 0       # a 1-token draft has no n-gram to recycle
-        self.W = self.K * self.n                         # main row: drafts of all blocks
-        self.T = self.W + self.P * self.n                # tokens per forward
-        # Cache slots: [candidate scratch (P*n) | positions 0..C-1]. C covers the longest prompt plus new
-        # tokens (max_len) and slack for tentative draft writes; a smaller max_len means a cheaper attention.
-        self.base = self.P * self.n
-        self.S = -(-(self.base + (max_len or model.cfg.seq_len) + 2 * self.W) // 64) * 64  # 64-aligned: a ragged
-        self.C = self.S - self.base                      # length made the attention ~20% slower on an H100
-        self.M = 2 * self.P                              # pool entries (ring buffer per sequence)
+        self.P, self.G = (pool_size, ngram) if block_len > 1 else (0, 0)  # a 1-token block has nothing to add
+        self.R = self.P + self.G                          # candidate rows
+        self.c = min(cand_len or block_len, block_len)    # tokens per candidate row
+        self.W = self.K * self.n                          # main row: drafts of all blocks
+        self.M = 2 * self.P                               # pool entries (ring buffer per sequence)
         self.threshold = math.ceil(activation_ratio * self.n - 1e-9)
         self.eot = -1 if eot is None else eot
         self.pre_step = pre_step     # optional hook (trajectory recording), captured in the same graph; a hook
                                      # with state exposes it as tensors() so that warm-up steps can be undone
         self.dev = dev = model.embed.weight.device
         self.graph_enabled = (dev.type == "cuda") if graph is None else graph
+        self.attention = attention or ("flex" if compile and dev.type == "cuda" else "dense")
         self._graph = None
+        # Cache slots: [candidate scratch (R*c) | positions 0..C-1]. C covers the longest prompt plus new
+        # tokens (max_len) and slack for tentative draft writes; a tile-aligned length keeps kernels regular.
+        self.base = self.R * self.c
+        self.S = -(-(self.base + (max_len or model.cfg.seq_len) + 2 * self.W) // KV_TILE) * KV_TILE
+        self.C = self.S - self.base
         # inductor fuses the small tensor ops of an iteration before the graph is captured. Each decoder
         # configuration compiles the same method anew; past dynamo's default limit of 8 it would silently
-        # run eagerly (bench.py --sweep compiles up to 9), hence the higher limit.
+        # run eagerly (bench.py --sweep compiles many), hence the higher limit.
         if compile:
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
         self._fn = torch.compile(self._step, dynamic=False) if compile else self._step
-        B, n, W = batch, self.n, self.W
+        B, n, W, c = batch, self.n, self.W, self.c
         self.cache = model.new_cache(B, self.S)          # this decoder owns its cache buffer
         ar = lambda k: torch.arange(k, device=dev)
-        self.ar_n, self.ar_W, self.bidx = ar(n), ar(W), ar(B)
-        cand = torch.arange(self.P * n, device=dev)
-        self.offs = torch.cat([ar(W), cand % n])             # position offsets of the T tokens
-        self.cand_slots = cand                                # scratch slots of candidate rows
-        self.cand_seg = (cand // n) * n                       # first scratch slot of each candidate row
+        self.ar_n, self.ar_W, self.ar_c, self.ar_C, self.bidx = ar(n), ar(W), ar(c), ar(self.C), ar(B)
+        cand = ar(self.R * c)
+        self.offs = torch.cat([ar(W), cand % c])            # position offsets of the T = W + R*c tokens
+        self.cand_slots = cand                              # scratch slots of candidate rows
+        self.cand_seg = (cand // c) * c                     # first scratch slot of each candidate row
         z = lambda *shape: torch.zeros(shape, dtype=torch.long, device=dev)
         # Decoding state: all tensors, updated in place so a captured graph can replay the step.
         self.out = z(B, self.C)        # committed tokens (prompt + generated)
@@ -176,15 +212,13 @@ class Jacobi:
         self.nb = z(B)                 # active blocks
         self.pool = z(B, max(self.M, 1), n) - 1  # rejected tails, -1 = empty
         self.ptr = z(B)                # next pool entry to overwrite
-        self.cand = z(B, max(self.P, 1), n)
+        self.cand = z(B, max(self.R, 1), c)
         self.done = torch.zeros(B, dtype=torch.bool, device=dev)
         self.iters = z(B)              # forwards that did work, per row
         self.it = z(B)                 # iteration counter (seeds the initial guesses)
+        self.accepted = z(B, W + 1)    # per row: forwards that committed a tokens, a = 0..W
 
     # ------------------------------------------------------------------ setup
-    def _install(self):
-        self.model.cache = self.cache
-
     @torch.no_grad()
     def prefill(self, prompts, max_new_tokens):
         """Run the prompts (a list of B token lists) through the cache; set the state for decoding."""
@@ -199,7 +233,7 @@ class Jacobi:
                             f"context of {self.model.cfg.seq_len}; shorten the prompt or lower --max_new_tokens")
         if max(lens) + max_new_tokens > self.C - 2 * self.W:
             raise ValueError(f"this decoder was built for max_len {self.C - 2 * self.W} tokens")
-        self._install()
+        self.model.cache = self.cache
         Pm = max(lens)
         idx = torch.tensor([p + [0] * (Pm - len(p)) for p in prompts], device=self.dev)
         pos = torch.arange(Pm, device=self.dev).expand(B, Pm)
@@ -213,18 +247,16 @@ class Jacobi:
         self.m.copy_(start)
         self.start.copy_(start)
         self.limit.fill_(max_new_tokens)
-        self.it.zero_()
-        self.iters.zero_()
-        self.done.zero_()
+        for t in (self.it, self.iters, self.done, self.ptr, self.accepted):
+            t.zero_()
         self.pool.fill_(-1)
-        self.ptr.zero_()
         self.nb.fill_(1)
         self.L0.fill_(n)
         self.valid.fill_(n)
         first = logits[self.bidx, start - 1].argmax(-1)  # greedy next token after each prompt (B,)
         draft = torch.where(self.ar_W == 0, first[:, None], self._guesses(start))
         self.draft.copy_(draft)
-        self.cand.copy_(draft[:, None, :n].expand_as(self.cand))
+        self.cand.copy_(draft[:, None, :self.c].expand_as(self.cand))
 
     def _guesses(self, m):
         """Initial guesses for fresh draft slots: tokens 'sampled' from the prompt and text so far,
@@ -233,107 +265,154 @@ class Jacobi:
         h = (h * 2654435761) % 2147483647
         return self.out.gather(1, h % m[:, None])
 
-    # ------------------------------------------------------------------ one iteration
-    def _accepted(self, x, g, limit):
-        """1 + longest run of drafts equal to the prediction before them, within `limit` tokens.
-        x, g (B, R, L); limit (B,). Returns (B, R)."""
-        L = x.shape[-1]
-        ok = (x[..., 1:] == g[..., :-1]) & (torch.arange(L - 1, device=self.dev) < limit[:, None, None] - 1)
-        return 1 + ok.long().cumprod(-1).sum(-1)
-
+    # ------------------------------------------------------------------ one iteration, in the paper's order
     @torch.no_grad()
     def _step(self):
         if self.pre_step is not None:
             self.pre_step(self)
-        B, n, W, P, K = self.B, self.n, self.W, self.P, self.K
-        m, draft, V, ar_W, ar_n = self.m, self.draft, self.valid, self.ar_W, self.ar_n
-        # 1. One forward: the main row writes its K/V straight after the committed prefix (kept only up
-        #    to the new length pointer), candidate rows write into scratch slots.
-        tokens = torch.cat([draft, self.cand[:, :P].reshape(B, P * n)], 1)   # (B, T)
-        pos = m[:, None] + self.offs                                          # (B, T)
-        slots = torch.cat([self.base + pos[:, :W], self.cand_slots.expand(B, -1)], 1)
-        seg = torch.cat([self.base + m[:, None].expand(B, W), self.cand_seg.expand(B, -1)], 1)
-        mask = cache_mask(self.base + m, seg, slots, self.S, lo=self.base)       # (B, 1, T, S)
-        g = self.model(tokens, pos, mask, slots).argmax(-1)                     # (B, T)
+        g = self._verify()                                   # 1. draft + verify: one forward over every row
+        a, a_main, chosen, G = self._accept(g)               # 2. the longest verified run; the best row wins
+        a, m_new, ended = self._commit(a, chosen)            # 3. commit it
+        draft, L0, nb, V, reset = self._update(a, G, m_new)  # 4. Jacobi update of the drafts
+        if self.K > 1:                                       # 5. multi-block: grow a pseudo-active block
+            draft, nb, V = self._grow(a, G, draft, L0, nb, V, reset)
+        if self.R:                                           # 6. candidates for the next iteration
+            self._recycle(a_main, draft, m_new)
+        done = self.done                                     # finished rows keep their state
+        self.draft.copy_(torch.where(done[:, None], self.draft, draft))
+        self.L0.copy_(torch.where(done, self.L0, L0))
+        self.nb.copy_(torch.where(done, self.nb, nb))
+        self.valid.copy_(torch.where(done, self.valid, V))
+        self.iters.add_((~done).long())
+        self.accepted.scatter_add_(1, a[:, None], (~done).long()[:, None])
+        self.m.copy_(m_new)
+        self.it.add_(1)
+        self.done.copy_(done | ended | (m_new - self.start >= self.limit))
+
+    def _verify(self):
+        """One forward: the main row writes its K/V right after the committed prefix (kept only up to the
+        new length pointer), candidate rows into their scratch slots. Returns the model's greedy
+        prediction after every token (B, T)."""
+        B, W = self.B, self.W
+        tokens = torch.cat([self.draft, self.cand[:, :self.R].reshape(B, -1)], 1)     # (B, T)
+        pos = self.m[:, None] + self.offs                                              # (B, T)
+        slots = torch.cat([self.base + pos[:, :W], self.cand_slots.expand(B, -1)], 1)  # (B, T)
+        seg = torch.cat([(self.base + self.m)[:, None].expand(B, W), self.cand_seg.expand(B, -1)], 1)
+        mask = (flex_cache_mask if self.attention == "flex" else cache_mask)(self.base + self.m, seg, slots, self.S,
+                                                                             self.base)
+        return self.model(tokens, pos, mask, slots).argmax(-1)
+
+    def _run(self, x, g, limit):
+        """1 + the longest run of tokens equal to the prediction before them, within `limit` tokens.
+        x, g (B, rows, L); limit (B,). Returns (B, rows)."""
+        L = x.shape[-1]
+        ok = (x[..., 1:] == g[..., :-1]) & (torch.arange(L - 1, device=self.dev) < limit[:, None, None] - 1)
+        return 1 + ok.long().cumprod(-1).sum(-1)
+
+    def _accept(self, g):
+        """Accepted tokens of every row (its first token is the verified one, so always >= 1); the longest
+        run wins, ties go to the main row. Returns (a, a of the main row, the winner's tokens and predictions
+        laid over the main row, each (B, W))."""
+        B, W, R, c = self.B, self.W, self.R, self.c
         g_main = g[:, :W]
-        # 2. Acceptance of every row; the best row wins (ties go to the main row).
-        a_main = self._accepted(draft[:, None], g_main[:, None], V)[:, 0]
-        a = a_main
-        chosen, G = draft, g_main            # the winning row's tokens and predictions
-        if P:
-            g_cand = g[:, W:].view(B, P, n)
-            a_all = torch.cat([a_main[:, None], self._accepted(self.cand[:, :P], g_cand, V)], 1)
-            w = a_all.argmax(1)
-            a = a_all.gather(1, w[:, None])[:, 0]
-            cw, use = (w - 1).clamp(min=0), (w > 0)[:, None]
-            chosen = torch.cat([torch.where(use, self.cand[self.bidx, cw], draft[:, :n]), draft[:, n:]], 1)
-            G = torch.cat([torch.where(use, g_cand[self.bidx, cw], g_main[:, :n]), g_main[:, n:]], 1)
-            # a winning candidate's K/V moves from scratch into place (a no-op copy when the main row wins)
-            dst = self.base + m[:, None] + ar_n
-            self.cache.copy(torch.where(use, cw[:, None] * n + ar_n, dst), dst)
-        done = self.done
-        a = torch.where(done, 0, a)           # finished rows stay frozen
-        # 3. Commit the accepted tokens.
-        commit = ar_W < a[:, None]
-        dst = m[:, None] + ar_W
+        a_main = self._run(self.draft[:, None], g_main[:, None], self.valid)[:, 0]
+        if not R:
+            return a_main, a_main, self.draft, g_main
+        cand, g_cand = self.cand[:, :R], g[:, W:].view(B, R, c)
+        a_all = torch.cat([a_main[:, None], self._run(cand, g_cand, self.valid)], 1)    # (B, 1 + R)
+        win = a_all.argmax(1)
+        use, cw = (win > 0)[:, None], (win - 1).clamp(min=0)
+        chosen = torch.cat([torch.where(use, cand[self.bidx, cw], self.draft[:, :c]), self.draft[:, c:]], 1)
+        G = torch.cat([torch.where(use, g_cand[self.bidx, cw], g_main[:, :c]), g_main[:, c:]], 1)
+        # a winning candidate's K/V move from its scratch slots into place (a no-op when the main row wins)
+        dst = self.base + self.m[:, None] + self.ar_c
+        self.cache.copy(torch.where(use, cw[:, None] * c + self.ar_c, dst), dst)
+        return a_all.gather(1, win[:, None])[:, 0], a_main, chosen, G
+
+    def _commit(self, a, chosen):
+        """Write the accepted tokens into the output (their K/V are already in the cache)."""
+        a = torch.where(self.done, 0, a)                    # finished rows stay frozen
+        commit = self.ar_W < a[:, None]
+        dst = self.m[:, None] + self.ar_W
         self.out.scatter_(1, dst, torch.where(commit, chosen, self.out.gather(1, dst)))
-        m_new = m + a
-        eot_hit = ((chosen == self.eot) & commit).any(1)
-        # 4. Block bookkeeping: blocks whose n tokens are all committed retire; block 1 becomes block 0.
+        return a, self.m + a, ((chosen == self.eot) & commit).any(1)
+
+    def _update(self, a, G, m_new):
+        """Blocks whose n tokens are all committed retire (block 1 becomes block 0); the next drafts are
+        the winner's predictions shifted past the accepted tokens (the Jacobi update; the first is the
+        verified next token), and slots past the drafts in flight get fresh guesses."""
+        n, W, V = self.n, self.W, self.valid
         over = a - self.L0
         finished = torch.where(over >= 0, 1 + over.clamp(min=0) // n, 0)
         L0 = torch.where(over >= 0, n - over.clamp(min=0) % n, self.L0 - a)
         nb = self.nb - finished
         reset = nb == 0                        # every block done: start a fresh one
         nb, L0 = torch.where(reset, 1, nb), torch.where(reset, n, L0)
-        Vn = torch.where(reset, n, V - a)
-        # 5. Next drafts: shift the winning row's predictions (the Jacobi update); fresh slots get guesses.
         keep = (V - a).clamp(min=1)
-        shifted = G.gather(1, (a[:, None] - 1 + ar_W).clamp(0, W - 1))
-        new_draft = torch.where(ar_W < keep[:, None], shifted, self._guesses(m_new))
-        if K > 1:
-            # Multi-block: count the newest block's converged tokens (committed ones plus a leading run of
-            # drafts that this update left unchanged); past r*n, append a pseudo-active block after it.
-            unchanged = new_draft == draft.gather(1, (a[:, None] + ar_W).clamp(max=W - 1))
-            first = torch.where(nb == 1, 0, L0 + (nb - 2) * n)
-            lead = (unchanged | (ar_W < first[:, None])) & (ar_W < Vn[:, None])
-            run = (lead.long().cumprod(1).sum(1) - first).clamp(min=0)
-            conv = run + torch.where(nb == 1, n - L0, 0)
-            grow = (nb < K) & (conv >= self.threshold) & ~reset
-            # its first token is the prediction after the newest block's last draft
-            new_draft = torch.where(grow[:, None] & (ar_W == Vn[:, None]), G.gather(1, (V - 1)[:, None]), new_draft)
-            nb, Vn = nb + grow, Vn + grow * n
-        if P:
-            # Rejection recycling: remember the main row's rejected tail; next time, candidates are pool
-            # entries that contain the verified next token, taken from there on.
-            tail = a_main[:, None] + ar_n
-            tail = torch.where(tail < V[:, None], draft.gather(1, tail.clamp(max=W - 1)), -1)
-            self.pool.scatter_(1, self.ptr[:, None, None].expand(B, 1, n), tail[:, None])
-            ptr = (self.ptr + 1) % self.M
-            v = new_draft[:, :1, None]                                        # (B, 1, 1)
-            hit = self.pool[..., :-1] == v                                    # (B, M, n-1)
-            age = (ptr[:, None] - 1 - torch.arange(self.M, device=self.dev)) % self.M
-            score = torch.where(hit.any(-1), self.M - age, 0)                # newest hits first
-            top = score.topk(P, dim=1).indices                                # (B, P)
-            at = hit.long().argmax(-1).gather(1, top)[..., None] + ar_n       # (B, P, n)
-            ent = self.pool.gather(1, top[..., None].expand(B, P, n))
-            cand = ent.gather(2, at.clamp(max=n - 1))
-            ok = (at < n) & (cand >= 0) & (score.gather(1, top) > 0)[..., None]
-            cand = torch.where(ok, cand, new_draft[:, None, :n])
-            fresh = ~done[:, None]
-            self.ptr.copy_(torch.where(done, self.ptr, ptr))
-            self.cand[:, :P].copy_(torch.where(fresh[..., None], cand, self.cand[:, :P]))
-        # 6. Write the new state (frozen rows keep theirs).
-        keep_old = done[:, None]
-        self.draft.copy_(torch.where(keep_old, draft, new_draft))
-        self.L0.copy_(torch.where(done, self.L0, L0))
-        self.nb.copy_(torch.where(done, self.nb, nb))
-        self.valid.copy_(torch.where(done, V, Vn))
-        self.iters.add_((~done).long())
-        self.m.copy_(m_new)
-        self.it.add_(1)
-        self.done.copy_(done | eot_hit | (m_new - self.start >= self.limit))
+        shifted = G.gather(1, (a[:, None] - 1 + self.ar_W).clamp(0, W - 1))
+        draft = torch.where(self.ar_W < keep[:, None], shifted, self._guesses(m_new))
+        return draft, L0, nb, torch.where(reset, n, V - a), reset
 
+    def _grow(self, a, G, draft, L0, nb, V, reset):
+        """Count the newest block's converged tokens (committed ones plus a leading run of drafts this update
+        left unchanged); past activation_ratio*n, append a pseudo-active block after it, whose first guess is
+        the prediction after the newest block's last draft."""
+        n, W, ar_W = self.n, self.W, self.ar_W
+        unchanged = draft == self.draft.gather(1, (a[:, None] + ar_W).clamp(max=W - 1))
+        first = torch.where(nb == 1, 0, L0 + (nb - 2) * n)
+        lead = (unchanged | (ar_W < first[:, None])) & (ar_W < V[:, None])
+        run = (lead.long().cumprod(1).sum(1) - first).clamp(min=0)
+        grow = (nb < self.K) & (run + torch.where(nb == 1, n - L0, 0) >= self.threshold) & ~reset
+        draft = torch.where(grow[:, None] & (ar_W == V[:, None]), G.gather(1, (self.valid - 1)[:, None]), draft)
+        return draft, nb + grow, V + grow * n
+
+    def _recycle(self, a_main, draft, m_new):
+        """Candidate rows for the next iteration, each starting with the verified next token v:
+        rejection recycling (rejected tails in the pool that contain v, from v on) and context n-grams
+        (what followed the latest earlier occurrence of v and the tokens before it). Rows with nothing to
+        offer repeat the main draft."""
+        B, n, c, P = self.B, self.n, self.c, self.P
+        v = draft[:, 0]
+        fallback = draft[:, None, :c]                                        # (B, 1, c)
+        rows = []
+        ptr = self.ptr
+        if P:
+            tail = a_main[:, None] + self.ar_n                               # the main row's rejected tail
+            tail = torch.where(tail < self.valid[:, None], self.draft.gather(1, tail.clamp(max=self.W - 1)), -1)
+            self.pool.scatter_(1, ptr[:, None, None].expand(B, 1, n), tail[:, None])
+            ptr = (ptr + 1) % self.M
+            hit = self.pool[..., :-1] == v[:, None, None]                      # (B, M, n-1)
+            age = (ptr[:, None] - 1 - torch.arange(self.M, device=self.dev)) % self.M
+            score = torch.where(hit.any(-1), self.M - age, 0)                 # newest hits first
+            top = score.topk(P, dim=1).indices                                # (B, P)
+            at = hit.long().argmax(-1).gather(1, top)[..., None] + self.ar_c  # (B, P, c)
+            entry = self.pool.gather(1, top[..., None].expand(B, P, n))
+            cand = entry.gather(2, at.clamp(max=n - 1))
+            ok = (at < n) & (cand >= 0) & (score.gather(1, top) > 0)[..., None]
+            rows.append(torch.where(ok, cand, fallback))
+        if self.G:
+            rows.append(self._ngrams(v, m_new, fallback))
+        frozen = self.done[:, None, None]
+        self.ptr.copy_(torch.where(self.done, self.ptr, ptr))
+        self.cand[:, :self.R].copy_(torch.where(frozen, self.cand[:, :self.R], torch.cat(rows, 1)))
+
+    def _ngrams(self, v, m, fallback):
+        """Prompt lookup: positions j where the committed text holds v preceded by the same tokens as the
+        newest committed ones; the longest match wins, then the latest. A row is v + the text after j."""
+        B, C, c, o, j = self.B, self.C, self.c, self.out, self.ar_C
+        hit = (o == v[:, None]) & (j < (m - 1)[:, None])       # v at j, with a committed token after it
+        length = hit.long()
+        for i in range(1, NGRAM_KEY):
+            key = o.gather(1, (m - i).clamp(min=0)[:, None])   # the i-th newest committed token (B, 1)
+            hit = hit & (j >= i) & (o.roll(i, 1) == key) & (m - i >= 0)[:, None]
+            length = length + hit.long()
+        top = torch.where(length > 0, length * C + j, -1).topk(self.G, dim=1)   # (B, G)
+        at = top.indices[..., None] + 1 + self.ar_c[:-1]                         # (B, G, c-1) text after j
+        follow = o.gather(1, at.clamp(max=C - 1).view(B, -1)).view(B, self.G, c - 1)
+        ok = (at < m[:, None, None]) & (top.values >= 0)[..., None]
+        return torch.cat([v[:, None, None].expand(B, self.G, 1), torch.where(ok, follow, fallback[..., 1:])], 2)
+
+    # ------------------------------------------------------------------ running it
     def step(self):
         """One iteration: replays the captured CUDA graph, or runs eagerly (CPU)."""
         if not self.graph_enabled:
@@ -365,7 +444,9 @@ class Jacobi:
     def undone(self):
         """Steps run inside this block leave no trace: every state tensor, the cache and the tensors of a
         pre_step hook (its `tensors()`, e.g. a trajectory recorder's counts) are put back afterwards."""
-        tensors = self._state()
+        hook = list(self.pre_step.tensors()) if hasattr(self.pre_step, "tensors") else []
+        tensors = [self.out, self.m, self.draft, self.valid, self.L0, self.nb, self.pool, self.ptr, self.cand,
+                   self.done, self.iters, self.it, self.accepted, *self.cache.buffers(), *hook]
         saved = [t.clone() for t in tensors]
         try:
             yield
@@ -373,12 +454,6 @@ class Jacobi:
             for t, v in zip(tensors, saved):
                 t.copy_(v)
 
-    def _state(self):
-        hook = list(self.pre_step.tensors()) if hasattr(self.pre_step, "tensors") else []
-        return [self.out, self.m, self.draft, self.valid, self.L0, self.nb, self.pool, self.ptr, self.cand,
-                self.done, self.iters, self.it] + list(self.cache.buffers()) + hook
-
-    # ------------------------------------------------------------------ decoding loop
     @torch.no_grad()
     def generate(self, prompt, max_new_tokens, sync_every=1, on_step=None):
         """Decode one prompt (batch=1). on_step(self) is called after each host sync (streaming, the
@@ -403,19 +478,27 @@ class Jacobi:
 
 
 @torch.no_grad()
-def batch_tpf(model, prompts, block_len, max_new_tokens, eot=None, batch=64):
-    """Vanilla Jacobi tokens per forward over many prompts, decoded `batch` at a time: a quick check of
-    a model (train.py logs it after each round); bench.py measures one prompt at a time, with timing."""
-    tokens = forwards = 0
-    jac = Jacobi(model, block_len=block_len, batch=min(batch, len(prompts)), eot=eot,
-                 max_len=max(len(p) for p in prompts) + max_new_tokens)
+def decode_many(model, prompts, max_new_tokens, eot=None, batch=64, **settings):
+    """Decode many prompts, `batch` at a time (rows that finish early stay frozen). Returns (outputs,
+    forwards per prompt, histogram of tokens committed per forward). train.py checks a model with it;
+    bench.py decodes one prompt at a time, with timing."""
+    outs, forwards, hist = [], [], 0
+    jac = Jacobi(model, batch=min(batch, len(prompts)), eot=eot,
+                 max_len=max(len(p) for p in prompts) + max_new_tokens, **settings)
     for lo in range(0, len(prompts), jac.B):
         chunk = prompts[lo:lo + jac.B]
         jac.prefill(chunk + [chunk[-1]] * (jac.B - len(chunk)), max_new_tokens)  # fixed shape; extras dropped
         while not bool(jac.done.all()):
-            for _ in range(8):          # rows that finish early stay frozen; one host sync per 8 iterations
+            for _ in range(8):                                   # one host sync per 8 iterations
                 jac.step()
         for b in range(len(chunk)):
-            tokens += len(finish(jac.out[b, int(jac.start[b]):int(jac.m[b])].tolist(), max_new_tokens, jac.eot))
-            forwards += int(jac.iters[b])
-    return tokens / max(forwards, 1)
+            outs.append(finish(jac.out[b, int(jac.start[b]):int(jac.m[b])].tolist(), max_new_tokens, jac.eot))
+            forwards.append(int(jac.iters[b]))
+        hist = hist + jac.accepted[:len(chunk)].sum(0).cpu()
+    return outs, forwards, hist
+
+
+def batch_tpf(model, prompts, block_len, max_new_tokens, eot=None, batch=64):
+    """Vanilla Jacobi tokens per forward over many prompts, decoded `batch` at a time."""
+    outs, forwards, _ = decode_many(model, prompts, max_new_tokens, eot, batch, block_len=block_len)
+    return sum(map(len, outs)) / max(sum(forwards), 1)

@@ -6,9 +6,11 @@ import torch
 
 from conftest import cuda, tiny_model
 from jfmini.common import UserError
-from jfmini.decoding import Jacobi, batch_tpf, generate_ar
+from jfmini.decoding import Jacobi, batch_tpf, cache_mask, decode_many, flex_cache_mask, generate_ar
 
 GRID = list(itertools.product([1, 2, 3, 8, 16], [0, 1, 4], [1, 2, 3], [0.5, 0.85, 1.0]))
+# candidate rows: block length x (recycled, n-gram) x candidate length (None = n) x blocks
+CANDIDATES = list(itertools.product([3, 8, 16], [(0, 1), (2, 1), (0, 3)], [2, None], [1, 2]))
 
 
 def no_cache_greedy(model, prompt, count):
@@ -29,14 +31,8 @@ def test_ar_oracle_matches_full_recompute(seed):
 @pytest.mark.parametrize("with_eot", [False, True])
 def test_every_decoder_is_lossless_over_the_grid(seed, with_eot):
     model = tiny_model(seed=seed)
-    g = torch.Generator().manual_seed(seed)
-    prompt = torch.randint(0, 256, (int(torch.randint(1, 12, (1,), generator=g)),), generator=g).tolist()
     N = 48
-    eot = None
-    if with_eot:  # make a token the model really emits mid-way the end-of-text, so it lands mid-block
-        full, _ = generate_ar(model, prompt, N)
-        eot = full[13 + seed]
-    ref, _ = generate_ar(model, prompt, N, eot=eot)
+    prompt, eot, ref = prompt_and_reference(model, seed, with_eot, N)
     assert len(ref) < N if with_eot else len(ref) == N
     for n, P, K, r in GRID:
         jac = Jacobi(model, block_len=n, num_blocks=K, pool_size=P, activation_ratio=r, eot=eot)
@@ -45,6 +41,70 @@ def test_every_decoder_is_lossless_over_the_grid(seed, with_eot):
         assert out == ref, (n, P, K, r)
         assert stats.forwards == model.forwards - 1, "forward count must equal real calls (minus the prefill)"
         assert stats.new_tokens == len(ref)
+
+
+def prompt_and_reference(model, seed, with_eot, N=48, repeat=False):
+    g = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(0, 256, (int(torch.randint(1, 12, (1,), generator=g)),), generator=g).tolist()
+    if repeat:                      # text that repeats itself, so context n-grams find matches
+        prompt = (prompt * 4)[:40]
+    eot = None
+    if with_eot:  # make a token the model really emits mid-way the end-of-text, so it lands mid-block
+        eot = generate_ar(model, prompt, N)[0][13 + seed]
+    return prompt, eot, generate_ar(model, prompt, N, eot=eot)[0]
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("with_eot", [False, True])
+def test_candidate_rows_are_lossless(seed, with_eot):
+    """Rejection recycling and context n-grams, with candidates shorter than the block, over the grid."""
+    model = tiny_model(seed=seed)
+    prompt, eot, ref = prompt_and_reference(model, seed, with_eot, repeat=seed % 2 == 0)
+    for n, (P, G), c, K in CANDIDATES:
+        jac = Jacobi(model, block_len=n, num_blocks=K, pool_size=P, ngram=G, cand_len=c, eot=eot)
+        model.forwards = 0
+        out, stats = jac.generate(prompt, 48)
+        assert out == ref, (n, P, G, c, K)
+        assert stats.forwards == model.forwards - 1
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_flex_attention_decoding_is_lossless(seed):
+    """The FlexAttention form of the cache mask (eager here: the same mask_mod; CUDA runs its kernel)."""
+    model = tiny_model(seed=seed)
+    prompt, eot, ref = prompt_and_reference(model, seed, with_eot=True, repeat=True)
+    for n, P, G, c, K in ((1, 0, 0, None, 1), (8, 0, 0, None, 1), (16, 4, 2, 4, 2)):
+        jac = Jacobi(model, block_len=n, num_blocks=K, pool_size=P, ngram=G, cand_len=c, eot=eot, attention="flex")
+        assert jac.generate(prompt, 48)[0] == ref, (n, P, G, c, K)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_flex_mask_visits_every_tile_a_query_may_read_and_skips_the_rest(seed):
+    g = torch.Generator().manual_seed(seed)
+    B, T, S, base = 3, 150, 1024, 96
+    hi = torch.randint(base + 1, 700, (B,), generator=g)
+    seg = torch.cat([hi[:, None].expand(B, 100), torch.arange(50).div(25, rounding_mode="floor")[None].expand(B, 50) * 25], 1)
+    slots = torch.cat([hi[:, None] + torch.arange(100), torch.arange(50)[None].expand(B, 50)], 1)
+    dense = cache_mask(hi, seg, slots, S, lo=base)[:, 0]                         # (B, T, S)
+    bm = flex_cache_mask(hi, seg, slots, S, lo=base)
+    tiles = bm.kv_num_blocks[:, 0]                                               # (B, q tiles)
+    visited = torch.arange(S // 128)[None, None] < tiles[..., None]              # (B, q tiles, kv tiles)
+    allowed = visited[:, torch.arange(T) // 128][..., torch.arange(S) // 128]    # (B, T, S)
+    assert bool((~dense | allowed).all()), "a slot a query may read lies in a skipped tile"
+    last = int((hi + 100).max())                                               # the last slot read + 1
+    assert int(tiles.max()) == -(-last // 128) < S // 128                         # the tail is skipped
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_context_ngrams_raise_tokens_per_forward_on_repetitive_text(seed):
+    """Guards against candidates that are built but never win: on text that repeats, prompt lookup must
+    find accepted runs (same tokens, fewer forwards)."""
+    model = tiny_model(seed=seed)
+    prompt, _, ref = prompt_and_reference(model, seed, with_eot=False, N=64, repeat=True)
+    plain = Jacobi(model, block_len=16).generate(prompt, 64)
+    lookup = Jacobi(model, block_len=16, ngram=2, cand_len=8).generate(prompt, 64)
+    assert plain[0] == lookup[0] == ref[:64]
+    assert lookup[1].forwards < plain[1].forwards
 
 
 def test_lossless_with_batched_rows_of_different_prompt_lengths():
@@ -101,9 +161,10 @@ def test_cuda_graph_decoders_are_lossless(compile):
     model = tiny_model(seed=3).cuda()
     prompt = [9, 8, 7, 6]
     ref, _ = generate_ar(model, prompt, 64)
-    for n, P, K in ((1, 0, 1), (8, 0, 1), (16, 4, 2), (64, 4, 2)):
-        jac = Jacobi(model, block_len=n, pool_size=P, num_blocks=K, compile=compile)
-        assert jac.graph_enabled
+    for n, P, G, c, K in ((1, 0, 0, None, 1), (8, 0, 0, None, 1), (16, 4, 0, None, 2), (64, 4, 2, 16, 2),
+                          (32, 0, 2, 8, 1)):
+        jac = Jacobi(model, block_len=n, pool_size=P, ngram=G, cand_len=c, num_blocks=K, compile=compile)
+        assert jac.graph_enabled and jac.attention == ("flex" if compile else "dense")
         for _ in range(2):                                # the second run replays the captured graph
             out, stats = jac.generate(prompt, 64, sync_every=3)
             assert out == ref, (n, P, K)
@@ -124,5 +185,8 @@ def test_batch_tpf_matches_one_prompt_at_a_time(block_len):
         assert out == generate_ar(model, p, 40, eot=eot)[0]
         tokens, forwards = tokens + st.new_tokens, forwards + st.forwards
     assert batch_tpf(model, prompts, block_len, 40, eot=eot, batch=2) == pytest.approx(tokens / forwards)
+    outs, fwd, hist = decode_many(model, prompts, 40, eot=eot, batch=2, block_len=block_len)
+    assert sum(fwd) == forwards == int(hist.sum())           # one histogram entry per forward
+    assert int((hist * torch.arange(len(hist))).sum()) >= tokens  # committed (the last one may overshoot)
     if block_len == 1:
         assert tokens == forwards
