@@ -1,21 +1,22 @@
 """Benchmark: AR vs Jacobi vs Jacobi Forcing on HumanEval prompts (DESIGN section 7).
 
     python bench.py                          # the table, then one JSON line
-    python bench.py --sweep                  # first search block length x pool size x blocks for this GPU
+    python bench.py --sweep                  # first search the decoder settings for this GPU
     python bench.py --prompts my.jsonl --limit 20
 
-Rows: AR eager and AR fast (base model), vanilla Jacobi (base), the Jacobi Forcing model with vanilla
-Jacobi, with MR (recycling + multi-block, the paper's defaults) and with the best configuration the
-sweep found on this device. Speedups are against the base model's AR rows of the same run.
+Rows: AR eager and AR fast (base model); the base model with vanilla Jacobi and with context n-gram
+candidates (prompt lookup: the training-free baseline, no distillation); the Jacobi Forcing (JF) model
+with vanilla Jacobi, with MR (rejection recycling + multi-block, the paper's defaults: n=64, K=2 blocks
+in flight, pool 4) and with the fastest settings the sweep found on this device ('JF best'; the base
+model's fastest n-gram settings likewise become 'base best'). TPF = tokens per forward. Speedups are
+against the base model's AR rows of the same run.
 Greedy decoding, stop at end-of-text; prefill is timed apart; warm-up and graph capture excluded.
 Outputs that differ from AR fast are checked for floating-point ties: the float32 model's logit gap
 between the two tokens at the first divergence (see TIE_ULPS).
 """
-import ast
 import gc
 import json
 import math
-import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -23,8 +24,9 @@ from pathlib import Path
 
 import torch
 
-from jfmini.common import UserError, cli, default_checkpoint, field, load_checkpoint, parse_config, pick_device
-from jfmini.data import gpt2_tokenizer, read_prompts
+from jfmini.common import (UserError, atomic_write, cli, default_checkpoint, field, load_checkpoint, parse_config,
+                           pick_device)
+from jfmini.data import completion_text, distinct4, gpt2_tokenizer, parses, read_prompts
 from jfmini.decoding import METHODS, Jacobi, Stats, generate_ar
 
 
@@ -36,7 +38,8 @@ class BenchConfig:
     limit: int = field(0, "use only the first N prompts (0 = all)")
     max_new_tokens: int = field(256, "new tokens per prompt at most (greedy, stops at end-of-text)")
     eager_limit: int = field(16, "prompts for the AR eager row (a slow plain loop; its tokens/s needs few)")
-    sweep: bool = field(False, "search block_len x pool_size x num_blocks first; the fastest becomes 'MR best'")
+    sweep: bool = field(False, "search block length x blocks x candidates first; the fastest become 'JF best' and "
+                               "'base best' (the base model with n-gram candidates only)")
     sweep_prompts: int = field(12, "prompts per sweep configuration")
     sweep_file: str = field("out/sweep.json", "where the sweep's choice is kept for later runs on this device")
     compile: str = field("auto", "inductor-fuse each captured step: auto (on CUDA), no", ["auto", "no"])
@@ -44,7 +47,7 @@ class BenchConfig:
     device: str = field("auto", "auto, cpu, cuda")
     dtype: str = field("auto", "decode in bfloat16 (auto on CUDA) or float32 (auto on CPU; bit-exact greedy "
                                "choices, slower)", ["auto", "bfloat16", "float32"])
-    profile: bool = field(False, "print where the time of one MR iteration goes (CUDA kernels)")
+    profile: bool = field(False, "print where the time of one AR and one MR iteration goes (CUDA kernels)")
 
 
 def checks(c):
@@ -59,32 +62,22 @@ def checks(c):
 # a one-token one.
 TIE_ULPS = 2
 
-SWEEP = [dict(block_len=n, pool_size=p, num_blocks=k, activation_ratio=0.85)
-         for n in (16, 32, 64, 128) for p in (0, 2, 4, 8) for k in (1, 2, 3)]
+# The sweep: block length x blocks in flight x (recycled, n-gram) candidates x candidate length.
+CANDIDATES = [(0, 0, None), (0, 1, 16), (0, 2, 8), (0, 2, 16), (4, 0, 16), (4, 2, 16), (2, 2, 32)]
+SWEEP = [dict(block_len=n, num_blocks=k, pool_size=p, ngram=g, cand_len=c, activation_ratio=0.85)
+         for n in (16, 32, 64) for k in (1, 2) for p, g, c in CANDIDATES if c is None or c <= n]
+SWEEP_BASE = [dict(block_len=n, ngram=g, cand_len=c) for n in (16, 32) for g, c in ((1, 16), (2, 8), (2, 16))]
+LOOKUP = dict(block_len=32, ngram=2, cand_len=16)     # the n-gram rows when no sweep chose settings
 
 
-def completion_text(enc, tokens):
-    return enc.decode([t for t in tokens if t != enc.eot_token])
-
-
-def parses(prompt, completion):
-    """Does prompt + completion, cut where the function ends (first line back at column 0), parse?"""
-    lines = completion.split("\n")
-    body = [lines[0]]
-    for line in lines[1:]:
-        if line and not line[0].isspace():
-            break
-        body.append(line)
-    try:
-        ast.parse(prompt + "\n".join(body))
-        return True
-    except (SyntaxError, ValueError):
-        return False
-
-
-def distinct4(tokens):
-    grams = [tuple(tokens[i:i + 4]) for i in range(len(tokens) - 3)]
-    return len(set(grams)) / len(grams) if grams else 1.0
+def describe(settings):
+    """'n=64 K=2 pool 4 ngram 2 c=16' from a settings dict."""
+    s = dict(settings)
+    parts = [f"n={s.get('block_len', 1)}"] + ([f"K={s['num_blocks']}"] if s.get("num_blocks", 1) > 1 else [])
+    parts += [f"pool {s['pool_size']}"] if s.get("pool_size") else []
+    parts += [f"ngram {s['ngram']}"] if s.get("ngram") else []
+    parts += [f"c={s['cand_len']}"] if s.get("cand_len") and (s.get("pool_size") or s.get("ngram")) else []
+    return " ".join(parts)
 
 
 @torch.no_grad()
@@ -106,12 +99,16 @@ def run_row(model, settings, prompts, cfg, eot, compile, sync_every=1, max_len=N
         toks, st = jac.generate(p, cfg.max_new_tokens, sync_every)
         outs.append(toks)
         total += st
-    return outs, total, step_us(jac, prompts[0]) if jac.graph_enabled else None
+    return outs, total, step_us(jac, prompts[0], cfg.max_new_tokens) if jac.graph_enabled else None
 
 
-def step_us(jac, prompt, iters=100):
-    """Median-free simple timing of one captured iteration (graph replays between CUDA events)."""
-    jac.prefill([prompt], 1)
+def step_us(jac, prompt, max_new_tokens, iters=100):
+    """One captured iteration's time (graph replays between CUDA events), measured where a decode spends
+    its average step: with half the new tokens already in the cache (the live length sets the attention
+    cost). The state is scratch afterwards; the next generate() prefills anew."""
+    jac.prefill([prompt], max_new_tokens)
+    jac.m.add_(max_new_tokens // 2)
+    jac.limit.fill_(1 << 30)
     jac.step()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
@@ -139,11 +136,13 @@ def tie_gap(model32, prompt, ref, i, tok, dtype):
     return a - b, step
 
 
-def profile_step(model, prompt, settings, eot, compile, max_len):
+def profile_step(model, prompt, settings, eot, compile, max_len, max_new_tokens):
     """Where one iteration's time goes: the CUDA kernels of the same (inductor-fused) step, run uncaptured
-    so the profiler sees each kernel; per iteration, the biggest first."""
+    so the profiler sees each kernel, with half the new tokens in the cache; the biggest first."""
     jac = Jacobi(model, eot=eot, graph=False, compile=compile, max_len=max_len, **settings)
-    jac.prefill([prompt], 256)
+    jac.prefill([prompt], max_new_tokens)
+    jac.m.add_(max_new_tokens // 2)
+    jac.limit.fill_(1 << 30)
     for _ in range(3):
         jac.step()
     torch.cuda.synchronize()
@@ -153,31 +152,30 @@ def profile_step(model, prompt, settings, eot, compile, max_len):
         torch.cuda.synchronize()
     kernels = [e for e in prof.key_averages() if e.self_device_time_total > 0]
     total = sum(e.self_device_time_total for e in kernels) / 10
-    print(f"profile of one iteration {settings}: {total:.0f} us of kernel time in "
+    print(f"profile of one iteration, {describe(settings)}: {total:.0f} us of kernel time in "
           f"{sum(e.count for e in kernels) / 10:.0f} kernels")
-    for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:20]:
+    for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:12]:
         print(f"  {e.self_device_time_total / 10:7.1f} us  {e.count / 10:4.0f}x  {e.key[:100]}")
 
 
-def sweep(model, prompts, cfg, eot, compile, log, max_len, finalists=3):
+def sweep(model, grid, prompts, cfg, eot, compile, log, max_len, finalists=3):
     """Every configuration with graph capture only (cheap to set up), then the fastest few again with
     inductor too (as the table rows run); returns all results and the fastest settings."""
     results = []
-    for s in SWEEP:
+    for s in grid:
         _, st, _ = run_row(model, s, prompts, cfg, eot, compile=False, max_len=max_len)
         results.append({**s, "tokens_per_forward": st.tokens_per_forward, "tokens_per_s": st.tokens_per_s})
-        log(f"  sweep n={s['block_len']:<3d} pool={s['pool_size']} K={s['num_blocks']}: "
-            f"TPF {st.tokens_per_forward:5.2f}, {st.tokens_per_s:8,.0f} tokens/s")
+        log(f"  sweep {describe(s):<28}: TPF {st.tokens_per_forward:5.2f}, {st.tokens_per_s:8,.0f} tokens/s")
         gc.collect()
     top = sorted(results, key=lambda r: -r["tokens_per_s"])[:finalists if compile else 1]
     for r in top if compile else []:
-        s = {k: r[k] for k in ("block_len", "pool_size", "num_blocks", "activation_ratio")}
+        s = {k: r[k] for k in grid[0]}
         _, st, _ = run_row(model, s, prompts, cfg, eot, compile=True, max_len=max_len)
         r["compiled_tokens_per_s"] = st.tokens_per_s
-        log(f"  finalist {s}: {st.tokens_per_s:,.0f} tokens/s compiled")
+        log(f"  finalist {describe(s)}: {st.tokens_per_s:,.0f} tokens/s compiled")
         gc.collect()
     best = max(top, key=lambda r: r.get("compiled_tokens_per_s", r["tokens_per_s"]))
-    return results, {k: best[k] for k in ("block_len", "pool_size", "num_blocks", "activation_ratio")}
+    return results, {k: best[k] for k in grid[0]}
 
 
 @cli
@@ -214,43 +212,50 @@ def main(argv=None):
     log(f"{len(prompts)} prompts, {cfg.max_new_tokens} new tokens max, {gpu}, torch {torch.__version__}, {dtype}; "
         f"base {cfg.base_ckpt}, Jacobi Forcing {jf_path}")
 
-    best, sweep_results = None, None
+    best, sweep_results = {}, None
     sweep_path = Path(cfg.sweep_file)
     if cfg.sweep:
-        log(f"sweep: {len(SWEEP)} configurations on {min(cfg.sweep_prompts, len(prompts))} prompts")
-        sweep_results, best = sweep(models["jf"], prompts[:cfg.sweep_prompts], cfg, eot, compile, log, max_len)
-        sweep_path.parent.mkdir(parents=True, exist_ok=True)
-        sweep_path.write_text(json.dumps({"device": gpu, "best": best, "results": sweep_results}))
-        log(f"sweep: fastest is {best}, kept in {sweep_path}")
+        few = prompts[:cfg.sweep_prompts]
+        log(f"sweep: {len(SWEEP)} configurations of the JF model, {len(SWEEP_BASE)} n-gram configurations of the "
+            f"base model, on {len(few)} prompts")
+        jf_results, best["jf"] = sweep(models["jf"], SWEEP, few, cfg, eot, compile, log, max_len)
+        base_results, best["base"] = sweep(models["base"], SWEEP_BASE, few, cfg, eot, compile, log, max_len, 2)
+        sweep_results = {"jf": jf_results, "base": base_results}
+        saved = {"device": gpu, "best": best["jf"], "base_best": best["base"], "results": sweep_results}
+        atomic_write(sweep_path, json.dumps(saved).encode())
+        log(f"sweep: fastest JF settings {describe(best['jf'])}, base {describe(best['base'])}; kept in {sweep_path}")
     elif sweep_path.exists():
         saved = json.loads(sweep_path.read_text())
-        if saved.get("device") == gpu:
-            best = saved["best"]
-            log(f"MR best: {best} from the earlier sweep in {sweep_path}")
+        if saved.get("device") == gpu and "base_best" in saved:
+            best = {"jf": saved["best"], "base": saved["base_best"]}
+            log(f"best settings from the earlier sweep in {sweep_path}: JF {describe(best['jf'])}, "
+                f"base {describe(best['base'])}")
 
-    jacobi, mr = METHODS["jacobi"], METHODS["mr"]
-    rows = [("AR eager", "base", None), ("AR fast", "base", METHODS["ar"]), ("Jacobi", "base", jacobi),
-            ("AR fast", "jf", METHODS["ar"]), ("JF Jacobi", "jf", jacobi), ("JF MR", "jf", mr)]
-    if best:
-        rows.append(("JF MR best", "jf", best))
+    ar, jacobi, mr = METHODS["ar"], METHODS["jacobi"], METHODS["mr"]
+    rows = [("AR eager", "base", None), ("AR fast", "base", ar), ("Jacobi", "base", jacobi),
+            ("n-gram", "base", LOOKUP)] + ([("best", "base", best["base"])] if best else []) + \
+           [("AR fast", "jf", ar), ("Jacobi", "jf", jacobi), ("n-gram", "jf", LOOKUP), ("MR", "jf", mr)] + \
+           ([("best", "jf", best["jf"])] if best else [])
     results, outputs, refs = [], [], {}
     for name, key, settings in rows:
         use = prompts[:cfg.eager_limit] if settings is None else prompts
-        sync_every = cfg.ar_sync_every if settings == METHODS["ar"] else 1
+        sync_every = cfg.ar_sync_every if settings == ar else 1
         outs, st, step = run_row(models[key], settings, use, cfg, eot, compile, sync_every, max_len)
         if name == "AR fast":
             refs[key] = outs                       # the model's own greedy output: the lossless reference
         texts = [completion_text(enc, o) for o in outs]
         results.append({
-            "row": name, "model": key, "settings": settings or "eager loop", "prompts": len(use),
+            "row": name, "model": key, "settings": settings or "eager loop",
+            "decoder": describe(settings) if settings else "eager loop", "prompts": len(use),
             "tokens": st.new_tokens, "forwards": st.forwards, "tokens_per_forward": st.tokens_per_forward,
             "tokens_per_s": st.tokens_per_s, "prefill_ms": 1e3 * st.prefill_s / len(use), "step_us": step,
+            "us_per_forward": 1e6 * st.decode_s / max(st.forwards, 1),
             "parse_rate": sum(parses(records[i]["prompt"], t) for i, t in enumerate(texts)) / len(texts),
             "distinct4": sum(distinct4(o) for o in outs) / len(outs), "val_loss": vals[key]})
         outputs.append(outs)
         gc.collect()
-        log(f"{name} ({key}): TPF {st.tokens_per_forward:.2f}, {st.tokens_per_s:,.0f} tokens/s"
-            + (f", {step:.0f} us/step" if step else ""))
+        log(f"{name} ({key}, {results[-1]['decoder']}): TPF {st.tokens_per_forward:.2f}, "
+            f"{st.tokens_per_s:,.0f} tokens/s" + (f", {step:.0f} us/step" if step else ""))
     ar_eager, ar_fast = results[0], results[1]
     fp32 = {}                                          # float32 copies for the tie analysis, loaded on first need
     for r, outs in zip(results, outputs):
@@ -270,21 +275,21 @@ def main(argv=None):
         r["speedup_vs_ar_fast"] = r["tokens_per_s"] / ar_fast["tokens_per_s"]
         r["speedup_vs_ar_eager"] = r["tokens_per_s"] / ar_eager["tokens_per_s"]
 
-    head = f"{'row':<12}{'model':<6}{'TPF':>6}{'tokens/s':>10}{'vs fast':>9}{'vs eager':>9}{'step us':>9}" \
-           f"{'lossless':>9}{'ties-aside':>11}{'parse':>7}{'dist4':>7}{'val':>7}"
+    head = f"{'row':<10}{'model':<6}{'decoder':<26}{'TPF':>6}{'tokens/s':>10}{'vs fast':>9}{'vs eager':>9}" \
+           f"{'step us':>8}{'lossless':>9}{'ties-aside':>11}{'parse':>7}{'dist4':>7}{'val':>7}"
     print(head)
     print("-" * len(head))
     for r in results:
         step = f"{r['step_us']:.0f}" if r["step_us"] else "-"
-        print(f"{r['row']:<12}{r['model']:<6}{r['tokens_per_forward']:>6.2f}{r['tokens_per_s']:>10,.0f}"
-              f"{r['speedup_vs_ar_fast']:>8.2f}x{r['speedup_vs_ar_eager']:>8.2f}x{step:>9}"
+        print(f"{r['row']:<10}{r['model']:<6}{r['decoder']:<26}{r['tokens_per_forward']:>6.2f}{r['tokens_per_s']:>10,.0f}"
+              f"{r['speedup_vs_ar_fast']:>8.2f}x{r['speedup_vs_ar_eager']:>8.2f}x{step:>8}"
               f"{r['lossless']:>9.1%}{r['lossless_ties_aside']:>11.1%}{r['parse_rate']:>7.1%}"
               f"{r['distinct4']:>7.3f}{r['val_loss']:>7.3f}")
     for r in results:
         if r["mismatches"]:
             gaps = [g for g in r["tie_gaps"] if g is not None]
             lengths = r["tie_gaps"].count(None)
-            print(f"{r['row']}: {r['mismatches']} of {r['prompts']} differ from AR fast; fp32 logit gap at the first "
+            print(f"{r['row']} ({r['model']}): {r['mismatches']} of {r['prompts']} differ from AR fast; fp32 logit gap at the first "
                   f"divergence: " + (f"max {max(abs(g) for g, _ in gaps):.3f} nats, at most "
                                      f"{max(st for _, st in gaps):.2f} rounding steps" if gaps else "-")
                   + (f" ({lengths} differ only in length)" if lengths else "")
@@ -293,7 +298,8 @@ def main(argv=None):
                       "prompts": len(prompts), "config": asdict(cfg), "base_ckpt": cfg.base_ckpt, "ckpt": jf_path,
                       "rows": results, "sweep": sweep_results, "seconds": time.time() - t_start}))
     if cfg.profile and cuda:
-        profile_step(models["jf"], prompts[0], mr, eot, compile, max_len)
+        for settings in (ar, mr):
+            profile_step(models["jf"], prompts[0], settings, eot, compile, max_len, cfg.max_new_tokens)
 
 
 if __name__ == "__main__":

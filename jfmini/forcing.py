@@ -7,6 +7,7 @@
 The Jacobi iteration used to collect trajectories is the decoder's own (jfmini.decoding.Jacobi);
 this file only adds a hook that records each block's state before every iteration.
 """
+import contextlib
 import io
 import math
 from dataclasses import dataclass
@@ -46,6 +47,12 @@ class Trajectories:
 
     def prompt(self, i):
         return self.prompts[self.prompt_offsets[i]:self.prompt_offsets[i + 1]]
+
+    def ratios(self):
+        """The noise ratio of every state against its block's fixed point (S,), computed once."""
+        if getattr(self, "_ratios", None) is None:
+            self._ratios = noise_ratio(self.states, self.fixed.reshape(-1, self.block_len)[self.owner])
+        return self._ratios
 
     def problem(self):
         """What is inconsistent (a string), or None. Every block has 1..n states, each in order and each
@@ -164,11 +171,12 @@ def noise_ratio(states, fixed_point):
     return (n - first) / n
 
 
-def target_ratios(num_blocks, schedule, rng, t_min=0.0, t_max=1.0, window=16):
+def target_ratios(num_blocks, schedule, rng, t_min=0.0, t_max=1.0, window=16, phase=0):
     """Noise ratio wanted for each block j: progressive = a ramp from t_min to t_max that repeats
-    every `window` blocks; reverse = the ramp descending; random = uniform draws."""
+    every `window` blocks, starting `phase` blocks into it; reverse = the ramp descending; random =
+    uniform draws."""
     ramp = np.linspace(t_min, t_max, window)
-    j = np.arange(num_blocks) % window
+    j = (np.arange(num_blocks) + phase) % window
     if schedule == "progressive":
         return ramp[j]
     if schedule == "reverse":
@@ -187,6 +195,7 @@ class Packed:
     ar_targets: np.ndarray  # (B, L) next clean token, -1 = no target
     noisy_idx: np.ndarray   # (B, T*n)
     cons_weight: np.ndarray  # (B, T*n) 1 where the consistency loss applies
+    first_div: np.ndarray   # (B, T) offset of k_j's first token that differs from l_j (n = none)
     prompt_len: np.ndarray  # (B,)
     pad_start: np.ndarray   # (B,)
 
@@ -195,36 +204,56 @@ def packed_length(max_prompt, block_len, num_blocks, multiple=128):
     return math.ceil((max_prompt + 2 * block_len * num_blocks) / multiple) * multiple
 
 
-def pack(traj, rows, length, schedule, rng, eot, window=16):
-    """Pack the trajectories of prompts `rows` into one batch, choosing k_j by the noise schedule."""
+def pick_state(cands, ratios, wanted, rng, fresh, tolerance):
+    """Index of the state whose noise ratio is nearest `wanted`; with `fresh`, a random one among those
+    within `tolerance` of the nearest (states of equal ratio differ in their tails)."""
+    gap = np.abs(ratios - wanted)
+    if not fresh:
+        return int(gap.argmin())
+    near = np.flatnonzero(gap <= gap.min() + tolerance)
+    return int(near[rng.integers(len(near))])
+
+
+def pack(traj, rows, length, schedule, rng, eot, window=16, fresh=True, cons_window=0):
+    """Pack the trajectories of prompts `rows` into one batch, choosing k_j by the noise schedule.
+
+    fresh: draw the states anew at every call (a random phase of the ramp per row, and a random state
+    among the nearest ratios); otherwise the same nearest state every epoch. cons_window > 0 keeps the
+    consistency loss on the first cons_window positions from the first divergence (0 = through n-1)."""
     n, T = traj.block_len, traj.fixed.shape[1]
     B = len(rows)
     out = Packed(np.zeros((B, length), np.int64), np.zeros((B, length), np.int64),
                  np.full((B, length), -1, np.int64), np.zeros((B, T * n), np.int64),
-                 np.zeros((B, T * n), np.float32), np.zeros(B, np.int64), np.zeros(B, np.int64))
+                 np.zeros((B, T * n), np.float32), np.full((B, T), n, np.int64), np.zeros(B, np.int64),
+                 np.zeros(B, np.int64))
     by_owner = np.searchsorted(traj.owner, np.arange(len(traj) * T + 1))  # owner is sorted
+    ratios = traj.ratios()
+    tolerance = 0.5 / max(window - 1, 1) + 1e-9
+    reach = cons_window if cons_window > 0 else n
     for r, i in enumerate(rows):
         prompt, fixed = traj.prompt(i).astype(np.int64), traj.fixed[i].astype(np.int64)  # (P,), (T, n)
         P = len(prompt)
         clean = fixed.reshape(-1)                                   # the greedy continuation
         cut = np.flatnonzero(clean == eot)
         valid_until = cut[0] if len(cut) else len(clean)            # stream index of the first end-of-text
-        wanted = target_ratios(T, schedule, rng, window=window)
+        phase = int(rng.integers(window)) if fresh and schedule != "random" else 0
+        wanted = target_ratios(T, schedule, rng, window=window, phase=phase)
         toks, pos = [prompt], [np.arange(P)]
         ar = [np.append(prompt[1:], clean[0])]                     # prompt predicts its next token, then l_0[0]
         for j in range(T):
-            cands = traj.states[by_owner[i * T + j]:by_owner[i * T + j + 1]].astype(np.int64)
-            cands = np.concatenate([cands, fixed[j][None]])         # the fixed point itself has ratio 0
-            ratios = noise_ratio(cands, fixed[j])
-            k = cands[np.abs(ratios - wanted[j]).argmin()]
+            lo, hi = by_owner[i * T + j], by_owner[i * T + j + 1]
+            cands = np.concatenate([traj.states[lo:hi], fixed[j][None]]).astype(np.int64)  # + the fixed point
+            k = cands[pick_state(cands, np.append(ratios[lo:hi], 0.0), wanted[j], rng, fresh, tolerance)]
             diff = np.flatnonzero(k != fixed[j])
             stream = j * n + np.arange(n)                            # stream index of l_j[t]
             nxt = np.append(clean[stream[1:]], clean[stream[-1] + 1] if j + 1 < T else -1)
             ok = stream < valid_until                                # l_j[t] predicts a token up to end-of-text
             base = P + 2 * n * j
             out.noisy_idx[r, j * n:(j + 1) * n] = base + np.arange(n)
-            if len(diff):                                            # from the first divergence through n-1
-                out.cons_weight[r, j * n + diff[0]:(j + 1) * n] = ok[diff[0]:]
+            if len(diff):                                            # from the first divergence on
+                d = diff[0]
+                out.first_div[r, j] = d
+                out.cons_weight[r, j * n + d:j * n + min(n, d + reach)] = ok[d:d + reach]
             toks += [k, fixed[j]]
             pos += [P + j * n + np.arange(n)] * 2
             ar += [np.full(n, -1), np.where(ok, nxt, -1)]
@@ -238,17 +267,49 @@ def pack(traj, rows, length, schedule, rng, eot, window=16):
     return out
 
 
-def forcing_loss(logits, ar_targets, noisy_idx, cons_weight, block_len, lam):
-    """L = L_pc + lam * L_AR from one forward's logits (B, L, V).
+def forcing_loss(logits, ar_targets, noisy_idx, cons_weight, block_len, target="soft"):
+    """The two terms of L = L_pc + lambda * L_AR from one forward's logits (B, L, V); returns (L_pc, L_AR).
 
-    L_pc: soft cross-entropy from the detached clean distribution at l_j[t] (n positions after k_j[t])
-    to the noisy one at k_j[t], averaged over the positions cons_weight keeps.
+    L_pc, at the noisy positions cons_weight keeps: soft = cross-entropy from the detached clean
+    distribution at l_j[t] (n positions after k_j[t]) to the noisy one at k_j[t] (the paper's);
+    hard = cross-entropy to the fixed point's next token (the clean distribution's argmax).
     L_AR: next-token cross-entropy on the clean stream."""
     V = logits.shape[-1]
     ar = F.cross_entropy(logits.flatten(0, 1), ar_targets.flatten(), ignore_index=-1)
     idx = noisy_idx[..., None].expand(-1, -1, V)
-    student = logits.gather(1, idx).log_softmax(-1)
-    teacher = logits.gather(1, idx + block_len).detach().softmax(-1)
-    pc = -(teacher * student).sum(-1)                                # (B, T*n)
+    student = logits.gather(1, idx).log_softmax(-1)                  # (B, T*n, V)
+    if target == "hard":
+        label = ar_targets.gather(1, noisy_idx + block_len).clamp(min=0)
+        pc = -student.gather(2, label[..., None])[..., 0]
+    else:
+        teacher = logits.gather(1, idx + block_len).detach().softmax(-1)
+        pc = -(teacher * student).sum(-1)                            # (B, T*n)
     pc = (pc * cons_weight).sum() / cons_weight.sum().clamp(min=1)
-    return pc + lam * ar, pc, ar
+    return pc, ar
+
+
+@torch.no_grad()
+def accuracy_by_distance(model, traj, eot, context="noisy", batch=16, seed=0, autocast=None):
+    """Diagnostics on trajectories the model has not trained on: at every noisy position k_j[t] from the
+    first divergence d_j on, is the model's greedy prediction the fixed point's next token l_j[t+1]?
+    Returns (hits, counts), each (n,), indexed by the distance t - d_j (the progressive schedule packs
+    one state per block)."""
+    from jfmini.masks import dense_mask, noise_aware_mask
+    n, T = traj.block_len, traj.fixed.shape[1]
+    dev = model.embed.weight.device
+    L = packed_length(int(np.diff(traj.prompt_offsets).max()), n, T)
+    rng = np.random.default_rng(seed)
+    hits, counts = np.zeros(n, np.int64), np.zeros(n, np.int64)
+    for lo in range(0, len(traj), batch):
+        p = pack(traj, range(lo, min(lo + batch, len(traj))), L, "progressive", rng, eot, window=min(16, T))
+        t = {k: torch.from_numpy(getattr(p, k)).to(dev) for k in ("tokens", "pos", "ar_targets", "noisy_idx")}
+        mask = dense_mask(noise_aware_mask(torch.from_numpy(p.prompt_len).to(dev),
+                                           torch.from_numpy(p.pad_start).to(dev), n, context), len(p.tokens), L, dev)
+        with autocast or contextlib.nullcontext():
+            guess = model(t["tokens"], t["pos"], mask).argmax(-1).gather(1, t["noisy_idx"]).cpu().numpy()
+        label = t["ar_targets"].gather(1, t["noisy_idx"] + n).cpu().numpy()           # (B, T*n)
+        dist = np.arange(T * n)[None] % n - np.repeat(p.first_div, n, axis=1)          # t - d_j
+        keep = (dist >= 0) & (label >= 0)
+        np.add.at(hits, dist[keep], (guess == label)[keep])
+        np.add.at(counts, dist[keep], 1)
+    return hits, counts

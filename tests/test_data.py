@@ -4,7 +4,8 @@ import socket
 import pytest
 
 from jfmini.common import UserError
-from jfmini.data import byte_tokenizer, gpt2_tokenizer, is_val, read_prompts
+from jfmini.data import (SKIP_DIRS, byte_tokenizer, corpus_files, function_prompts, gpt2_tokenizer, heldout_prompts,
+                         read_prompts, split_of, trajectory_prompts)
 
 
 def test_gpt2_tokenizer_offline_known_ids(monkeypatch):
@@ -32,9 +33,44 @@ def test_byte_tokenizer():
 
 
 def test_split_is_by_file_and_deterministic():
-    paths = [f"/x/lib/pkg/mod{i}.py" for i in range(500)]
-    val = [p for p in paths if is_val(p)]
-    assert 0 < len(val) < 50 and val == [p for p in paths if is_val(p)]
+    paths = [f"/x/lib/pkg/mod{i}.py" for i in range(2000)]
+    split = {p: split_of(p) for p in paths}
+    assert split == {p: split_of(p) for p in paths}
+    share = {s: sum(v == s for v in split.values()) / len(paths) for s in ("val", "eval", "traj", "train")}
+    assert 0.01 < share["val"] < 0.03 and 0.01 < share["eval"] < 0.03 and 0.14 < share["traj"] < 0.22
+
+
+def test_held_out_prompts_come_from_files_no_model_trains_on():
+    """Pretraining reads 'train' files, validation 'val'; distillation prompts come from 'traj' files and
+    the held-out TPF prompts from 'eval' files: four disjoint sets."""
+    enc = byte_tokenizer()
+    files = {s: set(corpus_files("stdlib", s)) for s in ("train", "val", "eval", "traj")}
+    assert all(files.values())
+    names = list(files)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            assert not files[a] & files[b], (a, b)
+    assert set(corpus_files("stdlib")) == set().union(*files.values())
+    assert not any(set(f.parts) & {"pip", "setuptools", "_pytest"} for f in corpus_files("stdlib"))
+    assert {"pip", "setuptools", "_pytest"} <= SKIP_DIRS
+    stems = {s: {f.stem for f in files[s]} for s in files}
+    held = heldout_prompts("stdlib", enc, count=20, max_tokens=400)
+    assert len(held) == 20 and all(r["task_id"].split(".")[0] in stems["eval"] for r in held)
+    assert all(r["prompt"].rstrip().endswith(('"""', "'''")) for r in held)   # cut after the docstring
+    traj = trajectory_prompts("stdlib", enc, 30, max_tokens=400)
+    texts = {enc.decode(t) for t in traj}
+    assert len(traj) == 30 and not texts & {r["prompt"] for r in held}
+
+
+def test_function_prompts_are_whole_lines_within_the_budget(tmp_path):
+    src = tmp_path / "m.py"
+    src.write_text('import os\n\nX = 1\n\n\n@decorate\ndef f(a,\n      b):\n    """Add."""\n    return a + b\n'
+                   '\ndef g():\n    return 2\n')
+    enc = byte_tokenizer()
+    got = dict(function_prompts([src], enc, 10, max_tokens=60))
+    assert enc.decode(got["m.f"]).endswith('@decorate\ndef f(a,\n      b):\n    """Add."""\n')
+    assert enc.decode(got["m.g"]).endswith("def g():\n") and len(got["m.g"]) <= 60
+    assert enc.decode(got["m.f"]).startswith("\n") or enc.decode(got["m.f"]).startswith("X")
 
 
 def test_prompts_jsonl(tmp_path):

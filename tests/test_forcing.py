@@ -52,7 +52,7 @@ def test_noisy_and_clean_twins_share_positions(traj):
 def test_selected_noise_ratios_follow_the_schedule(schedule):
     n, T = 16, 16
     traj = synthetic([np.arange(6)], T=T, n=n)
-    p = pack(traj, [0], packed_length(16, n, T), schedule, np.random.default_rng(1), EOT)
+    p = pack(traj, [0], packed_length(16, n, T), schedule, np.random.default_rng(1), EOT, fresh=False)
     P = 6
     got = np.array([noise_ratio(p.tokens[0, P + 2 * n * j: P + 2 * n * j + n][None], traj.fixed[0, j])[0]
                     for j in range(T)])
@@ -81,9 +81,10 @@ def test_consistency_loss_zero_when_noisy_equals_clean_and_positive_otherwise():
         p = pack(traj, [0], L, "progressive", np.random.default_rng(0), EOT, window=T)
         mod = noise_aware_mask(torch.tensor(p.prompt_len), torch.tensor(p.pad_start), n)
         logits = model(torch.tensor(p.tokens), torch.tensor(p.pos), dense_mask(mod, 1, L))
-        _, pc, _ = forcing_loss(logits, torch.tensor(p.ar_targets), torch.tensor(p.noisy_idx),
-                                torch.tensor(p.cons_weight), n, 10.0)
-        assert (pc.item() == 0.0) == zero
+        for target in ("soft", "hard"):
+            pc, _ = forcing_loss(logits, torch.tensor(p.ar_targets), torch.tensor(p.noisy_idx),
+                                 torch.tensor(p.cons_weight), n, target)
+            assert (pc.item() == 0.0) == zero
 
 
 def test_ar_part_equals_plain_causal_lm_loss_on_the_clean_stream(traj):
@@ -93,8 +94,8 @@ def test_ar_part_equals_plain_causal_lm_loss_on_the_clean_stream(traj):
     p = pack(traj, [0, 1], L, "progressive", np.random.default_rng(0), EOT)
     mod = noise_aware_mask(torch.tensor(p.prompt_len), torch.tensor(p.pad_start), n)
     logits = model(torch.tensor(p.tokens), torch.tensor(p.pos), dense_mask(mod, 2, L))
-    _, _, ar = forcing_loss(logits, torch.tensor(p.ar_targets), torch.tensor(p.noisy_idx),
-                            torch.tensor(p.cons_weight), n, 10.0)
+    _, ar = forcing_loss(logits, torch.tensor(p.ar_targets), torch.tensor(p.noisy_idx),
+                         torch.tensor(p.cons_weight), n)
     total, count = 0.0, 0
     for r in range(2):
         stream = torch.tensor(np.concatenate([traj.prompt(r), traj.fixed[r].reshape(-1)]).astype(np.int64))
@@ -236,10 +237,77 @@ def test_a_few_distillation_steps_lower_the_loss():
         p = pack(traj, list(range(8)), L, "progressive", rng, EOT)
         mod = noise_aware_mask(torch.tensor(p.prompt_len), torch.tensor(p.pad_start), n)
         logits = model(torch.tensor(p.tokens), torch.tensor(p.pos), dense_mask(mod, 8, L))
-        loss, _, _ = forcing_loss(logits, torch.tensor(p.ar_targets), torch.tensor(p.noisy_idx),
-                                  torch.tensor(p.cons_weight), n, 1.0)
+        pc, ar = forcing_loss(logits, torch.tensor(p.ar_targets), torch.tensor(p.noisy_idx),
+                              torch.tensor(p.cons_weight), n)
+        loss = pc + ar
         loss.backward()
         opt.step()
         opt.zero_grad()
         losses.append(loss.item())
     assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5])
+
+
+def packed_states(p, n, T, P):
+    return np.stack([p.tokens[:, P + 2 * n * j: P + 2 * n * j + n] for j in range(T)], 1)   # (B, T, n)
+
+
+def test_fresh_states_vary_across_epochs_with_the_same_schedule_statistics():
+    """Each packing draws k_j anew (a random ramp phase per row, a random state among the nearest
+    ratios), so epochs see different pairs; the ratios still follow the ramp: uniform over it."""
+    n, T, W = 8, 8, 8
+    traj = synthetic([np.arange(6)] * 40, T=T, n=n, states_per_block=[1, 1, 2, 3, 3, 5, 6, 8, 8])
+    rows = list(range(40))
+    L = packed_length(16, n, T)
+    rng = np.random.default_rng(0)
+    a, b = (pack(traj, rows, L, "progressive", rng, EOT, window=W) for _ in range(2))
+    assert (packed_states(a, n, T, 6) != packed_states(b, n, T, 6)).any(-1).mean() > 0.3
+    fixed = (pack(traj, rows, L, "progressive", rng, EOT, window=W, fresh=False) for _ in range(2))
+    assert np.array_equal(*(packed_states(p, n, T, 6) for p in fixed))
+    for p in (a, b):
+        got = np.array([[noise_ratio(p.tokens[r, 6 + 2 * n * j: 6 + 2 * n * j + n][None], traj.fixed[r, j])[0]
+                         for j in range(T)] for r in rows])
+        assert abs(got.mean() - 0.5) < 0.08                       # the ramp's mean
+        assert (got == 0).any() and (got >= 7 / 8).any()          # clean and fully noisy ends both drawn
+        assert len(np.unique(got[:, 0])) > 2                       # block 0 is no longer always clean
+
+
+def test_consistency_window_keeps_only_positions_near_the_first_divergence(traj):
+    n, T = 4, 4
+    L = packed_length(16, n, T)
+    full = pack(traj, [0, 1], L, "progressive", np.random.default_rng(3), EOT)
+    near = pack(traj, [0, 1], L, "progressive", np.random.default_rng(3), EOT, cons_window=2)
+    for r in range(2):
+        for j in range(T):
+            d = full.first_div[r, j]
+            w_full, w_near = full.cons_weight[r, j * n:(j + 1) * n], near.cons_weight[r, j * n:(j + 1) * n]
+            assert list(np.flatnonzero(w_full)) == list(range(d, n))
+            assert list(np.flatnonzero(w_near)) == list(range(d, min(n, d + 2)))
+
+
+def test_hard_consistency_is_cross_entropy_to_the_fixed_points_next_token():
+    torch.manual_seed(0)
+    n, T, B, L, V = 2, 2, 1, 12, 11
+    logits = torch.randn(B, L, V)
+    noisy_idx = torch.tensor([[3, 4, 7, 8]])
+    ar_targets = torch.full((B, L), -1)
+    ar_targets[0, [5, 6, 9, 10]] = torch.tensor([4, 7, 1, 2])
+    weight = torch.tensor([[0.0, 1.0, 1.0, 1.0]])
+    pc, _ = forcing_loss(logits, ar_targets, noisy_idx, weight, n, "hard")
+    want = F.cross_entropy(logits[0, [4, 7, 8]], torch.tensor([7, 1, 2]))
+    assert pc.item() == pytest.approx(want.item(), rel=1e-6)
+
+
+def test_accuracy_by_distance_counts_every_kept_noisy_position():
+    from jfmini.forcing import accuracy_by_distance
+    model = tiny_model(seed=2)
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, 256, int(rng.integers(3, 10))).tolist() for _ in range(6)]
+    n, T = 6, 3
+    traj = collect_trajectories(model, prompts, n, T, batch_size=6, eot=None, log=lambda *_: None)
+    hits, counts = accuracy_by_distance(model, traj, EOT, batch=4)
+    assert len(hits) == n and np.all(hits <= counts) and counts[0] > 0
+    assert np.all(np.diff(counts) <= 0)               # distance d needs a divergence at most n-1-d in
+    # with the fixed point itself as the context nothing diverges, so the model is its own teacher:
+    exact = Trajectories(traj.prompts, traj.prompt_offsets, traj.fixed, traj.fixed.reshape(-1, n)[traj.owner],
+                         traj.owner)
+    assert accuracy_by_distance(model, exact, EOT)[1].sum() == 0
