@@ -55,7 +55,8 @@ class TrainConfig:
     d_model: int = field(None, "model width")
     seq_len: int = field(None, "context length")
     # pretraining
-    corpus: str = field(None, "stdlib or stdlib+torch (the Python sources installed here)", ["stdlib", "stdlib+torch"])
+    corpus: str = field(None, "the Python sources installed here: stdlib, stdlib+torch, or stdlib+torch+deps (with "
+                              "numpy, sympy, networkx, mpmath, jinja2)", ["stdlib", "stdlib+torch", "stdlib+torch+deps"])
     batch_size: int = field(None, "sequences per micro-batch (per process)")
     grad_accum: int = field(None, "micro-batches per optimizer step")
     steps: int = field(None, "pretraining optimizer steps")
@@ -98,7 +99,7 @@ class TrainConfig:
 
 
 PRESETS = {
-    "gpu": dict(n_layer=8, n_head=8, d_model=512, seq_len=1024, corpus="stdlib+torch", batch_size=32,
+    "gpu": dict(n_layer=8, n_head=8, d_model=512, seq_len=1024, corpus="stdlib+torch+deps", batch_size=32,
                 grad_accum=2, steps=1500, lr=2e-3, warmup=100, eval_every=300, eval_batches=20, ckpt_every=300,
                 traj_prompts=6144, traj_tokens=256, traj_batch=512, distill_steps=500, distill_batch=32,
                 distill_lr=3e-4, replay_batch=8, probe=164),
@@ -565,6 +566,8 @@ def distill_round(cfg, run, out, r, src=None, traj_dir=None, probe=True):
     if cfg.traj_prompts < cfg.distill_batch * run.world:
         raise UserError(f"--traj_prompts {cfg.traj_prompts} is fewer than one step's rows (--distill_batch "
                         f"{cfg.distill_batch} x {run.world} processes); raise --traj_prompts or lower --distill_batch")
+    if r == 1 and probe:
+        evaluate(cfg, run, src, f"round 1: source {src.name}")
     model, ckpt = load_checkpoint(src, run.device)
     corpus = ckpt.get("train_config", {}).get("corpus") or cfg.corpus    # the one the base was trained on
     data_dir = Path(traj_dir or out) / f"data_{corpus.replace('+', '_')}"
@@ -611,7 +614,6 @@ def merge_trajectories(parts):
                         np.concatenate(states), np.concatenate(owner), parts[0].source)
 
 
-@cli
 def with_preset(cfg, cuda):
     """The config with every unset flag taken from its preset (gpu when CUDA is visible, else cpu), checked."""
     preset = cfg.preset if cfg.preset != "auto" else ("gpu" if cuda else "cpu")
@@ -623,6 +625,7 @@ def with_preset(cfg, cuda):
     return cfg
 
 
+@cli
 def main(argv=None):
     cfg = parse_config(TrainConfig, argv, description=__doc__.split("\n")[0], checks=checks)
     run = Run(cfg)
@@ -640,8 +643,6 @@ def main(argv=None):
     random.seed(cfg.seed)
     if "pretrain" in stages:
         pretrain(cfg, run, out)
-    if "round1" in stages:
-        evaluate(cfg, run, out / "base.pt", "base.pt")
     for r in range(1, rounds + 1):
         if f"round{r}" in stages:
             if run.ddp:

@@ -130,7 +130,9 @@ def test_bench_runs_and_prints_a_json_line(files):
     assert res.returncode == 0, res.stderr
     import json
     record = json.loads(res.stdout.strip().splitlines()[-1])
-    assert {r["row"] for r in record["rows"]} >= {"AR eager", "AR fast", "Jacobi", "JF Jacobi", "JF MR"}
+    assert {(r["row"], r["model"]) for r in record["rows"]} >= {("AR eager", "base"), ("AR fast", "base"),
+                                                                ("Jacobi", "base"), ("n-gram", "base"),
+                                                                ("Jacobi", "jf"), ("n-gram", "jf"), ("MR", "jf")}
     assert all(r["lossless"] == 1.0 for r in record["rows"])
     assert all(r["mismatches"] == 0 and r["tie_gaps"] == [] and r["lossless_ties_aside"] == 1.0 for r in record["rows"])
 
@@ -181,9 +183,13 @@ def test_train_corrupt_state_and_trajectories(tmp_path, files):
     res = run("train.py", "--out_dir", out, "--stage", "pretrain", "--resume", *TINY, "--steps", "2")
     assert_clean_failure(res, "pretrain_state.pt")
     (out / "base.pt").write_bytes((files / "base.pt").read_bytes())
-    (out / "traj_r1.npz").write_bytes(b"PK\x03\x04 truncated")
-    res = run("train.py", "--out_dir", out, "--stage", "round1", "--device", "cpu")
-    assert_clean_failure(res, "traj_r1.npz", "delete")
+    args = ["--out_dir", out, "--stage", "round1", "--device", "cpu", "--corpus", "stdlib", "--traj_prompts", "6",
+            "--traj_tokens", "16", "--traj_batch", "6", "--distill_steps", "1", "--distill_batch", "2", "--probe", "0"]
+    assert run("train.py", *args).returncode == 0
+    (traj,) = out.glob("traj_*.npz")
+    traj.write_bytes(b"PK\x03\x04 truncated")
+    (out / "jf1.pt").unlink()
+    assert_clean_failure(run("train.py", *args), traj.name, "delete")
     assert no_temp_files(out)
 
 
@@ -196,10 +202,10 @@ def test_round_reuses_only_trajectories_of_the_same_source(tmp_path, files):
             "--probe", "0", "--block_lens", "4,8"]
     first = run("train.py", *args)
     assert first.returncode == 0, first.stderr[-2000:]
-    assert "collecting trajectories of 6 prompts" in first.stdout
+    assert "trajectories: 6 heldout prompts" in first.stdout
     (out / "jf1.pt").unlink()
     again = run("train.py", *args)                                    # same base: the file is reused
-    assert again.returncode == 0 and "reusing 6 trajectories" in again.stdout, again.stderr[-2000:]
+    assert again.returncode == 0 and "trajectories: reusing 6" in again.stdout, again.stderr[-2000:]
     torch.manual_seed(1)                                              # another base model, same shapes
     model = GPT(GPTConfig(vocab_size=50257, seq_len=64, n_layer=1, n_head=2, d_model=16))
     atomic_save({"model": model.state_dict(), "model_config": model.cfg.to_dict(), "kind": "base",
@@ -209,11 +215,12 @@ def test_round_reuses_only_trajectories_of_the_same_source(tmp_path, files):
     (out / "jf1.pt").unlink()
     fresh = run("train.py", *args)
     assert fresh.returncode == 0, fresh.stderr[-2000:]
-    assert "made by another model or config, collecting new trajectories" in fresh.stdout
+    assert "trajectories: 6 heldout prompts" in fresh.stdout and "reusing" not in fresh.stdout
     from jfmini.common import file_sha256
     from jfmini.forcing import Trajectories
-    traj = Trajectories.load(out / "traj_r1.npz")
-    assert json.loads(traj.source)["sha256"] == file_sha256(out / "base.pt") and traj.problem() is None
+    made = [Trajectories.load(p) for p in out.glob("traj_*.npz")]
+    assert len(made) == 2 and all(t.problem() is None for t in made)
+    assert file_sha256(out / "base.pt") in {json.loads(t.source)["sha256"] for t in made}
     assert no_temp_files(out)
 
 
