@@ -82,16 +82,19 @@ class TrainConfig:
     fresh_states: bool = field(True, "draw each block's noisy state anew whenever a trajectory is packed (a random "
                                      "ramp phase, a random state of the nearest noise ratio); else the same nearest "
                                      "state every epoch")
-    cons_window: int = field(0, "consistency loss on the first N positions from a block's first wrong token only "
+    cons_window: int = field(8, "consistency loss on the first N positions from a block's first wrong token only "
                                 "(0 = through the block's end, the paper's)")
     cons_target: str = field("soft", "consistency target: soft = the clean distribution (the paper's), hard = its "
                                      "argmax, the fixed point's next token", ["soft", "hard"])
-    context: str = field("noisy", "what noisy blocks attend to: earlier noisy blocks (the paper's noise-aware "
+    context: str = field("clean", "what noisy blocks attend to: earlier noisy blocks (the paper's noise-aware "
                                   "mask) or earlier clean ones (CLLM-style, what vanilla Jacobi decoding sees)",
                          ["noisy", "clean"])
     replay: float = field(5.0, "weight of an extra AR loss on real corpus text each round step (keeps the "
                                "distilled model's validation loss near the base; 0 = off, the paper's loss)")
     replay_batch: int = field(None, "corpus sequences per step for the replay loss")
+    anchor: str = field("ce", "the replay loss: ce = cross-entropy on the corpus text; kl = KL divergence from the "
+                              "round's starting model on that text (keeps its predictions, not just its loss)",
+                        ["ce", "kl"])
     noise_window: int = field(16, "blocks per ramp of the progressive schedule (capped at the blocks per "
                                   "trajectory, so every trajectory sees the whole ramp)")
     probe: int = field(None, "prompts of HumanEval and of the held-out set for the vanilla-Jacobi TPF check of the "
@@ -465,6 +468,7 @@ def distill(cfg, run, model, traj, n, r, state_path, data_dir):
         run.log(f"round {r}: no token cache in {data_dir}, so no replay loss")
     real_data = load_split(data_dir, "train") if replay else None
     real_pos = torch.arange(mcfg.seq_len, device=run.device)
+    anchor = copy.deepcopy(model).eval().requires_grad_(False) if replay and cfg.anchor == "kl" else None
 
     def losses(tokens, pos, ar_targets, noisy_idx, cons_weight, mask, x, y):
         with run.autocast():
@@ -473,8 +477,12 @@ def distill(cfg, run, model, traj, n, r, state_path, data_dir):
         if x is None:
             return pc, ar, torch.zeros_like(ar)
         with run.autocast():
-            real = F.cross_entropy(ddp_model(x, real_pos).flatten(0, 1), y.flatten())
-        return pc, ar, real
+            real = ddp_model(x, real_pos).flatten(0, 1)
+            if anchor is None:
+                return pc, ar, F.cross_entropy(real, y.flatten())
+            with torch.no_grad():
+                ref = anchor(x, real_pos).flatten(0, 1).log_softmax(-1)
+        return pc, ar, F.kl_div(real.log_softmax(-1), ref, log_target=True, reduction="batchmean")
 
     step_losses = torch.compile(losses) if run.compile else losses
     order_rng = np.random.default_rng(cfg.seed * 7919 + r * 31 + step)      # the same on every rank
@@ -495,7 +503,7 @@ def distill(cfg, run, model, traj, n, r, state_path, data_dir):
     run.log(f"round {r}: training {cfg.distill_steps} steps of {B * run.world} rows x {L} tokens (lambda {cfg.lam}, "
             f"{cfg.schedule} schedule, {'fresh' if cfg.fresh_states else 'nearest'} states, {cfg.context} context, "
             f"{cfg.cons_target} consistency target, window {cfg.cons_window or 'to the block end'}, "
-            f"replay {cfg.replay})")
+            f"replay {cfg.replay} {cfg.anchor})")
     try:
         while step < cfg.distill_steps:
             if prefetch:

@@ -160,7 +160,9 @@ class Jacobi:
     contain the verified next token, verified in the same forward), ngram G (context n-gram candidates:
     prompt lookup), cand_len c (tokens per candidate row, at most n). Rows of the batch are independent
     sequences (trajectory collection decodes many prompts at once); decode.py and bench.py use batch=1.
-    attention: "flex" (FlexAttention over the live part of the cache; needs compile on CUDA) or "dense".
+    attention: "dense" (every cache slot, masked) or "flex" (FlexAttention visits only the live tiles of the
+    cache; exact on CPU, but compiled on CUDA with torch 2.11 it gave wrong tokens for drafts of more than
+    one token and failed to lower after two compilations in one process, so it is not the default).
     """
 
     def __init__(self, model, block_len=16, num_blocks=1, pool_size=0, ngram=0, cand_len=None,
@@ -179,7 +181,7 @@ class Jacobi:
                                      # with state exposes it as tensors() so that warm-up steps can be undone
         self.dev = dev = model.embed.weight.device
         self.graph_enabled = (dev.type == "cuda") if graph is None else graph
-        self.attention = attention or ("flex" if compile and dev.type == "cuda" else "dense")
+        self.attention = attention or "dense"
         self._graph = None
         # Cache slots: [candidate scratch (R*c) | positions 0..C-1]. C covers the longest prompt plus new
         # tokens (max_len) and slack for tentative draft writes; a tile-aligned length keeps kernels regular.

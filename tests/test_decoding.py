@@ -164,7 +164,7 @@ def test_cuda_graph_decoders_are_lossless(compile):
     for n, P, G, c, K in ((1, 0, 0, None, 1), (8, 0, 0, None, 1), (16, 4, 0, None, 2), (64, 4, 2, 16, 2),
                           (32, 0, 2, 8, 1)):
         jac = Jacobi(model, block_len=n, pool_size=P, ngram=G, cand_len=c, num_blocks=K, compile=compile)
-        assert jac.graph_enabled and jac.attention == ("flex" if compile else "dense")
+        assert jac.graph_enabled
         for _ in range(2):                                # the second run replays the captured graph
             out, stats = jac.generate(prompt, 64, sync_every=3)
             assert out == ref, (n, P, K)
