@@ -63,10 +63,10 @@ def checks(c):
 TIE_ULPS = 2
 
 # The sweep: block length x blocks in flight x (recycled, n-gram) candidates x candidate length.
-CANDIDATES = [(0, 0, None), (0, 1, 16), (0, 2, 8), (0, 2, 16), (4, 0, 16), (4, 2, 16), (2, 2, 32)]
+CANDIDATES = [(0, 0, None), (0, 1, 16), (0, 2, 8), (4, 0, 16), (4, 2, 16)]
 SWEEP = [dict(block_len=n, num_blocks=k, pool_size=p, ngram=g, cand_len=c, activation_ratio=0.85)
-         for n in (16, 32, 64) for k in (1, 2) for p, g, c in CANDIDATES if c is None or c <= n]
-SWEEP_BASE = [dict(block_len=n, ngram=g, cand_len=c) for n in (16, 32) for g, c in ((1, 16), (2, 8), (2, 16))]
+         for n, k in ((16, 1), (32, 1), (32, 2), (64, 1), (64, 2)) for p, g, c in CANDIDATES]
+SWEEP_BASE = [dict(block_len=n, ngram=g, cand_len=c) for n in (16, 32) for g, c in ((1, 16), (2, 8))]
 LOOKUP = dict(block_len=32, ngram=2, cand_len=16)     # the n-gram rows when no sweep chose settings
 
 
