@@ -77,7 +77,7 @@ class TrainConfig:
     traj_source: str = field("heldout", "trajectory prompts: heldout = documented functions from files pretraining "
                                         "never saw, cut after the docstring; train = 64-token function starts "
                                         "from the pretraining files", ["heldout", "train"])
-    lam: float = field(10.0, "weight of the AR loss: L = L_consistency + lam * L_AR (the paper's reference: 10)")
+    lam: float = field(1.0, "weight of the AR loss: L = L_consistency + lam * L_AR (the paper's reference: 10)")
     schedule: str = field("progressive", "noise schedule", ["progressive", "random", "reverse"])
     fresh_states: bool = field(True, "draw each block's noisy state anew whenever a trajectory is packed (a random "
                                      "ramp phase, a random state of the nearest noise ratio); else the same nearest "
@@ -92,7 +92,7 @@ class TrainConfig:
     replay: float = field(5.0, "weight of an extra AR loss on real corpus text each round step (keeps the "
                                "distilled model's validation loss near the base; 0 = off, the paper's loss)")
     replay_batch: int = field(None, "corpus sequences per step for the replay loss")
-    anchor: str = field("ce", "the replay loss: ce = cross-entropy on the corpus text; kl = KL divergence from the "
+    anchor: str = field("kl", "the replay loss: ce = cross-entropy on the corpus text; kl = KL divergence from the "
                               "round's starting model on that text (keeps its predictions, not just its loss)",
                         ["ce", "kl"])
     noise_window: int = field(16, "blocks per ramp of the progressive schedule (capped at the blocks per "
