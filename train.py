@@ -126,6 +126,11 @@ def checks(c):
     if c.d_model and c.n_head:
         yield c.d_model % c.n_head == 0 and (c.d_model // c.n_head) % 2 == 0, \
             "--d_model must be a multiple of --n_head with an even head size"
+    world = int(os.environ.get("WORLD_SIZE", 1))                  # torchrun's processes
+    if c.traj_prompts and c.distill_batch and c.stage != "pretrain":
+        yield c.traj_prompts >= c.distill_batch * world, \
+            f"--traj_prompts {c.traj_prompts} is fewer than one step's rows (--distill_batch {c.distill_batch} x " \
+            f"{world} processes); raise --traj_prompts or lower --distill_batch"
 
 
 # ----------------------------------------------------------------------------- helpers
