@@ -38,7 +38,8 @@ class DecodeConfig:
 
 def checks(c):
     yield c.prompt is not None, "--prompt is required, e.g. --prompt \"def fib(n):\""
-    yield c.max_new_tokens is None or c.max_new_tokens >= 1, f"--max_new_tokens must be at least 1 (got {c.max_new_tokens})"
+    v = c.max_new_tokens
+    yield v is None or v >= 1, f"--max_new_tokens must be at least 1 (got {v})"
     sizes = [f"--{k} {getattr(c, k)}" for k in ("block_len", "num_blocks", "pool_size", "activation_ratio")
              if getattr(c, k) is not None and getattr(c, k) != METHODS["ar"].get(k)]
     yield c.method != "ar" or not sizes, f"--method ar decodes one token per forward, so {' '.join(sizes)} would " \

@@ -68,7 +68,8 @@ BAD = [
     # checkpoints: a directory, a trajectories file, the flag that named a missing file
     ([*DEC, "--ckpt", "{d}"], ["is a directory", "--ckpt {d}/base.pt"], []),
     ([*BENCH, "--ckpt", "{d}"], ["is a directory", "--ckpt {d}/base.pt"], []),
-    ([*DEC, "--ckpt", "{d}/traj_r1.npz"], ["not a checkpoint", "pass --ckpt", ".pt file written by train.py"], ["delete"]),
+    ([*DEC, "--ckpt", "{d}/traj_r1.npz"], ["not a checkpoint", "pass --ckpt", ".pt file written by train.py"],
+     ["delete"]),
     ([*BENCH, "--ckpt", "{d}/traj_r1.npz"], ["not a checkpoint", "pass --ckpt"], ["delete"]),
     ([*BENCH, "--base_ckpt", "{d}/traj_r1.npz"], ["not a checkpoint", "pass --base_ckpt"], ["delete"]),
     # train.py names its own stages, not a --ckpt flag it does not have
