@@ -1,4 +1,4 @@
-"""Benchmark: AR vs Jacobi vs Jacobi Forcing on HumanEval prompts (DESIGN section 7).
+"""Benchmark: AR vs Jacobi vs Jacobi Forcing on HumanEval prompts, in TPF (tokens per forward pass) and tokens/s.
 
     python bench.py                          # the table, then one JSON line
     python bench.py --sweep                  # first search the decoder settings for this GPU
@@ -12,20 +12,21 @@ model's fastest n-gram settings likewise become 'base best'). TPF = tokens per f
 against the base model's AR rows of the same run.
 Greedy decoding, stop at end-of-text; prefill is timed apart; warm-up and graph capture excluded.
 Outputs that differ from AR fast are checked for floating-point ties: the float32 model's logit gap
-between the two tokens at the first divergence (see TIE_ULPS).
+between the two tokens at the first divergence, in rounding steps of the decoding dtype (at most
+TIE_ULPS = 2 steps counts as a tie).
 """
 import gc
 import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 
-from jfmini.common import (UserError, atomic_write, cli, default_checkpoint, field, load_checkpoint, parse_config,
-                           pick_device)
+from jfmini.common import (UserError, atomic_write, check_writable, cli, default_checkpoint, field, load_checkpoint,
+                           parse_config, pick_device)
 from jfmini.data import completion_text, distinct4, gpt2_tokenizer, parses, read_prompts
 from jfmini.decoding import METHODS, Jacobi, Stats, generate_ar
 
@@ -36,7 +37,8 @@ class BenchConfig:
     base_ckpt: str = field("out/base.pt", "the AR base model it was distilled from")
     prompts: str = field(None, "JSONL of {task_id, prompt} records (default: HumanEval's 164)")
     limit: int = field(0, "use only the first N prompts (0 = all)")
-    max_new_tokens: int = field(256, "new tokens per prompt at most (greedy, stops at end-of-text)")
+    max_new_tokens: int = field(None, "new tokens per prompt at most (greedy, stops at end-of-text); default 256, "
+                                      "or a quarter of the models' context if that is less")
     eager_limit: int = field(16, "prompts for the AR eager row (a slow plain loop; its tokens/s needs few)")
     sweep: bool = field(False, "search block length x blocks x candidates first; the fastest become 'JF best' and "
                                "'base best' (the base model with n-gram candidates only)")
@@ -44,7 +46,7 @@ class BenchConfig:
     sweep_file: str = field("out/sweep.json", "where the sweep's choice is kept for later runs on this device")
     compile: str = field("auto", "inductor-fuse each captured step: auto (on CUDA), no", ["auto", "no"])
     ar_sync_every: int = field(16, "AR fast checks end-of-text every k tokens (no host sync per token)")
-    device: str = field("auto", "auto, cpu, cuda")
+    device: str = field("auto", "auto, cpu, cuda, cuda:N")
     dtype: str = field("auto", "decode in bfloat16 (auto on CUDA) or float32 (auto on CPU; bit-exact greedy "
                                "choices, slower)", ["auto", "bfloat16", "float32"])
     profile: bool = field(False, "print where the time of one AR and one MR iteration goes (CUDA kernels)")
@@ -52,7 +54,8 @@ class BenchConfig:
 
 def checks(c):
     for name in ("max_new_tokens", "eager_limit", "sweep_prompts", "ar_sync_every"):
-        yield getattr(c, name) >= 1, f"--{name} must be at least 1 (got {getattr(c, name)})"
+        v = getattr(c, name)
+        yield v is None or v >= 1, f"--{name} must be at least 1 (got {v})"
     yield c.limit >= 0, f"--limit must be 0 (all) or more (got {c.limit})"
 
 
@@ -180,10 +183,12 @@ def sweep(model, grid, prompts, cfg, eot, compile, log, max_len, finalists=3):
 
 @cli
 def main(argv=None):
-    cfg = parse_config(BenchConfig, argv, description=__doc__.split("\n")[0], checks=checks)
+    cfg = parse_config(BenchConfig, argv, description=__doc__, checks=checks)
     t_start = time.time()
     log = lambda msg: print(f"[{time.time() - t_start:6.1f}s] {msg}", file=sys.stderr, flush=True)
     device = pick_device(cfg.device)
+    if cfg.sweep:
+        check_writable(cfg.sweep_file, "--sweep_file", folder=False)    # before minutes of sweeping
     cuda = device.startswith("cuda")
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}.get(cfg.dtype,
                                                                        torch.bfloat16 if cuda else torch.float32)
@@ -194,11 +199,15 @@ def main(argv=None):
     jf_path = cfg.ckpt or default_checkpoint()
     models, vals, paths = {}, {}, {"base": cfg.base_ckpt, "jf": jf_path}
     for key, path in paths.items():
-        model, ck = load_checkpoint(path, device)
+        model, ck = load_checkpoint(path, device, flag={"base": "--base_ckpt", "jf": "--ckpt"}[key])
         if model.cfg.vocab_size != enc.n_vocab:
             raise UserError(f"{path} was not trained with GPT-2's vocabulary; pass a checkpoint written by train.py")
         models[key], vals[key] = model.to(dtype).eval(), ck.get("val_loss", float("nan"))
     context = min(m.cfg.seq_len for m in models.values())
+    if cfg.max_new_tokens is None:                   # leave room for prompts: a quarter of the context
+        cfg = replace(cfg, max_new_tokens=min(256, max(1, context // 4)))
+        if cfg.max_new_tokens < 256:
+            log(f"--max_new_tokens {cfg.max_new_tokens}: a quarter of the models' context of {context} tokens")
     fits = [r for r in records if len(enc.encode(r["prompt"], allowed_special="all")) + cfg.max_new_tokens <= context]
     if not fits:
         raise UserError(f"no prompt fits the models' context of {context} tokens with --max_new_tokens "

@@ -1,4 +1,4 @@
-"""Stream a greedy completion with a Jacobi Forcing model and report tokens per forward.
+"""Stream a greedy completion with a Jacobi Forcing model and report TPF (tokens per forward pass).
 
     python decode.py --prompt "def fib(n):"                     # MR decoding (n=64, K=2, pool 4, r=0.85)
     python decode.py --prompt "def fib(n):" --method jacobi     # vanilla Jacobi, block length 32
@@ -6,8 +6,11 @@
     python decode.py --prompt "def fib(n):" --method best       # the settings `bench.py --sweep` chose
     python decode.py --prompt "def fib(n):" --show              # the Jacobi trajectory, iteration by iteration
 
-Every method prints the same text: the model's own greedy output. Only the forward count differs.
+MR = rejection recycling + multi-block decoding, with n tokens per block, K blocks in flight, a pool of
+recycled candidates verified in the same forward, and r the activation ratio. Every method prints the
+same text: the model's own greedy output. Only the forward count differs.
 """
+import dataclasses
 import json
 import sys
 from dataclasses import dataclass
@@ -32,16 +35,22 @@ class DecodeConfig:
     ngram: int = field(None, "context n-gram candidates (prompt lookup) verified per forward (default 0)")
     cand_len: int = field(None, "tokens per candidate (default: mr 16, else the block length)")
     activation_ratio: float = field(None, "converged fraction of the newest block that activates the next (mr 0.85)")
-    max_new_tokens: int = field(256, "stop after this many new tokens (or at end-of-text)")
+    max_new_tokens: int = field(None, "stop after this many new tokens (or at end-of-text); default 256, or what "
+                                      "the model's context leaves after the prompt")
     show: bool = field(False, "render the trajectory: committed tokens, correct guesses, wrong guesses")
     sweep_file: str = field("out/sweep.json", "where --method best finds the sweep's choice")
-    device: str = field("auto", "auto, cpu, cuda")
+    device: str = field("auto", "auto, cpu, cuda, cuda:N")
     graph: str = field("auto", "capture each iteration as a CUDA graph: auto (on CUDA), no", ["auto", "no"])
 
 
 def checks(c):
     yield c.prompt is not None, "--prompt is required, e.g. --prompt \"def fib(n):\""
-    yield c.max_new_tokens >= 1, f"--max_new_tokens must be at least 1 (got {c.max_new_tokens})"
+    v = c.max_new_tokens
+    yield v is None or v >= 1, f"--max_new_tokens must be at least 1 (got {v})"
+    plain_ar = {"block_len": 1, "num_blocks": 1}
+    sizes = [f"--{k} {getattr(c, k)}" for k in SETTINGS if getattr(c, k) is not None and getattr(c, k) != plain_ar.get(k)]
+    yield c.method != "ar" or not sizes, f"--method ar decodes one token per forward, so {' '.join(sizes)} would " \
+                                         f"be ignored; drop it, or pick --method jacobi or mr"
     for name in ("block_len", "num_blocks", "cand_len"):
         v = getattr(c, name)
         yield v is None or v >= 1, f"--{name} must be at least 1 (got {v})"
@@ -50,6 +59,40 @@ def checks(c):
         yield v is None or v >= 0, f"--{name} must be 0 or more (got {v})"
     r = c.activation_ratio
     yield r is None or 0 < r <= 1, f"--activation_ratio must be in (0, 1] (got {r})"
+
+
+# One iteration verifies the drafts of all blocks and the candidate rows: at most this many model contexts
+# of tokens. Beyond it a forward is mostly waste and its attention memory grows with the square (a
+# --num_blocks 100 ran 100 s on a CPU, a --block_len 5000 ran out of memory).
+MAX_CONTEXTS_PER_FORWARD = 8
+
+
+def fit_to_context(cfg, settings, prompt_len, seq_len):
+    """max_new_tokens, resolved and checked against the model's context, and the decoder's sizes checked,
+    all before the decoder allocates its cache. Returns (max_new_tokens, a note when it was lowered)."""
+    if prompt_len < 1:
+        raise UserError("empty prompt: give at least one token of text")
+    room = seq_len - prompt_len
+    if room < 1:
+        raise UserError(f"the prompt's {prompt_len} tokens fill the model's context of {seq_len}; shorten the prompt")
+    if cfg.max_new_tokens is not None and cfg.max_new_tokens > room:
+        raise UserError(f"--max_new_tokens {cfg.max_new_tokens} + the prompt's {prompt_len} tokens exceed the "
+                        f"model's context of {seq_len}; pass at most {room} or shorten the prompt")
+    n, K = settings["block_len"], settings.get("num_blocks", 1)
+    rows = settings.get("pool_size", 0) + settings.get("ngram", 0) if n > 1 else 0
+    c = min(settings.get("cand_len") or n, n)
+    if n > seq_len:
+        raise UserError(f"--block_len {n} is longer than the model's context of {seq_len}; pass at most {seq_len}")
+    tokens = n * K + rows * c                          # what Jacobi verifies per forward
+    if tokens > MAX_CONTEXTS_PER_FORWARD * seq_len:
+        raise UserError(f"--block_len {n} x --num_blocks {K} + {rows} candidate rows x {c} tokens = {tokens} tokens "
+                        f"per forward, more than {MAX_CONTEXTS_PER_FORWARD}x the model's context of {seq_len}; "
+                        f"lower them")
+    if cfg.max_new_tokens is not None:
+        return cfg.max_new_tokens, None
+    new = min(256, room)
+    return new, (f"--max_new_tokens {new}: what the model's context of {seq_len} leaves after the prompt"
+                 if new < 256 else None)
 
 
 def decoder_settings(cfg):
@@ -98,10 +141,10 @@ def render(enc, frames, final, prompt_len, color):
 
 @cli
 def main(argv=None):
-    cfg = parse_config(DecodeConfig, argv, description=__doc__.split("\n")[0], checks=checks)
+    cfg = parse_config(DecodeConfig, argv, description=__doc__, checks=checks)
     device = pick_device(cfg.device)
     ckpt_path = cfg.ckpt or default_checkpoint()
-    model, ckpt = load_checkpoint(ckpt_path, device)
+    model, ckpt = load_checkpoint(ckpt_path, device, flag="--ckpt")
     enc = gpt2_tokenizer()
     if model.cfg.vocab_size != enc.n_vocab:
         raise UserError(f"{ckpt_path} was trained with a {model.cfg.vocab_size}-token vocabulary, not GPT-2's; "
@@ -110,6 +153,10 @@ def main(argv=None):
         model = model.to(torch.bfloat16)
     settings = decoder_settings(cfg)
     prompt = enc.encode(cfg.prompt, allowed_special="all")
+    max_new, note = fit_to_context(cfg, settings, len(prompt), model.cfg.seq_len)
+    if note:
+        print(f"# {note}", file=sys.stderr)
+    cfg = dataclasses.replace(cfg, max_new_tokens=max_new)
     jac = Jacobi(model, eot=enc.eot_token, graph=None if cfg.graph == "auto" else False,
                  max_len=len(prompt) + cfg.max_new_tokens, **settings)  # a cache just long enough
     frames, shown = [], [None]

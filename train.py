@@ -6,12 +6,17 @@
     torchrun --nproc_per_node=2 train.py      # data parallel (nccl on GPU, gloo on CPU)
 
 Outputs in --out_dir: base.pt (the AR model), traj_r{r}.npz (trajectories), jf{r}.pt (round r model),
-*_state.pt (resumable training state, written atomically every --ckpt_every steps).
-Defaults depend on the device (--preset): printed at start-up.
+*_state.pt (resumable training state, written atomically every --ckpt_every steps, removed when the
+stage is done). One run at a time per --out_dir (train.lock holds its pid).
+Flags left unset take their value from --preset: gpu (a 51M-parameter model; needs a CUDA GPU) or cpu
+(a 7M-parameter model; the whole pipeline takes about 13 minutes on 2 cores). Both presets' values are
+listed below; the resolved config is printed at start-up.
 """
 import concurrent.futures
+import contextlib
 import copy
 import dataclasses
+import fcntl
 import hashlib
 import json
 import math
@@ -28,8 +33,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from jfmini.common import (UserError, atomic_save, cli, field, file_sha256, load_checkpoint, parse_config,
-                           pick_device)
+from jfmini.common import (UserError, atomic_save, check_device, check_writable, cli, field, file_sha256,
+                           load_checkpoint, parse_config, pick_device)
 from jfmini.data import (completion_text, distinct4, get_batch, gpt2_tokenizer, heldout_prompts, load_split, parses,
                          prepare_corpus, read_prompts, trajectory_prompts)
 from jfmini.decoding import decode_many
@@ -77,7 +82,7 @@ class TrainConfig:
     traj_source: str = field("heldout", "trajectory prompts: heldout = documented functions from files pretraining "
                                         "never saw, cut after the docstring; train = 64-token function starts "
                                         "from the pretraining files", ["heldout", "train"])
-    lam: float = field(1.0, "weight of the AR loss: L = L_consistency + lam * L_AR (the paper's reference: 10)")
+    lam: float = field(1.0, "weight of the AR loss: L = L_consistency + lam * L_AR (the paper's: 10)")
     schedule: str = field("progressive", "noise schedule", ["progressive", "random", "reverse"])
     fresh_states: bool = field(True, "draw each block's noisy state anew whenever a trajectory is packed (a random "
                                      "ramp phase, a random state of the nearest noise ratio); else the same nearest "
@@ -97,8 +102,8 @@ class TrainConfig:
                         ["ce", "kl"])
     noise_window: int = field(16, "blocks per ramp of the progressive schedule (capped at the blocks per "
                                   "trajectory, so every trajectory sees the whole ramp)")
-    probe: int = field(None, "prompts of HumanEval and of the held-out set for the vanilla-Jacobi TPF check of the "
-                             "base model and of each round (0 = off)")
+    probe: int = field(None, "prompts of HumanEval and of the held-out set for the vanilla-Jacobi TPF (tokens per "
+                             "forward) check of the base model and of each round (0 = off)")
 
 
 PRESETS = {
@@ -111,6 +116,9 @@ PRESETS = {
                 traj_prompts=256, traj_tokens=64, traj_batch=64, distill_steps=40, distill_batch=8,
                 distill_lr=5e-4, replay_batch=2, probe=40),
 }
+
+# --help shows both presets' value of each flag they set
+PRESET_HELP = {k: ", ".join(f"{name} preset: {values[k]}" for name, values in PRESETS.items()) for k in PRESETS["gpu"]}
 
 
 def checks(c):
@@ -137,6 +145,11 @@ def checks(c):
     if c.d_model and c.n_head:
         yield c.d_model % c.n_head == 0 and (c.d_model // c.n_head) % 2 == 0, \
             "--d_model must be a multiple of --n_head with an even head size"
+    world = int(os.environ.get("WORLD_SIZE", 1))                  # torchrun's processes
+    if c.traj_prompts and c.distill_batch and c.stage != "pretrain":
+        yield c.traj_prompts >= c.distill_batch * world, \
+            f"--traj_prompts {c.traj_prompts} is fewer than one step's rows (--distill_batch {c.distill_batch} x " \
+            f"{world} processes); raise --traj_prompts or lower --distill_batch"
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -145,6 +158,7 @@ class Run:
     """Device, distributed rank and logging for one process."""
 
     def __init__(self, cfg):
+        check_device(cfg.device)
         self.ddp = "RANK" in os.environ
         if self.ddp:
             backend = "nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo"
@@ -331,6 +345,7 @@ def pretrain(cfg, run, out):
         vl = val_loss(model, val_data, mcfg, cfg.eval_batches, cfg.batch_size, run)
         atomic_save({"model": model.state_dict(), "model_config": mcfg.to_dict(), "kind": "base",
                      "val_loss": vl, "train_config": dataclasses.asdict(cfg), "steps": step}, final)
+        state_path.unlink(missing_ok=True)              # base.pt holds it all now (a round does the same)
         run.log(f"pretrain: done, val loss {vl:.4f}, saved {final}")
 
 
@@ -622,9 +637,57 @@ def merge_trajectories(parts):
                         np.concatenate(states), np.concatenate(owner), parts[0].source)
 
 
+@contextlib.contextmanager
+def out_dir_lock(out, run):
+    """One train.py per --out_dir: rank 0 holds an exclusive flock on out_dir/train.lock, which holds its
+    pid, and removes the file when the run ends (errors and Ctrl-C included). The kernel drops the flock
+    when its process dies, so a lock file left by a killed run (its pid dead) is simply taken over."""
+    if not run.master:
+        yield
+        return
+    path = out / "train.lock"
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise UserError(f"another train.py (pid {pid}) is using --out_dir {out}; wait for it to finish, "
+                            f"or pass another --out_dir") from None
+        try:
+            if os.path.samestat(os.fstat(fd), os.stat(path)):   # not a file its last owner just removed
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+        os.close(fd)
+
+
+def check_sources(out, stages):
+    """Each round distils the previous model: it must be in --out_dir or made by an earlier stage of this run."""
+    for s in stages:
+        if s == "pretrain":
+            continue
+        r = int(s[5:])
+        src, prev = ("base.pt", "pretrain") if r == 1 else (f"jf{r - 1}.pt", f"round{r - 1}")
+        if not (out / f"jf{r}.pt").exists() and not (out / src).exists() and prev not in stages:
+            raise UserError(f"{out / src} not found: round {r} distils it; run `python train.py --stage {prev} "
+                            f"--out_dir {out}` first, or pass the --out_dir that holds it")
+
+
 def with_preset(cfg, cuda):
     """The config with every unset flag taken from its preset (gpu when CUDA is visible, else cpu), checked."""
     preset = cfg.preset if cfg.preset != "auto" else ("gpu" if cuda else "cpu")
+    if preset == "gpu" and not cuda:
+        raise UserError("--preset gpu needs a CUDA GPU (on a CPU its batches take tens of GB and the run is killed); "
+                        "use --preset cpu, and raise sizes with flags such as --d_model if you want a larger model")
     cfg = dataclasses.replace(cfg, preset=preset, **{k: v for k, v in PRESETS[preset].items()
                                                       if getattr(cfg, k) is None})
     for ok, msg in checks(cfg):
@@ -635,7 +698,7 @@ def with_preset(cfg, cuda):
 
 @cli
 def main(argv=None):
-    cfg = parse_config(TrainConfig, argv, description=__doc__.split("\n")[0], checks=checks)
+    cfg = parse_config(TrainConfig, argv, description=__doc__, checks=checks, defaults=PRESET_HELP)
     run = Run(cfg)
     cfg = with_preset(cfg, run.cuda)
     preset = cfg.preset
@@ -644,22 +707,26 @@ def main(argv=None):
         else tuple(cfg.stage.split(","))
     if any(s != "pretrain" and int(s[5:]) > rounds for s in stages):
         raise UserError(f"--stage names a round past the {rounds} rounds of --block_lens {cfg.block_lens}")
-    run.log(f"device {run.device} (world {run.world}), torch {torch.__version__}, preset {preset}, "
-            f"compile {run.compile}, stages {','.join(stages)}")
-    run.log("config " + json.dumps(dataclasses.asdict(cfg)))
     out = Path(cfg.out_dir)
-    random.seed(cfg.seed)
-    if "pretrain" in stages:
-        pretrain(cfg, run, out)
-    for r in range(1, rounds + 1):
-        if f"round{r}" in stages:
-            if run.ddp:
-                dist.barrier()
-            distill_round(cfg, run, out, r)
-    if run.ddp:
-        dist.barrier()
-        dist.destroy_process_group()
-    run.log("all done")
+    if run.master:
+        check_writable(out, "--out_dir")              # now, not at the first checkpoint
+    with out_dir_lock(out, run):
+        check_sources(out, stages)
+        run.log(f"device {run.device} (world {run.world}), torch {torch.__version__}, preset {preset}, "
+                f"compile {run.compile}, stages {','.join(stages)}")
+        run.log("config " + json.dumps(dataclasses.asdict(cfg)))
+        random.seed(cfg.seed)
+        if "pretrain" in stages:
+            pretrain(cfg, run, out)
+        for r in range(1, rounds + 1):
+            if f"round{r}" in stages:
+                if run.ddp:
+                    dist.barrier()
+                distill_round(cfg, run, out, r)
+        if run.ddp:
+            dist.barrier()
+            dist.destroy_process_group()
+        run.log("all done")
 
 
 if __name__ == "__main__":
