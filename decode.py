@@ -85,9 +85,10 @@ def fit_to_context(cfg, settings, prompt_len, seq_len):
         raise UserError(f"--block_len {n} is longer than the model's context of {seq_len}; pass at most {seq_len}")
     tokens = n * K + rows * c                          # what Jacobi verifies per forward
     if tokens > MAX_CONTEXTS_PER_FORWARD * seq_len:
-        raise UserError(f"--block_len {n} x --num_blocks {K} + {rows} candidate rows x {c} tokens = {tokens} tokens "
-                        f"per forward, more than {MAX_CONTEXTS_PER_FORWARD}x the model's context of {seq_len}; "
-                        f"lower them")
+        P, G = settings.get("pool_size", 0), settings.get("ngram", 0)
+        raise UserError(f"--block_len {n} x --num_blocks {K} + (--pool_size {P} + --ngram {G}) x --cand_len {c} = "
+                        f"{tokens} tokens per forward, more than {MAX_CONTEXTS_PER_FORWARD}x the model's context of "
+                        f"{seq_len}; lower them")
     if cfg.max_new_tokens is not None:
         return cfg.max_new_tokens, None
     new = min(256, room)
