@@ -193,16 +193,17 @@ def main(argv=None):
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}.get(cfg.dtype,
                                                                        torch.bfloat16 if cuda else torch.float32)
     compile = cfg.compile == "auto" and cuda
-    enc = gpt2_tokenizer()
-    eot = enc.eot_token
     records = read_prompts(cfg.prompts)[:cfg.limit or None]
     jf_path = cfg.ckpt or default_checkpoint()
     models, vals, paths = {}, {}, {"base": cfg.base_ckpt, "jf": jf_path}
     for key, path in paths.items():
         model, ck = load_checkpoint(path, device, flag={"base": "--base_ckpt", "jf": "--ckpt"}[key])
-        if model.cfg.vocab_size != enc.n_vocab:
-            raise UserError(f"{path} was not trained with GPT-2's vocabulary; pass a checkpoint written by train.py")
         models[key], vals[key] = model.to(dtype).eval(), ck.get("val_loss", float("nan"))
+    if models["base"].cfg.vocab_size != models["jf"].cfg.vocab_size:
+        raise UserError(f"{cfg.base_ckpt} and {jf_path} use different vocabularies; pass the base model the "
+                        f"Jacobi Forcing model was distilled from")
+    enc = gpt2_tokenizer(vocab_size=models["base"].cfg.vocab_size)
+    eot = enc.eot_token
     context = min(m.cfg.seq_len for m in models.values())
     if cfg.max_new_tokens is None:                   # leave room for prompts: a quarter of the context
         cfg = replace(cfg, max_new_tokens=min(256, max(1, context // 4)))

