@@ -334,3 +334,23 @@ def test_torchrun_two_ranks_gloo_identical_weights(tmp_path):
     assert "world 2" in res.stdout and "weights identical on all 2 ranks" in res.stdout
     _, final = load_checkpoint(out / "base.pt")
     assert final["steps"] == 2
+
+
+@pytest.mark.parametrize("anchor", ["kl", "ce"])
+def test_replay_anchor(tmp_path, files, anchor):
+    """--anchor kl: the replay term is the KL divergence from the round's starting model, so it is zero at
+    the first step (the model is still that model); --anchor ce: cross-entropy on the corpus text."""
+    out = tmp_path / "out"
+    cache = out / "data_stdlib"
+    cache.mkdir(parents=True)
+    (out / "base.pt").write_bytes((files / "base.pt").read_bytes())
+    tokens = np.random.default_rng(0).integers(0, 50256, 4096).astype(np.uint16)
+    for split in ("train", "val"):
+        (cache / f"{split}.bin").write_bytes(tokens.tobytes())
+    res = run("train.py", "--out_dir", out, "--stage", "round1", "--device", "cpu", "--corpus", "stdlib",
+              "--traj_prompts", "6", "--traj_tokens", "16", "--traj_batch", "6", "--distill_steps", "2",
+              "--distill_batch", "2", "--probe", "0", "--eval_batches", "1", "--anchor", anchor)
+    assert res.returncode == 0, res.stderr[-2000:]
+    first = next(line for line in res.stdout.splitlines() if "round 1 step 1/2" in line)
+    replay = float(first.split("replay ")[1].split(")")[0])
+    assert (replay == 0.0) == (anchor == "kl") and (anchor == "kl" or replay > 5), first
