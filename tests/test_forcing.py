@@ -286,7 +286,7 @@ def test_consistency_window_keeps_only_positions_near_the_first_divergence(traj)
 
 def test_hard_consistency_is_cross_entropy_to_the_fixed_points_next_token():
     torch.manual_seed(0)
-    n, T, B, L, V = 2, 2, 1, 12, 11
+    n, B, L, V = 2, 1, 12, 11
     logits = torch.randn(B, L, V)
     noisy_idx = torch.tensor([[3, 4, 7, 8]])
     ar_targets = torch.full((B, L), -1)
