@@ -20,7 +20,7 @@ import torch
 
 from jfmini.common import UserError, cli, default_checkpoint, field, load_checkpoint, parse_config, pick_device
 from jfmini.data import gpt2_tokenizer
-from jfmini.decoding import METHODS, SETTINGS, Jacobi
+from jfmini.decoding import METHODS, SETTINGS, Jacobi, finish
 
 
 @dataclass
@@ -170,7 +170,7 @@ def main(argv=None):
             if shown[0] is None:  # the prompt was accepted: echo it, then stream
                 sys.stdout.write(cfg.prompt)
                 shown[0] = cfg.prompt
-            text = enc.decode([t for t in tokens[:cfg.max_new_tokens] if t != enc.eot_token])
+            text = enc.decode([t for t in finish(tokens, cfg.max_new_tokens, enc.eot_token) if t != enc.eot_token])
             sys.stdout.write(text[len(shown[0]) - len(cfg.prompt):])
             sys.stdout.flush()
             shown[0] = cfg.prompt + text

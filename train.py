@@ -463,6 +463,9 @@ def distill(cfg, run, model, traj, n, r, state_path, data_dir):
     mcfg = model.cfg
     eot = mcfg.vocab_size - 1                       # end-of-text is the last token of every jfmini vocabulary
     T = traj.fixed.shape[1]
+    replay = cfg.replay > 0 and (data_dir / "train.bin").exists()
+    # the round's starting model, frozen (taken before a resumed state is loaded over it)
+    anchor = copy.deepcopy(model).eval().requires_grad_(False) if replay and cfg.anchor == "kl" else None
     opt = make_optimizer(model, cfg.distill_lr, 0.0, run.cuda)
     step = 0
     if cfg.resume and state_path.exists():
@@ -480,12 +483,10 @@ def distill(cfg, run, model, traj, n, r, state_path, data_dir):
     pad_start = torch.zeros(B, dtype=torch.long, device=run.device)
     mask_mod = noise_aware_mask(prompt_len, pad_start, n, cfg.context)   # one mask function for every batch
     ddp_model = torch.nn.parallel.DistributedDataParallel(model) if run.ddp else model
-    replay = cfg.replay > 0 and (data_dir / "train.bin").exists()
     if cfg.replay > 0 and not replay:
         run.log(f"round {r}: no token cache in {data_dir}, so no replay loss")
     real_data = load_split(data_dir, "train") if replay else None
     real_pos = torch.arange(mcfg.seq_len, device=run.device)
-    anchor = copy.deepcopy(model).eval().requires_grad_(False) if replay and cfg.anchor == "kl" else None
 
     def losses(tokens, pos, ar_targets, noisy_idx, cons_weight, mask, x, y):
         with run.autocast():
@@ -603,7 +604,8 @@ def distill_round(cfg, run, out, r, src=None, traj_dir=None, probe=True):
     vl = val_loss(model, load_split(data_dir, "val"), model.cfg, cfg.eval_batches, cfg.batch_size, run) \
         if (data_dir / "val.bin").exists() else float("nan")
     atomic_save({"model": model.state_dict(), "model_config": model.cfg.to_dict(), "kind": "jacobi_forcing",
-                 "round": r, "block_len": n, "val_loss": vl, "train_config": dataclasses.asdict(cfg),
+                 "round": r, "block_len": n, "val_loss": vl,
+                 "train_config": {**dataclasses.asdict(cfg), "corpus": corpus},    # the base's, for later rounds
                  "steps": steps, "source_sha256": json.loads(traj.source)["sha256"]}, final)
     state_path.unlink(missing_ok=True)
     run.log(f"round {r}: done in {train_s:.0f}s of training ({steps * cfg.distill_batch * run.world:,} rows), "

@@ -279,8 +279,9 @@ def forcing_loss(logits, ar_targets, noisy_idx, cons_weight, block_len, target="
     idx = noisy_idx[..., None].expand(-1, -1, V)
     student = logits.gather(1, idx).log_softmax(-1)                  # (B, T*n, V)
     if target == "hard":
-        label = ar_targets.gather(1, noisy_idx + block_len).clamp(min=0)
-        pc = -student.gather(2, label[..., None])[..., 0]
+        label = ar_targets.gather(1, noisy_idx + block_len)
+        cons_weight = cons_weight * (label >= 0)                     # the trajectory's last token has no next one
+        pc = -student.gather(2, label.clamp(min=0)[..., None])[..., 0]
     else:
         teacher = logits.gather(1, idx + block_len).detach().softmax(-1)
         pc = -(teacher * student).sum(-1)                            # (B, T*n)

@@ -295,6 +295,9 @@ def test_hard_consistency_is_cross_entropy_to_the_fixed_points_next_token():
     pc, _ = forcing_loss(logits, ar_targets, noisy_idx, weight, n, "hard")
     want = F.cross_entropy(logits[0, [4, 7, 8]], torch.tensor([7, 1, 2]))
     assert pc.item() == pytest.approx(want.item(), rel=1e-6)
+    ar_targets[0, 10] = -1                       # the trajectory's last clean token: nothing follows it
+    pc, _ = forcing_loss(logits, ar_targets, noisy_idx, weight, n, "hard")
+    assert pc.item() == pytest.approx(F.cross_entropy(logits[0, [4, 7]], torch.tensor([7, 1])).item(), rel=1e-6)
 
 
 def test_accuracy_by_distance_counts_every_kept_noisy_position():

@@ -335,21 +335,51 @@ def test_torchrun_two_ranks_gloo_identical_weights(tmp_path):
     assert final["steps"] == 2
 
 
-@pytest.mark.parametrize("anchor", ["kl", "ce"])
-def test_replay_anchor(tmp_path, files, anchor):
-    """--anchor kl: the replay term is the KL divergence from the round's starting model, so it is zero at
-    the first step (the model is still that model); --anchor ce: cross-entropy on the corpus text."""
+def round_with_replay(tmp_path, files, *args):
+    """Round 1 on a tiny base whose train_config names the stdlib corpus, with a token cache of random text."""
     out = tmp_path / "out"
     cache = out / "data_stdlib"
     cache.mkdir(parents=True)
-    (out / "base.pt").write_bytes((files / "base.pt").read_bytes())
+    blob = torch.load(files / "base.pt", weights_only=False)
+    atomic_save({**blob, "train_config": {"corpus": "stdlib"}}, out / "base.pt")
     tokens = np.random.default_rng(0).integers(0, 50256, 4096).astype(np.uint16)
     for split in ("train", "val"):
         (cache / f"{split}.bin").write_bytes(tokens.tobytes())
-    res = run("train.py", "--out_dir", out, "--stage", "round1", "--device", "cpu", "--corpus", "stdlib",
-              "--traj_prompts", "6", "--traj_tokens", "16", "--traj_batch", "6", "--distill_steps", "2",
-              "--distill_batch", "2", "--probe", "0", "--eval_batches", "1", "--anchor", anchor)
+    res = run("train.py", "--out_dir", out, "--stage", "round1", "--device", "cpu", "--corpus", "stdlib+torch",
+              "--traj_prompts", "6", "--traj_tokens", "16", "--traj_batch", "6", "--distill_batch", "2",
+              "--probe", "0", "--eval_batches", "1", *args)
     assert res.returncode == 0, res.stderr[-2000:]
-    first = next(line for line in res.stdout.splitlines() if "round 1 step 1/2" in line)
-    replay = float(first.split("replay ")[1].split(")")[0])
-    assert (replay == 0.0) == (anchor == "kl") and (anchor == "kl" or replay > 5), first
+    return out, res
+
+
+def replay_at(res, step, steps):
+    line = next(line for line in res.stdout.splitlines() if f"round 1 step {step}/{steps}" in line)
+    return float(line.split("replay ")[1].split(")")[0])
+
+
+@pytest.mark.parametrize("anchor", ["kl", "ce"])
+def test_replay_anchor(tmp_path, files, anchor):
+    """--anchor kl: the replay term is the KL divergence from the round's starting model, so it is zero at
+    the first step (the model is still that model); --anchor ce: cross-entropy on the corpus text. The
+    round reads the base model's corpus and records it for later rounds."""
+    out, res = round_with_replay(tmp_path, files, "--distill_steps", "2", "--anchor", anchor)
+    replay = replay_at(res, 1, 2)
+    assert (replay == 0.0) == (anchor == "kl") and (anchor == "kl" or replay > 5)
+    assert load_checkpoint(out / "jf1.pt")[1]["train_config"]["corpus"] == "stdlib"
+
+
+def test_resumed_round_keeps_its_starting_model_as_the_kl_anchor(tmp_path, files):
+    from train import make_optimizer
+    model, _ = load_checkpoint(files / "base.pt")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))                  # a half-distilled model, far from the base
+    opt = make_optimizer(model, 1e-4, 0.0, False)
+    out = tmp_path / "out"
+    out.mkdir()
+    atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": 1,
+                 "model_config": model.cfg.to_dict(), "kind": "jacobi_forcing_state", "round": 1},
+                out / "jf1_state.pt")
+    _, res = round_with_replay(tmp_path, files, "--distill_steps", "3", "--resume")
+    assert "resuming from" in res.stdout
+    assert replay_at(res, 3, 3) > 0.001                        # measured against base.pt, not the resumed state
