@@ -21,8 +21,7 @@ import torch
 
 from conftest import ROOT
 from jfmini.common import UserError, atomic_save, atomic_write, check_writable, field, load_checkpoint, parse_config
-from jfmini.model import GPT, GPTConfig
-from test_scripts import TINY, assert_clean_failure, no_temp_files, run
+from test_scripts import TINY, assert_clean_failure, no_temp_files, run, tiny_base
 
 slow = pytest.mark.slow
 
@@ -31,10 +30,7 @@ slow = pytest.mark.slow
 def files(tmp_path_factory):
     """A small GPT-2-vocabulary checkpoint (context 64), a trajectories-like .npz, a prompts file, a plain file."""
     d = tmp_path_factory.mktemp("files")
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=50257, seq_len=64, n_layer=1, n_head=2, d_model=16))
-    atomic_save({"model": model.state_dict(), "model_config": model.cfg.to_dict(), "kind": "base",
-                 "val_loss": 10.0}, d / "base.pt")
+    tiny_base(d / "base.pt")
     np.savez(d / "traj_r1.npz", states=np.zeros((4, 8), dtype=np.int32), fixed=np.zeros((1, 2, 8), dtype=np.int32))
     (d / "good.jsonl").write_text('{"task_id": "t", "prompt": "def f(x):\\n"}\n')
     (d / "afile").write_text("not a folder\n")

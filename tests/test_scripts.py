@@ -33,14 +33,19 @@ def run(script, *args, cwd=None, timeout=300):
                           cwd=cwd, timeout=timeout, env=env)
 
 
+def tiny_base(path):
+    """A small GPT-2-vocabulary base checkpoint (context 64) at path."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=50257, seq_len=64, n_layer=1, n_head=2, d_model=16))
+    atomic_save({"model": model.state_dict(), "model_config": model.cfg.to_dict(), "kind": "base",
+                 "val_loss": 10.0}, path)
+
+
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     """A small GPT-2-vocabulary checkpoint, a corrupt and a foreign file, prompts files."""
     d = tmp_path_factory.mktemp("files")
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=50257, seq_len=64, n_layer=1, n_head=2, d_model=16))
-    atomic_save({"model": model.state_dict(), "model_config": model.cfg.to_dict(), "kind": "base",
-                 "val_loss": 10.0}, d / "base.pt")
+    tiny_base(d / "base.pt")
     blob = (d / "base.pt").read_bytes()
     (d / "truncated.pt").write_bytes(blob[:len(blob) // 2])
     (d / "random.pt").write_bytes(os.urandom(4096))
