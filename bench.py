@@ -3,6 +3,7 @@
     python bench.py                          # the table, then one JSON line
     python bench.py --sweep                  # first search the decoder settings for this GPU
     python bench.py --prompts my.jsonl --limit 20
+    python bench.py --chart results/h100/bench.log   # redraw the charts of an earlier run
 
 Rows: AR eager and AR fast (base model); the base model with vanilla Jacobi and with context n-gram
 candidates (prompt lookup: the training-free baseline, no distillation); the Jacobi Forcing (JF) model
@@ -50,6 +51,7 @@ class BenchConfig:
     dtype: str = field("auto", "decode in bfloat16 (auto on CUDA) or float32 (auto on CPU; bit-exact greedy "
                                "choices, slower)", ["auto", "bfloat16", "float32"])
     profile: bool = field(False, "print where the time of one AR and one MR iteration goes (CUDA kernels)")
+    chart: str = field(None, "only draw the charts of an earlier run: its JSON line (a bench log) or a --sweep_file")
 
 
 def checks(c):
@@ -181,9 +183,61 @@ def sweep(model, grid, prompts, cfg, eot, compile, log, max_len, finalists=3):
     return results, {k: best[k] for k in grid[0]}
 
 
+def bars(items, width=32):
+    """Plain-text horizontal bars, one line per (label, value, note); the largest value gets `width` cells."""
+    top = max(v for _, v, _ in items) or 1.0
+    pad = max(len(label) for label, _, _ in items)
+    lines = []
+    for label, v, note in items:
+        eighths = round(8 * width * v / top)
+        bar = "\u2588" * (eighths // 8) + " \u258f\u258e\u258d\u258c\u258b\u258a\u2589"[eighths % 8].strip()
+        lines.append(f"{label:<{pad}}  {bar:<{width + 1}} {note}")
+    return "\n".join(lines)
+
+
+def charts(record):
+    """The pictures of a run: tokens/s of every table row, and of every sweep setting of the JF model
+    grouped by decoder and block length (TPF after each bar). `record` is bench.py's JSON line or a
+    --sweep_file."""
+    out = []
+    if record.get("rows"):
+        out.append(f"tokens/s by row ({record['device']}, {record['prompts']} prompts; TPF after the bar)")
+        out.append(bars([(f"{r['row']} ({r['model']}, {r['decoder']})", r["tokens_per_s"],
+                          f"{r['tokens_per_s']:>7,.0f}/s  TPF {r['tokens_per_forward']:.2f}") for r in record["rows"]]))
+    jf = (record.get("sweep") or record.get("results") or {}).get("jf")
+    if jf:
+        order = sorted(jf, key=lambda s: (s["pool_size"], s["ngram"], s["cand_len"] or 0, s["num_blocks"],
+                                          s["block_len"]))
+        out.append("JF model by decoder and block length (sweep: a few prompts, CUDA graph without inductor)")
+        out.append(bars([(describe(s), s["tokens_per_s"], f"{s['tokens_per_s']:>7,.0f}/s  TPF "
+                          f"{s['tokens_per_forward']:.2f}") for s in order]))
+    return "\n\n".join(out)
+
+
+def read_record(path):
+    """The last JSON object with bench rows or sweep results in a file (a bench log, its JSON line, or a
+    --sweep_file)."""
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise UserError(f"--chart {path}: cannot read it ({e.strerror}); pass bench.py's log or --sweep_file")
+    for line in reversed(text.strip().splitlines()):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and (record.get("rows") or record.get("results") or record.get("sweep")):
+            return record
+    raise UserError(f"--chart {path}: no bench.py JSON line or sweep results in it; pass bench.py's log or "
+                    f"--sweep_file")
+
+
 @cli
 def main(argv=None):
     cfg = parse_config(BenchConfig, argv, description=__doc__, checks=checks)
+    if cfg.chart:
+        print(charts(read_record(cfg.chart)))
+        return
     t_start = time.time()
     log = lambda msg: print(f"[{time.time() - t_start:6.1f}s] {msg}", file=sys.stderr, flush=True)
     device = pick_device(cfg.device)
@@ -304,6 +358,8 @@ def main(argv=None):
                                      f"{max(st for _, st in gaps):.2f} rounding steps" if gaps else "-")
                   + (f" ({lengths} differ only in length)" if lengths else "")
                   + f" -> {r['lossless_ties_aside']:.1%} lossless ties aside (gap <= {TIE_ULPS} steps)")
+    print()
+    print(charts({"device": gpu, "prompts": len(prompts), "rows": results, "sweep": sweep_results}))
     print(json.dumps({"device": gpu, "torch": torch.__version__, "dtype": str(dtype).replace("torch.", ""),
                       "prompts": len(prompts), "config": asdict(cfg), "base_ckpt": cfg.base_ckpt, "ckpt": jf_path,
                       "rows": results, "sweep": sweep_results, "seconds": time.time() - t_start}))

@@ -74,7 +74,7 @@ class TrainConfig:
     ckpt_every: int = field(None, "steps between resumable checkpoints")
     # Jacobi Forcing rounds
     block_lens: str = field("16,32", "block length n of each round, comma separated (round r uses the r-th)")
-    traj_prompts: int = field(None, "prompts (function/class starts from the training files) per round")
+    traj_prompts: int = field(None, "trajectory prompts per round (see --traj_source)")
     traj_tokens: int = field(None, "new tokens per trajectory (num_blocks = traj_tokens / n)")
     traj_batch: int = field(None, "prompts Jacobi-decoded at once while collecting trajectories")
     distill_steps: int = field(None, "optimizer steps per round")
@@ -457,13 +457,64 @@ def trajectories(cfg, run, src, model, n, T, corpus, traj_dir):
     return traj
 
 
+def packed_batches(cfg, run, traj, n, r, step, L, eot):
+    """Pack: endless batches of training rows, each trajectory's blocks laid out as [prompt, noisy k0,
+    clean l0, noisy k1, clean l1, ...] with the noisy states drawn by the noise schedule (forcing.pack).
+    On a GPU a thread packs the next batch while the current step runs."""
+    order_rng = np.random.default_rng(cfg.seed * 7919 + r * 31 + step)      # the same on every rank
+    rng = np.random.default_rng(cfg.seed * 6007 + r * 31 + run.rank + step)  # noise schedule, per rank
+    window = min(cfg.noise_window, traj.fixed.shape[1])
+    source = (pack(traj, rows, L, cfg.schedule, rng, eot, window, cfg.fresh_states, cfg.cons_window)
+              for rows in row_batches(len(traj), cfg.distill_batch, run.rank, run.world, order_rng))
+    if not run.cuda:                       # on a CPU the cores are busy training anyway
+        yield from source
+        return
+    with concurrent.futures.ThreadPoolExecutor(1) as prefetch:
+        ahead = prefetch.submit(next, source)
+        try:
+            while True:
+                p, ahead = ahead.result(), prefetch.submit(next, source)
+                yield p
+        finally:
+            ahead.cancel()
+
+
+def round_losses(cfg, run, model, anchor, n):
+    """The loss terms of one step, as a function (compiled on GPU): the consistency and AR losses on the
+    packed rows under the noise-aware mask (forcing.forcing_loss), and the replay loss on corpus text
+    (cross-entropy, or KL from the round's starting model `anchor`). Their weights are applied outside,
+    so that changing one recompiles nothing."""
+    real_pos = torch.arange(model.cfg.seq_len, device=run.device)
+    ddp_model = torch.nn.parallel.DistributedDataParallel(model) if run.ddp else model
+
+    def losses(tokens, pos, ar_targets, noisy_idx, cons_weight, mask, x, y):
+        with run.autocast():
+            logits = ddp_model(tokens, pos, mask)
+        consistency, ar = forcing_loss(logits, ar_targets, noisy_idx, cons_weight, n, cfg.cons_target)
+        if x is None:
+            return consistency, ar, torch.zeros_like(ar)
+        with run.autocast():
+            real = ddp_model(x, real_pos).flatten(0, 1)
+            if anchor is None:
+                return consistency, ar, F.cross_entropy(real, y.flatten())
+            with torch.no_grad():
+                ref = anchor(x, real_pos).flatten(0, 1).log_softmax(-1)
+        return consistency, ar, F.kl_div(real.log_softmax(-1), ref, log_target=True, reduction="batchmean")
+
+    return torch.compile(losses) if run.compile else losses
+
+
 def distill(cfg, run, model, traj, n, r, state_path, data_dir):
-    """Train: pack noisy/clean rows by the noise schedule, one forward with the noise-aware mask, loss
-    L_consistency + lambda * L_AR (+ replay * an AR loss on corpus text). Returns (steps, seconds)."""
-    mcfg = model.cfg
-    eot = mcfg.vocab_size - 1                       # end-of-text is the last token of every jfmini vocabulary
-    T = traj.fixed.shape[1]
+    """Train: packed rows, one forward with the noise-aware mask, loss L_consistency + lambda * L_AR
+    (+ replay * the replay loss on corpus text). Returns (steps, seconds)."""
+    eot = model.cfg.vocab_size - 1                 # end-of-text is the last token of every jfmini vocabulary
+    B = cfg.distill_batch
+    if len(traj) < B * run.world:                  # the corpus gave fewer prompts than asked for
+        raise UserError(f"round {r}: {len(traj)} trajectories are fewer than one step's rows (--distill_batch {B} "
+                        f"x {run.world} processes); lower --distill_batch")
     replay = cfg.replay > 0 and (data_dir / "train.bin").exists()
+    if cfg.replay > 0 and not replay:
+        run.log(f"round {r}: no token cache in {data_dir}, so no replay loss")
     # the round's starting model, frozen (taken before a resumed state is loaded over it)
     anchor = copy.deepcopy(model).eval().requires_grad_(False) if replay and cfg.anchor == "kl" else None
     opt = make_optimizer(model, cfg.distill_lr, 0.0, run.cuda)
@@ -474,48 +525,14 @@ def distill(cfg, run, model, traj, n, r, state_path, data_dir):
         opt.load_state_dict(state["optimizer"])
         step = state["step"]
         run.log(f"round {r}: resuming from {state_path} at step {step}")
-    L = packed_length(int(np.diff(traj.prompt_offsets).max()), n, T)  # one fixed row length for the round
-    B = cfg.distill_batch
-    if len(traj) < B * run.world:                  # the corpus gave fewer prompts than asked for
-        raise UserError(f"round {r}: {len(traj)} trajectories are fewer than one step's rows (--distill_batch {B} "
-                        f"x {run.world} processes); lower --distill_batch")
+    L = packed_length(int(np.diff(traj.prompt_offsets).max()), n, traj.fixed.shape[1])  # one row length per round
+    batches = packed_batches(cfg, run, traj, n, r, step, L, eot)
+    step_losses = round_losses(cfg, run, model, anchor, n)
     prompt_len = torch.zeros(B, dtype=torch.long, device=run.device)
     pad_start = torch.zeros(B, dtype=torch.long, device=run.device)
     mask_mod = noise_aware_mask(prompt_len, pad_start, n, cfg.context)   # one mask function for every batch
-    ddp_model = torch.nn.parallel.DistributedDataParallel(model) if run.ddp else model
-    if cfg.replay > 0 and not replay:
-        run.log(f"round {r}: no token cache in {data_dir}, so no replay loss")
     real_data = load_split(data_dir, "train") if replay else None
-    real_pos = torch.arange(mcfg.seq_len, device=run.device)
-
-    def losses(tokens, pos, ar_targets, noisy_idx, cons_weight, mask, x, y):
-        with run.autocast():
-            logits = ddp_model(tokens, pos, mask)
-        pc, ar = forcing_loss(logits, ar_targets, noisy_idx, cons_weight, n, cfg.cons_target)
-        if x is None:
-            return pc, ar, torch.zeros_like(ar)
-        with run.autocast():
-            real = ddp_model(x, real_pos).flatten(0, 1)
-            if anchor is None:
-                return pc, ar, F.cross_entropy(real, y.flatten())
-            with torch.no_grad():
-                ref = anchor(x, real_pos).flatten(0, 1).log_softmax(-1)
-        return pc, ar, F.kl_div(real.log_softmax(-1), ref, log_target=True, reduction="batchmean")
-
-    step_losses = torch.compile(losses) if run.compile else losses
-    order_rng = np.random.default_rng(cfg.seed * 7919 + r * 31 + step)      # the same on every rank
-    rng = np.random.default_rng(cfg.seed * 6007 + r * 31 + run.rank + step)  # noise schedule, per rank
     replay_rng = np.random.default_rng(cfg.seed * 104729 + r * 31 + run.rank + step)
-    window = min(cfg.noise_window, T)
-
-    def batches():
-        for rows in row_batches(len(traj), B, run.rank, run.world, order_rng):
-            yield pack(traj, rows, L, cfg.schedule, rng, eot, window, cfg.fresh_states, cfg.cons_window)
-
-    source = batches()
-    # GPU: a thread packs the next batch during this step (on a CPU the cores are busy training anyway)
-    prefetch = concurrent.futures.ThreadPoolExecutor(1) if run.cuda else None
-    ahead = prefetch.submit(next, source) if prefetch else None
     model.train()
     t_log, tok_log, t_start = time.time(), 0, time.time()
     run.log(f"round {r}: training {cfg.distill_steps} steps of {B * run.world} rows x {L} tokens (lambda {cfg.lam}, "
@@ -524,10 +541,7 @@ def distill(cfg, run, model, traj, n, r, state_path, data_dir):
             f"replay {cfg.replay} {cfg.anchor})")
     try:
         while step < cfg.distill_steps:
-            if prefetch:
-                p, ahead = ahead.result(), prefetch.submit(next, source)
-            else:
-                p = next(source)
+            p = next(batches)
             t = {k: torch.from_numpy(getattr(p, k)).to(run.device, non_blocking=True)
                  for k in ("tokens", "pos", "ar_targets", "noisy_idx", "cons_weight")}
             prompt_len.copy_(torch.from_numpy(p.prompt_len))
@@ -539,16 +553,16 @@ def distill(cfg, run, model, traj, n, r, state_path, data_dir):
             x = y = None
             if replay:
                 x, y = (torch.from_numpy(v).to(run.device)
-                        for v in get_batch(real_data, cfg.replay_batch, mcfg.seq_len, replay_rng))
+                        for v in get_batch(real_data, cfg.replay_batch, model.cfg.seq_len, replay_rng))
             pc, ar, real = step_losses(t["tokens"], t["pos"], t["ar_targets"], t["noisy_idx"], t["cons_weight"],
                                        mask, x, y)
-            loss = pc + cfg.lam * ar + cfg.replay * real      # weights outside the compiled graph: no recompiles
+            loss = pc + cfg.lam * ar + cfg.replay * real
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
             step += 1
-            tok_log += (B * L + (cfg.replay_batch * mcfg.seq_len if replay else 0)) * run.world
+            tok_log += (B * L + (cfg.replay_batch * model.cfg.seq_len if replay else 0)) * run.world
             saving = step % cfg.ckpt_every == 0 or step == cfg.distill_steps
             if step % 20 == 0 or step == cfg.distill_steps or step == 1 or saving:
                 lv = loss.item()
@@ -567,8 +581,7 @@ def distill(cfg, run, model, traj, n, r, state_path, data_dir):
             print(f"interrupted at step {step}: saved {state_path}; continue with --resume", file=sys.stderr)
         raise
     finally:
-        if prefetch:
-            prefetch.shutdown(wait=True, cancel_futures=True)
+        batches.close()
     return step, time.time() - t_start
 
 
@@ -598,7 +611,7 @@ def distill_round(cfg, run, out, r, src=None, traj_dir=None, probe=True):
     corpus = ckpt.get("train_config", {}).get("corpus") or cfg.corpus    # the one the base was trained on
     data_dir = token_cache(traj_dir or out, corpus, model.cfg.vocab_size)
     traj = trajectories(cfg, run, src, model, n, T, corpus, traj_dir or out)    # 1. collect
-    steps, train_s = distill(cfg, run, model, traj, n, r, state_path, data_dir)  # 2. train
+    steps, train_s = distill(cfg, run, model, traj, n, r, state_path, data_dir)  # 2. pack and train
     if not run.master:
         return {}
     vl = val_loss(model, load_split(data_dir, "val"), model.cfg, cfg.eval_batches, cfg.batch_size, run) \

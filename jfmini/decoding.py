@@ -280,7 +280,12 @@ class Jacobi:
             draft, nb, V = self._grow(a, G, draft, L0, nb, V, reset)
         if self.R:                                           # 6. candidates for the next iteration
             self._recycle(a_main, draft, m_new)
-        done = self.done                                     # finished rows keep their state
+        self._store(a, m_new, ended, draft, L0, nb, V)       # 7. the new state, in place
+
+    def _store(self, a, m_new, ended, draft, L0, nb, V):
+        """Write the iteration's results into the state tensors (in place: a captured graph replays on the
+        same memory). Rows that had already finished keep their state; count this forward for the others."""
+        done = self.done
         self.draft.copy_(torch.where(done[:, None], self.draft, draft))
         self.L0.copy_(torch.where(done, self.L0, L0))
         self.nb.copy_(torch.where(done, self.nb, nb))

@@ -388,3 +388,24 @@ def test_resumed_round_keeps_its_starting_model_as_the_kl_anchor(tmp_path, files
     _, res = round_with_replay(tmp_path, files, "--distill_steps", "3", "--resume")
     assert "resuming from" in res.stdout
     assert replay_at(res, 3, 3) > 0.001                        # measured against base.pt, not the resumed state
+
+
+def test_bench_charts_scale_bars_and_read_the_last_json_line(tmp_path):
+    import bench
+    rows = [{"row": "AR fast", "model": "base", "decoder": "n=1", "tokens_per_s": 1000.0, "tokens_per_forward": 1.0},
+            {"row": "Jacobi", "model": "jf", "decoder": "n=32", "tokens_per_s": 4000.0, "tokens_per_forward": 4.5}]
+    sweep = {"jf": [{"block_len": n, "num_blocks": 1, "pool_size": 0, "ngram": 0, "cand_len": None,
+                     "tokens_per_s": 100.0 * n, "tokens_per_forward": n / 8} for n in (64, 16)]}
+    log = tmp_path / "bench.log"
+    log.write_text("a table line\n" + json.dumps({"device": "X", "prompts": 2, "rows": rows, "sweep": sweep}) + "\n")
+    text = bench.charts(bench.read_record(log))
+    lines = {line.split("  ")[0]: line for line in text.splitlines()}
+    full = "\u2588"
+    assert lines["Jacobi (jf, n=32)"].count(full) == 32 and lines["AR fast (base, n=1)"].count(full) == 8
+    assert "TPF 4.50" in lines["Jacobi (jf, n=32)"]
+    assert text.index("n=16 ") < text.index("n=64 ")                 # block lengths in order
+    assert lines["n=16"].count(full) == 8 and lines["n=64"].count(full) == 32
+    res = run("bench.py", "--chart", log)
+    assert res.returncode == 0 and res.stdout.strip() == text
+    (tmp_path / "plain.txt").write_text("no json here\n")
+    assert_clean_failure(run("bench.py", "--chart", tmp_path / "plain.txt"), "--chart", "sweep_file")
