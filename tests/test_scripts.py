@@ -409,3 +409,21 @@ def test_bench_charts_scale_bars_and_read_the_last_json_line(tmp_path):
     assert res.returncode == 0 and res.stdout.strip() == text
     (tmp_path / "plain.txt").write_text("no json here\n")
     assert_clean_failure(run("bench.py", "--chart", tmp_path / "plain.txt"), "--chart", "sweep_file")
+
+
+def test_prefetched_batches_equal_the_plain_ones():
+    """On a GPU a thread packs the next batch during a step; it must yield exactly what the CPU path does."""
+    import types
+    import train
+    from jfmini.forcing import collect_trajectories, packed_length
+    traj = collect_trajectories(tiny_model(), [[1 + i, 2, 3, 4 + i] for i in range(6)], 4, 3, 6, eot=None,
+                                log=lambda *a: None)
+    cfg = train.TrainConfig(distill_batch=2, traj_prompts=6)
+    L = packed_length(int(np.diff(traj.prompt_offsets).max()), 4, 3)
+    got = {}
+    for cuda in (False, True):
+        batches = train.packed_batches(cfg, types.SimpleNamespace(cuda=cuda, rank=0, world=1), traj, 4, 1, 0, L, 256)
+        got[cuda] = [next(batches) for _ in range(7)]
+        batches.close()
+    for a, b in zip(got[False], got[True]):
+        assert all(np.array_equal(getattr(a, k), getattr(b, k)) for k in ("tokens", "pos", "noisy_idx", "cons_weight"))
