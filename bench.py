@@ -214,19 +214,28 @@ def charts(record):
     return "\n\n".join(out)
 
 
+def drawable(record):
+    """Does a JSON value hold bench rows or the JF model's sweep results?"""
+    if not isinstance(record, dict):
+        return False
+    sweep = record.get("sweep") or record.get("results")
+    return bool(record.get("rows")) or (isinstance(sweep, dict) and bool(sweep.get("jf")))
+
+
 def read_record(path):
     """The last JSON object with bench rows or sweep results in a file (a bench log, its JSON line, or a
     --sweep_file)."""
     try:
         text = Path(path).read_text()
-    except OSError as e:
-        raise UserError(f"--chart {path}: cannot read it ({e.strerror}); pass bench.py's log or --sweep_file")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"--chart {path}: cannot read it as text ({getattr(e, 'strerror', None) or e.reason}); "
+                        f"pass bench.py's log or --sweep_file") from None
     for line in reversed(text.strip().splitlines()):
         try:
             record = json.loads(line)
         except ValueError:
             continue
-        if isinstance(record, dict) and (record.get("rows") or record.get("results") or record.get("sweep")):
+        if drawable(record):
             return record
     raise UserError(f"--chart {path}: no bench.py JSON line or sweep results in it; pass bench.py's log or "
                     f"--sweep_file")
@@ -235,8 +244,12 @@ def read_record(path):
 @cli
 def main(argv=None):
     cfg = parse_config(BenchConfig, argv, description=__doc__, checks=checks)
-    if cfg.chart:
-        print(charts(read_record(cfg.chart)))
+    if cfg.chart is not None:
+        try:
+            print(charts(read_record(cfg.chart)))
+        except (KeyError, TypeError, AttributeError, ValueError) as e:
+            raise UserError(f"--chart {cfg.chart}: not a bench.py record this version can draw ({e!r}); pass "
+                            f"bench.py's log or --sweep_file") from None
         return
     t_start = time.time()
     log = lambda msg: print(f"[{time.time() - t_start:6.1f}s] {msg}", file=sys.stderr, flush=True)
@@ -358,8 +371,10 @@ def main(argv=None):
                                      f"{max(st for _, st in gaps):.2f} rounding steps" if gaps else "-")
                   + (f" ({lengths} differ only in length)" if lengths else "")
                   + f" -> {r['lossless_ties_aside']:.1%} lossless ties aside (gap <= {TIE_ULPS} steps)")
-    print()
-    print(charts({"device": gpu, "prompts": len(prompts), "rows": results, "sweep": sweep_results}))
+    try:
+        print("\n" + charts({"device": gpu, "prompts": len(prompts), "rows": results, "sweep": sweep_results}))
+    except UnicodeEncodeError:                        # a terminal without the block characters: no pictures
+        log("charts skipped: stdout cannot encode their block characters (set PYTHONIOENCODING=utf-8)")
     print(json.dumps({"device": gpu, "torch": torch.__version__, "dtype": str(dtype).replace("torch.", ""),
                       "prompts": len(prompts), "config": asdict(cfg), "base_ckpt": cfg.base_ckpt, "ckpt": jf_path,
                       "rows": results, "sweep": sweep_results, "seconds": time.time() - t_start}))

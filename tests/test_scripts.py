@@ -407,12 +407,18 @@ def test_bench_charts_scale_bars_and_read_the_last_json_line(tmp_path):
     assert lines["n=16"].count(full) == 8 and lines["n=64"].count(full) == 32
     res = run("bench.py", "--chart", log)
     assert res.returncode == 0 and res.stdout.strip() == text
-    (tmp_path / "plain.txt").write_text("no json here\n")
-    assert_clean_failure(run("bench.py", "--chart", tmp_path / "plain.txt"), "--chart", "sweep_file")
+    bad = {"plain.txt": "no json here\n", "empty_sweep.json": json.dumps({"results": {"jf": []}}),
+           "rows_without_keys.json": json.dumps({"rows": [{"row": "x"}]}), "rows_text.json": '{"rows": "abc"}'}
+    for name, text in bad.items():
+        (tmp_path / name).write_text(text)
+    (tmp_path / "binary.pt").write_bytes(bytes(range(256)))
+    for name in [*bad, "binary.pt", ""]:
+        assert_clean_failure(run("bench.py", "--chart", tmp_path / name if name else ""), "--chart", "sweep_file")
 
 
 def test_prefetched_batches_equal_the_plain_ones():
     """On a GPU a thread packs the next batch during a step; it must yield exactly what the CPU path does."""
+    import dataclasses
     import types
     import train
     from jfmini.forcing import collect_trajectories, packed_length
@@ -420,10 +426,15 @@ def test_prefetched_batches_equal_the_plain_ones():
                                 log=lambda *a: None)
     cfg = train.TrainConfig(distill_batch=2, traj_prompts=6)
     L = packed_length(int(np.diff(traj.prompt_offsets).max()), 4, 3)
-    got = {}
-    for cuda in (False, True):
-        batches = train.packed_batches(cfg, types.SimpleNamespace(cuda=cuda, rank=0, world=1), traj, 4, 1, 0, L, 256)
-        got[cuda] = [next(batches) for _ in range(7)]
-        batches.close()
-    for a, b in zip(got[False], got[True]):
-        assert all(np.array_equal(getattr(a, k), getattr(b, k)) for k in ("tokens", "pos", "noisy_idx", "cons_weight"))
+    for step, rank, world in ((0, 0, 1), (3, 1, 2)):
+        got = {}
+        for cuda in (False, True):
+            run_ = types.SimpleNamespace(cuda=cuda, rank=rank, world=world)
+            batches = train.packed_batches(cfg, run_, traj, 4, 1, step, L, 256)
+            try:
+                got[cuda] = [next(batches) for _ in range(7)]
+            finally:
+                batches.close()
+        for a, b in zip(got[False], got[True]):
+            for f in dataclasses.fields(a):
+                assert np.array_equal(getattr(a, f.name), getattr(b, f.name)), f.name
