@@ -261,7 +261,10 @@ def test_ctrl_c_saves_and_exits_cleanly(tmp_path):
     out = tmp_path / "out"
     args = [PY, ROOT / "train.py", "--out_dir", out, "--stage", "pretrain", *TINY, "--steps", "100000",
             "--ckpt_every", "5"]
-    proc = subprocess.Popen(list(map(str, args)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # a shell without job control starts background jobs with Ctrl-C ignored, and a child keeps that: give
+    # train.py the default disposition, so that Python turns SIGINT into KeyboardInterrupt wherever we run
+    proc = subprocess.Popen(list(map(str, args)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     wait_for(out / "pretrain_state.pt", proc)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
