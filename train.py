@@ -5,11 +5,12 @@
     python train.py --resume                  # continue an interrupted stage from its last checkpoint
     torchrun --nproc_per_node=2 train.py      # data parallel (nccl on GPU, gloo on CPU)
 
-Outputs in --out_dir: base.pt (the AR model), traj_r{r}.npz (trajectories), jf{r}.pt (round r model),
+Outputs in --out_dir: base.pt (the AR model), traj_n{n}_{hash}.npz (trajectories, named after the model
+and settings that made them), jf{r}.pt (round r model),
 *_state.pt (resumable training state, written atomically every --ckpt_every steps, removed when the
 stage is done). One run at a time per --out_dir (train.lock holds its pid).
 Flags left unset take their value from --preset: gpu (a 51M-parameter model; needs a CUDA GPU) or cpu
-(a 7M-parameter model; the whole pipeline takes about 13 minutes on 2 cores). Both presets' values are
+(a 2.6M-parameter model; the whole pipeline takes about 16 minutes on 2 cores). Both presets' values are
 listed below; the resolved config is printed at start-up.
 """
 import concurrent.futures
