@@ -503,9 +503,3 @@ def decode_many(model, prompts, max_new_tokens, eot=None, batch=64, **settings):
             forwards.append(int(jac.iters[b]))
         hist = hist + jac.accepted[:len(chunk)].sum(0).cpu()
     return outs, forwards, hist
-
-
-def batch_tpf(model, prompts, block_len, max_new_tokens, eot=None, batch=64):
-    """Vanilla Jacobi tokens per forward over many prompts, decoded `batch` at a time."""
-    outs, forwards, _ = decode_many(model, prompts, max_new_tokens, eot, batch, block_len=block_len)
-    return sum(map(len, outs)) / max(sum(forwards), 1)

@@ -6,7 +6,7 @@ import torch
 
 from conftest import cuda, tiny_model
 from jfmini.common import UserError
-from jfmini.decoding import Jacobi, batch_tpf, cache_mask, decode_many, flex_cache_mask, generate_ar
+from jfmini.decoding import Jacobi, cache_mask, decode_many, flex_cache_mask, generate_ar
 
 GRID = list(itertools.product([1, 2, 3, 8, 16], [0, 1, 4], [1, 2, 3], [0.5, 0.85, 1.0]))
 # candidate rows: block length x (recycled, n-gram) x candidate length (None = n) x blocks
@@ -171,7 +171,7 @@ def test_cuda_graph_decoders_are_lossless(compile):
 
 
 @pytest.mark.parametrize("block_len", [1, 4, 16])
-def test_batch_tpf_matches_one_prompt_at_a_time(block_len):
+def test_batched_decoding_counts_what_one_prompt_decoding_counts(block_len):
     """train.py's batched TPF check (rows of different prompt lengths, some stopping at end-of-text, a
     last partial batch) counts exactly what bench.py's one-prompt decoding counts."""
     model = tiny_model(seed=3)
@@ -184,8 +184,8 @@ def test_batch_tpf_matches_one_prompt_at_a_time(block_len):
         out, st = Jacobi(model, block_len=block_len, eot=eot).generate(p, 40)
         assert out == generate_ar(model, p, 40, eot=eot)[0]
         tokens, forwards = tokens + st.new_tokens, forwards + st.forwards
-    assert batch_tpf(model, prompts, block_len, 40, eot=eot, batch=2) == pytest.approx(tokens / forwards)
     outs, fwd, hist = decode_many(model, prompts, 40, eot=eot, batch=2, block_len=block_len)
+    assert sum(map(len, outs)) / sum(fwd) == pytest.approx(tokens / forwards)
     assert sum(fwd) == forwards == int(hist.sum())           # one histogram entry per forward
     assert int((hist * torch.arange(len(hist))).sum()) >= tokens  # committed (the last one may overshoot)
     if block_len == 1:
