@@ -20,13 +20,11 @@ whole iteration is captured as one CUDA graph and the host reads one flag per `s
 """
 import contextlib
 import gc
-import inspect
 import math
 import time
 from dataclasses import dataclass
 
 import torch
-from torch.nn.attention.flex_attention import BlockMask
 
 from jfmini.common import UserError
 
@@ -40,7 +38,7 @@ METHODS = {
 }
 SETTINGS = ("block_len", "num_blocks", "pool_size", "ngram", "cand_len", "activation_ratio")
 NGRAM_KEY = 4     # a context n-gram matches up to the verified next token and the 3 tokens before it
-KV_TILE = 128     # FlexAttention visits the cache in tiles of this many slots
+KV_TILE = 128     # the cache length is a multiple of this (regular kernel shapes)
 
 
 @dataclass
@@ -79,27 +77,6 @@ def cache_mask(hi, seg, slots, length, lo=0):
     """may_read as a dense bool mask (B, 1, T, S) over a cache of `length` slots; hi (B,), seg, slots (B, T)."""
     cols = torch.arange(length, device=slots.device)
     return may_read(cols, lo, hi[:, None, None], seg[..., None], slots[..., None])[:, None]
-
-
-_NO_Q_BLOCKS = {"compute_q_blocks": False} if "compute_q_blocks" in inspect.signature(
-    BlockMask.from_kv_blocks).parameters else {}   # decoding runs no backward pass
-
-
-def flex_cache_mask(hi, seg, slots, length, lo=0):
-    """may_read as a FlexAttention BlockMask that visits only the cache tiles up to the last slot any row
-    may read, so a step's attention costs follow the live length, not the size of the static buffer."""
-    B, T = slots.shape
-    q_tiles, kv_tiles = -(-T // 128), length // KV_TILE
-    top = torch.maximum(hi, slots.max(1).values + 1)                          # (B,) one past the last slot read
-    live = ((top + KV_TILE - 1) // KV_TILE).to(torch.int32)
-    kv_num = live[:, None, None].expand(B, 1, q_tiles).contiguous()            # (B, 1, q_tiles)
-    kv_idx = torch.arange(kv_tiles, dtype=torch.int32, device=slots.device).expand(B, 1, q_tiles, kv_tiles)
-
-    def mask_mod(b, h, q, kv):
-        q = torch.clamp(q, max=T - 1)            # the kernel may ask about padding rows of the last tile
-        return may_read(kv, lo, hi[b], seg[b, q], slots[b, q])
-    return BlockMask.from_kv_blocks(kv_num, kv_idx.contiguous(), BLOCK_SIZE=(128, KV_TILE), mask_mod=mask_mod,
-                                    seq_lengths=(T, length), **_NO_Q_BLOCKS)
 
 
 def check_args(block_len=1, num_blocks=1, pool_size=0, ngram=0, cand_len=None, activation_ratio=0.85,
@@ -160,14 +137,11 @@ class Jacobi:
     contain the verified next token, verified in the same forward), ngram G (context n-gram candidates:
     prompt lookup), cand_len c (tokens per candidate row, at most n). Rows of the batch are independent
     sequences (trajectory collection decodes many prompts at once); decode.py and bench.py use batch=1.
-    attention: "dense" (every cache slot, masked) or "flex" (FlexAttention visits only the live tiles of the
-    cache; exact on CPU, but compiled on CUDA with torch 2.11 it gave wrong tokens for drafts of more than
-    one token and failed to lower after two compilations in one process, so it is not the default).
     """
 
     def __init__(self, model, block_len=16, num_blocks=1, pool_size=0, ngram=0, cand_len=None,
                  activation_ratio=0.85, batch=1, eot=None, graph=None, compile=False, max_len=None,
-                 pre_step=None, attention=None):
+                 pre_step=None):
         check_args(block_len, num_blocks, pool_size, ngram, cand_len, activation_ratio)
         self.model, self.n, self.K, self.B = model, block_len, num_blocks, batch
         self.P, self.G = (pool_size, ngram) if block_len > 1 else (0, 0)  # a 1-token block has nothing to add
@@ -181,7 +155,6 @@ class Jacobi:
                                      # with state exposes it as tensors() so that warm-up steps can be undone
         self.dev = dev = model.embed.weight.device
         self.graph_enabled = (dev.type == "cuda") if graph is None else graph
-        self.attention = attention or "dense"
         self._graph = None
         # Cache slots: [candidate scratch (R*c) | positions 0..C-1]. C covers the longest prompt plus new
         # tokens (max_len) and slack for tentative draft writes; a tile-aligned length keeps kernels regular.
@@ -305,8 +278,7 @@ class Jacobi:
         pos = self.m[:, None] + self.offs                                              # (B, T)
         slots = torch.cat([self.base + pos[:, :W], self.cand_slots.expand(B, -1)], 1)  # (B, T)
         seg = torch.cat([(self.base + self.m)[:, None].expand(B, W), self.cand_seg.expand(B, -1)], 1)
-        mask = (flex_cache_mask if self.attention == "flex" else cache_mask)(self.base + self.m, seg, slots, self.S,
-                                                                             self.base)
+        mask = cache_mask(self.base + self.m, seg, slots, self.S, self.base)
         return self.model(tokens, pos, mask, slots).argmax(-1)
 
     def _run(self, x, g, limit):

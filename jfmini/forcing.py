@@ -133,7 +133,7 @@ def collect_trajectories(model, prompts, block_len, num_blocks, batch_size, eot,
         chunk = chunk + [chunk[-1]] * (batch_size - len(chunk))      # fixed batch shape; extras dropped
         if jac is None:
             jac = Jacobi(model, block_len=n, batch=batch_size, eot=None, compile=compile, graph=graph,
-                         max_len=max(len(p) for p in prompts) + n * T, attention="dense")
+                         max_len=max(len(p) for p in prompts) + n * T)
             rec = _Recorder(jac, T)
             jac.pre_step = rec
         rec.states.zero_()

@@ -8,8 +8,7 @@ One forward serves everything:
     model(idx, pos)                      causal attention over idx (pretraining)
     model(idx, pos, mask)                mask: bool (B, 1, T, T) for SDPA, or a FlexAttention BlockMask
     model(idx, pos, mask, slots)         decoding: write K/V of idx at cache `slots` (B, T), then attend
-                                         over the static cache: a bool mask (B, 1, T, S) reads every slot,
-                                         a BlockMask only the tiles it visits
+                                         over the static cache under a bool mask (B, 1, T, S)
 
 The cache is a preallocated module buffer (gpt-fast style) so a captured CUDA graph keeps writing
 into the same memory. It only ever holds verified tokens where the decoder's committed-length pointer
@@ -86,11 +85,8 @@ class Attention(nn.Module):
         q, k = rotate(q, cos, sin).to(v.dtype), rotate(k, cos, sin).to(v.dtype)
         if slots is not None:
             k, v = cache.write(layer, slots, k, v)  # (B, H, S, Dh): the whole static buffer, the mask picks
-            if isinstance(mask, BlockMask):         # FlexAttention reads only the tiles the mask visits
-                y = flex_attention(q, k, v, block_mask=mask)
-            else:                                   # dense: every slot of the buffer, then the mask
-                scores = (q @ k.transpose(-1, -2)).float() * self.head_dim ** -0.5      # (B, H, T, S)
-                y = scores.masked_fill(~mask, float("-inf")).softmax(-1).to(v.dtype) @ v
+            scores = (q @ k.transpose(-1, -2)).float() * self.head_dim ** -0.5          # (B, H, T, S)
+            y = scores.masked_fill(~mask, float("-inf")).softmax(-1).to(v.dtype) @ v
         elif isinstance(mask, BlockMask):
             y = flex_attention(q, k, v, block_mask=mask)
         else:

@@ -6,7 +6,7 @@ import torch
 
 from conftest import cuda, tiny_model
 from jfmini.common import UserError
-from jfmini.decoding import Jacobi, cache_mask, decode_many, flex_cache_mask, generate_ar
+from jfmini.decoding import Jacobi, decode_many, generate_ar
 
 GRID = list(itertools.product([1, 2, 3, 8, 16], [0, 1, 4], [1, 2, 3], [0.5, 0.85, 1.0]))
 # candidate rows: block length x (recycled, n-gram) x candidate length (None = n) x blocks
@@ -66,33 +66,6 @@ def test_candidate_rows_are_lossless(seed, with_eot):
         out, stats = jac.generate(prompt, 48)
         assert out == ref, (n, P, G, c, K)
         assert stats.forwards == model.forwards - 1
-
-
-@pytest.mark.parametrize("seed", range(2))
-def test_flex_attention_decoding_is_lossless(seed):
-    """The FlexAttention form of the cache mask (eager here: the same mask_mod; CUDA runs its kernel)."""
-    model = tiny_model(seed=seed)
-    prompt, eot, ref = prompt_and_reference(model, seed, with_eot=True, repeat=True)
-    for n, P, G, c, K in ((1, 0, 0, None, 1), (8, 0, 0, None, 1), (16, 4, 2, 4, 2)):
-        jac = Jacobi(model, block_len=n, num_blocks=K, pool_size=P, ngram=G, cand_len=c, eot=eot, attention="flex")
-        assert jac.generate(prompt, 48)[0] == ref, (n, P, G, c, K)
-
-
-@pytest.mark.parametrize("seed", range(5))
-def test_flex_mask_visits_every_tile_a_query_may_read_and_skips_the_rest(seed):
-    g = torch.Generator().manual_seed(seed)
-    B, T, S, base = 3, 150, 1024, 96
-    hi = torch.randint(base + 1, 700, (B,), generator=g)
-    seg = torch.cat([hi[:, None].expand(B, 100), torch.arange(50).div(25, rounding_mode="floor")[None].expand(B, 50) * 25], 1)
-    slots = torch.cat([hi[:, None] + torch.arange(100), torch.arange(50)[None].expand(B, 50)], 1)
-    dense = cache_mask(hi, seg, slots, S, lo=base)[:, 0]                         # (B, T, S)
-    bm = flex_cache_mask(hi, seg, slots, S, lo=base)
-    tiles = bm.kv_num_blocks[:, 0]                                               # (B, q tiles)
-    visited = torch.arange(S // 128)[None, None] < tiles[..., None]              # (B, q tiles, kv tiles)
-    allowed = visited[:, torch.arange(T) // 128][..., torch.arange(S) // 128]    # (B, T, S)
-    assert bool((~dense | allowed).all()), "a slot a query may read lies in a skipped tile"
-    last = int((hi + 100).max())                                               # the last slot read + 1
-    assert int(tiles.max()) == -(-last // 128) < S // 128                         # the tail is skipped
 
 
 @pytest.mark.parametrize("seed", range(3))
