@@ -458,7 +458,7 @@ def trajectories(cfg, run, src, model, n, T, corpus, traj_dir):
     return traj
 
 
-def packed_batches(cfg, run, traj, n, r, step, L, eot):
+def packed_batches(cfg, run, traj, r, step, L, eot):
     """Pack: endless batches of training rows, each trajectory's blocks laid out as [prompt, noisy k0,
     clean l0, noisy k1, clean l1, ...] with the noisy states drawn by the noise schedule (forcing.pack).
     On a GPU a thread packs the next batch while the current step runs."""
@@ -527,7 +527,7 @@ def distill(cfg, run, model, traj, n, r, state_path, data_dir):
         step = state["step"]
         run.log(f"round {r}: resuming from {state_path} at step {step}")
     L = packed_length(int(np.diff(traj.prompt_offsets).max()), n, traj.fixed.shape[1])  # one row length per round
-    batches = packed_batches(cfg, run, traj, n, r, step, L, eot)
+    batches = packed_batches(cfg, run, traj, r, step, L, eot)
     step_losses = round_losses(cfg, run, model, anchor, n)
     prompt_len = torch.zeros(B, dtype=torch.long, device=run.device)
     pad_start = torch.zeros(B, dtype=torch.long, device=run.device)

@@ -433,7 +433,7 @@ def test_prefetched_batches_equal_the_plain_ones():
         got = {}
         for cuda in (False, True):
             run_ = types.SimpleNamespace(cuda=cuda, rank=rank, world=world)
-            batches = train.packed_batches(cfg, run_, traj, 4, 1, step, L, 256)
+            batches = train.packed_batches(cfg, run_, traj, 1, step, L, 256)
             try:
                 got[cuda] = [next(batches) for _ in range(7)]
             finally:
