@@ -3,7 +3,7 @@
     python bench.py                          # the table, then one JSON line
     python bench.py --sweep                  # first search the decoder settings for this GPU
     python bench.py --prompts my.jsonl --limit 20
-    python bench.py --chart results/h100/bench.log   # redraw the charts of an earlier run
+    python bench.py --chart results/h200/bench.log   # redraw the charts of an earlier run
 
 Rows: AR eager and AR fast (base model); the base model with vanilla Jacobi and with context n-gram
 candidates (prompt lookup: the training-free baseline, no distillation); the Jacobi Forcing (JF) model
