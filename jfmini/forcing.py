@@ -30,6 +30,8 @@ class Trajectories:
              sorted; states[owner == g] are block g's states in iteration order
     source:  what made them (JSON: checkpoint fingerprint, block length, blocks, prompts, seed), so a
              stale file is never reused for another model
+    truth:   (N, K) the ground truth after each prompt: the next K tokens of its source file, -1 past the
+             file's end (K = 0: none recorded). jfmini's addition: an AR loss on real code.
     """
     prompts: np.ndarray
     prompt_offsets: np.ndarray
@@ -37,6 +39,11 @@ class Trajectories:
     states: np.ndarray
     owner: np.ndarray
     source: str = "{}"
+    truth: np.ndarray = None
+
+    def __post_init__(self):
+        if self.truth is None:
+            self.truth = np.zeros((len(self.fixed), 0), np.int32)
 
     @property
     def block_len(self):
@@ -67,6 +74,8 @@ class Trajectories:
         counts = np.bincount(self.owner, minlength=N * T)
         if counts.min(initial=1) < 1 or counts.max(initial=1) > n:
             return f"a block has {counts.min()}..{counts.max()} states, expected 1..{n}"
+        if self.truth.ndim != 2 or len(self.truth) != N:
+            return f"truth has shape {self.truth.shape}, expected ({N}, K)"
         first = self.fixed.reshape(N * T, n)[self.owner, 0]
         if np.any(self.states[:, 0] != first):
             return f"{int(np.sum(self.states[:, 0] != first))} states do not start with their block's first token"
@@ -81,8 +90,9 @@ class Trajectories:
     def load(cls, path):
         try:
             with np.load(path) as z:
-                traj = cls(**{k: z[k] for k in cls.__dataclass_fields__ if k != "source"},
-                           source=str(z["source"]) if "source" in z else "{}")
+                traj = cls(**{k: z[k] for k in cls.__dataclass_fields__ if k not in ("source", "truth")},
+                           source=str(z["source"]) if "source" in z else "{}",
+                           truth=z["truth"] if "truth" in z else None)
         except Exception as e:
             raise UserError(f"trajectories file {path} is unreadable ({type(e).__name__}); delete it and run "
                             f"the stage again to regenerate it") from None
@@ -90,6 +100,39 @@ class Trajectories:
             raise UserError(f"trajectories file {path} is inconsistent ({bad}); delete it and run the stage "
                             f"again to regenerate it")
         return traj
+
+
+    def subset(self, keep):
+        """The trajectories of prompts `keep` (sorted indices), renumbered."""
+        keep = np.asarray(keep, dtype=np.int64)
+        T = self.fixed.shape[1]
+        lens = np.diff(self.prompt_offsets)[keep]
+        blocks = (keep[:, None] * T + np.arange(T)).reshape(-1)              # old block ids, in order
+        new_id = np.full(len(self) * T, -1, np.int64)
+        new_id[blocks] = np.arange(len(blocks))
+        mine = new_id[self.owner] >= 0
+        return Trajectories(np.concatenate([self.prompt(i) for i in keep]) if len(keep) else self.prompts[:0],
+                            np.concatenate([[0], np.cumsum(lens)]).astype(np.int64), self.fixed[keep],
+                            self.states[mine], new_id[self.owner[mine]], self.source, self.truth[keep])
+
+
+def longest_run(tokens, eot=None):
+    """Length of the longest run of one repeated token (up to the first end-of-text)."""
+    tokens = np.asarray(tokens)
+    if eot is not None and np.any(tokens == eot):
+        tokens = tokens[:int(np.argmax(tokens == eot))]
+    if len(tokens) == 0:
+        return 0
+    change = np.flatnonzero(np.diff(tokens) != 0)
+    edges = np.concatenate([[-1], change, [len(tokens) - 1]])
+    return int(np.diff(edges).max())
+
+
+def repetitive(traj, max_repeat, eot):
+    """Which prompts' fixed points hold a run of max_repeat or more identical tokens (bool (N,)): greedy
+    loops, which teach the consistency loss to predict repetition. CLLM drops such samples."""
+    stream = traj.fixed.reshape(len(traj), -1)
+    return np.array([longest_run(row, eot) >= max_repeat for row in stream], dtype=bool)
 
 
 class _Recorder:
@@ -123,8 +166,9 @@ class _Recorder:
 
 @torch.no_grad()
 def collect_trajectories(model, prompts, block_len, num_blocks, batch_size, eot, compile=False, log=print,
-                         graph=None, source="{}"):
-    """Greedy Jacobi-decode every prompt for num_blocks blocks of block_len, recording every state."""
+                         graph=None, source="{}", truth=None):
+    """Greedy Jacobi-decode every prompt for num_blocks blocks of block_len, recording every state.
+    truth: optional ground-truth continuation of each prompt (token lists), kept with the trajectories."""
     n, T = block_len, num_blocks
     fixed, states, owner = [], [], []
     jac = rec = None
@@ -157,10 +201,19 @@ def collect_trajectories(model, prompts, block_len, num_blocks, batch_size, eot,
                         prompt_offsets=np.concatenate([[0], np.cumsum(lens)]).astype(np.int64),
                         fixed=np.stack(fixed).astype(np.uint16),
                         states=np.concatenate(states).astype(np.uint16),
-                        owner=np.asarray(owner, dtype=np.int64), source=source)
+                        owner=np.asarray(owner, dtype=np.int64), source=source, truth=truth_array(truth, len(prompts)))
     if (bad := traj.problem()) is not None:
         raise RuntimeError(f"collected trajectories are inconsistent: {bad}")
     return traj
+
+
+def truth_array(truth, count):
+    """Token lists -> (count, longest) int32, -1 past each list's end; no lists -> (count, 0)."""
+    width = max((len(t) for t in truth), default=0) if truth else 0
+    out = np.full((count, width), -1, np.int32)
+    for i, t in enumerate(truth or []):
+        out[i, :len(t)] = t
+    return out
 
 
 def noise_ratio(states, fixed_point):
@@ -198,6 +251,8 @@ class Packed:
     first_div: np.ndarray   # (B, T) offset of k_j's first token that differs from l_j (n = none)
     prompt_len: np.ndarray  # (B,)
     pad_start: np.ndarray   # (B,)
+    truth_tokens: np.ndarray = None   # (B, Lt) prompt + ground-truth continuation (causal), when asked for
+    truth_targets: np.ndarray = None  # (B, Lt) its next tokens on the continuation only, -1 elsewhere
 
 
 def packed_length(max_prompt, block_len, num_blocks, multiple=128):
@@ -214,12 +269,26 @@ def pick_state(cands, ratios, wanted, rng, fresh, tolerance):
     return int(near[rng.integers(len(near))])
 
 
-def pack(traj, rows, length, schedule, rng, eot, window=16, fresh=True, cons_window=0):
+def truth_rows(traj, rows, length):
+    """Rows [prompt | its true continuation] for an AR loss on real code: (tokens, targets), (B, length)
+    each; the targets are the continuation's tokens (the prompt's last token predicts the first)."""
+    tokens, targets = np.zeros((len(rows), length), np.int64), np.full((len(rows), length), -1, np.int64)
+    for r, i in enumerate(rows):
+        prompt, truth = traj.prompt(i).astype(np.int64), traj.truth[i].astype(np.int64)
+        truth = truth[:max(0, min(int(np.argmax(truth < 0)) if np.any(truth < 0) else len(truth), length - len(prompt)))]
+        row = np.concatenate([prompt, truth])
+        tokens[r, :len(row)] = row
+        targets[r, len(prompt) - 1:len(row) - 1] = truth
+    return tokens, targets
+
+
+def pack(traj, rows, length, schedule, rng, eot, window=16, fresh=True, cons_window=0, truth_len=0):
     """Pack the trajectories of prompts `rows` into one batch, choosing k_j by the noise schedule.
 
     fresh: draw the states anew at every call (a random phase of the ramp per row, and a random state
     among the nearest ratios); otherwise the same nearest state every epoch. cons_window > 0 keeps the
-    consistency loss on the first cons_window positions from the first divergence (0 = through n-1)."""
+    consistency loss on the first cons_window positions from the first divergence (0 = through n-1).
+    truth_len > 0 also lays out each prompt with its ground-truth continuation in rows of that length."""
     n, T = traj.block_len, traj.fixed.shape[1]
     B = len(rows)
     out = Packed(np.zeros((B, length), np.int64), np.zeros((B, length), np.int64),
@@ -264,18 +333,29 @@ def pack(traj, rows, length, schedule, rng, eot, window=16, fresh=True, cons_win
         out.tokens[r, :L], out.pos[r, :L], out.ar_targets[r, :L] = row, np.concatenate(pos), np.concatenate(ar)
         out.pos[r, L:] = np.arange(L, length)
         out.prompt_len[r], out.pad_start[r] = P, L
+    if truth_len:
+        out.truth_tokens, out.truth_targets = truth_rows(traj, rows, truth_len)
     return out
 
 
-def forcing_loss(logits, ar_targets, noisy_idx, cons_weight, block_len, target="soft"):
+def forcing_loss(logits, ar_targets, noisy_idx, cons_weight, block_len, target="soft", ref_logits=None):
     """The two terms of L = L_pc + lambda * L_AR from one forward's logits (B, L, V); returns (L_pc, L_AR).
 
     L_pc, at the noisy positions cons_weight keeps: soft = cross-entropy from the detached clean
     distribution at l_j[t] (n positions after k_j[t]) to the noisy one at k_j[t] (the paper's);
     hard = cross-entropy to the fixed point's next token (the clean distribution's argmax).
-    L_AR: next-token cross-entropy on the clean stream."""
+    L_AR: next-token cross-entropy on the clean stream (the paper's: its targets are the source model's
+    own greedy tokens, loops included); with ref_logits (an anchor model's logits on the same rows),
+    jfmini's alternative: the KL divergence from the anchor's distribution there, which keeps the model's
+    AR predictions on its own trajectories instead of sharpening them towards its greedy choices."""
     V = logits.shape[-1]
-    ar = F.cross_entropy(logits.flatten(0, 1), ar_targets.flatten(), ignore_index=-1)
+    if ref_logits is None:
+        ar = F.cross_entropy(logits.flatten(0, 1), ar_targets.flatten(), ignore_index=-1)
+    else:
+        keep = (ar_targets >= 0).float()                              # the clean stream (and the prompt)
+        ref = ref_logits.log_softmax(-1)
+        kl = (ref.exp() * (ref - logits.log_softmax(-1))).sum(-1)     # (B, L)
+        ar = (kl * keep).sum() / keep.sum().clamp(min=1)
     idx = noisy_idx[..., None].expand(-1, -1, V)
     student = logits.gather(1, idx).log_softmax(-1)                  # (B, T*n, V)
     if target == "hard":
