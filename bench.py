@@ -28,15 +28,17 @@ import torch
 
 from jfmini.common import (UserError, atomic_write, check_writable, cli, default_checkpoint, field, load_checkpoint,
                            parse_config, pick_device)
-from jfmini.data import completion_text, distinct4, gpt2_tokenizer, parses, read_prompts
+from jfmini.data import completion_text, heldout_prompts, model_tokenizer, read_prompts
 from jfmini.decoding import METHODS, Jacobi, Stats, generate_ar
+from jfmini.quality import score, summarize, truth_loss
 
 
 @dataclass
 class BenchConfig:
     ckpt: str = field(None, "Jacobi Forcing checkpoint (default: the newest out/jf*.pt)")
     base_ckpt: str = field("out/base.pt", "the AR base model it was distilled from")
-    prompts: str = field(None, "JSONL of {task_id, prompt} records (default: HumanEval's 164)")
+    prompts: str = field(None, "JSONL of {task_id, prompt} records, with an optional true 'body' (default: "
+                               "HumanEval's 164); 'heldout' = 512 documented functions from files no model trained on")
     limit: int = field(0, "use only the first N prompts (0 = all)")
     max_new_tokens: int = field(None, "new tokens per prompt at most (greedy, stops at end-of-text); default 256, "
                                       "or a quarter of the models' context if that is less")
@@ -260,16 +262,21 @@ def main(argv=None):
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}.get(cfg.dtype,
                                                                        torch.bfloat16 if cuda else torch.float32)
     compile = cfg.compile == "auto" and cuda
-    records = read_prompts(cfg.prompts)[:cfg.limit or None]
+    records = read_prompts(cfg.prompts)[:cfg.limit or None] if cfg.prompts != "heldout" else None
     jf_path = cfg.ckpt or default_checkpoint()
-    models, vals, paths = {}, {}, {"base": cfg.base_ckpt, "jf": jf_path}
+    models, vals, paths, base_ck = {}, {}, {"base": cfg.base_ckpt, "jf": jf_path}, {}
     for key, path in paths.items():
         model, ck = load_checkpoint(path, device, flag={"base": "--base_ckpt", "jf": "--ckpt"}[key])
         models[key], vals[key] = model.to(dtype).eval(), ck.get("val_loss", float("nan"))
-    if models["base"].cfg.vocab_size != models["jf"].cfg.vocab_size:
+        base_ck = ck if key == "base" else base_ck
+    if (models["base"].cfg.vocab_size, models["base"].cfg.tokenizer) != (models["jf"].cfg.vocab_size,
+                                                                          models["jf"].cfg.tokenizer):
         raise UserError(f"{cfg.base_ckpt} and {jf_path} use different vocabularies; pass the base model the "
                         f"Jacobi Forcing model was distilled from")
-    enc = gpt2_tokenizer(vocab_size=models["base"].cfg.vocab_size)
+    enc = model_tokenizer(models["base"].cfg)
+    if cfg.prompts == "heldout":
+        corpus = base_ck.get("train_config", {}).get("corpus") or "stdlib+torch+deps"
+        records = heldout_prompts(corpus, enc, count=cfg.limit or 512)
     eot = enc.eot_token
     context = min(m.cfg.seq_len for m in models.values())
     if cfg.max_new_tokens is None:                   # leave room for prompts: a quarter of the context
@@ -313,6 +320,12 @@ def main(argv=None):
             ("n-gram", "base", LOOKUP)] + ([("best", "base", best["base"])] if best else []) + \
            [("AR fast", "jf", ar), ("Jacobi", "jf", jacobi), ("n-gram", "jf", LOOKUP), ("MR", "jf", mr)] + \
            ([("best", "jf", best["jf"])] if best else [])
+    body_loss = {}                                    # teacher-forced loss of the true bodies, nats per token
+    known = [i for i, r in enumerate(records) if r.get("body")]
+    for key, model in models.items():
+        bodies = [enc.encode_ordinary(records[i]["body"])[:cfg.max_new_tokens] for i in known]
+        nats, counts = truth_loss(model, [prompts[i] for i in known], bodies)
+        body_loss[key] = sum(nats) / max(sum(counts), 1) if known else None
     results, outputs, refs = [], [], {}
     for name, key, settings in rows:
         use = prompts[:cfg.eager_limit] if settings is None else prompts
@@ -321,18 +334,23 @@ def main(argv=None):
         if name == "AR fast":
             refs[key] = outs                       # the model's own greedy output: the lossless reference
         texts = [completion_text(enc, o) for o in outs]
+        chars = sum(map(len, texts))
+        q = summarize(score([r["prompt"] for r in records[:len(use)]], texts, outs,
+                            [r.get("body") for r in records[:len(use)]], device))
         results.append({
             "row": name, "model": key, "settings": settings or "eager loop",
             "decoder": describe(settings) if settings else "eager loop", "prompts": len(use),
             "tokens": st.new_tokens, "forwards": st.forwards, "tokens_per_forward": st.tokens_per_forward,
-            "tokens_per_s": st.tokens_per_s, "prefill_ms": 1e3 * st.prefill_s / len(use), "step_us": step,
-            "us_per_forward": 1e6 * st.decode_s / max(st.forwards, 1),
-            "parse_rate": sum(parses(records[i]["prompt"], t) for i, t in enumerate(texts)) / len(texts),
-            "distinct4": sum(distinct4(o) for o in outs) / len(outs), "val_loss": vals[key]})
+            "tokens_per_s": st.tokens_per_s, "chars": chars, "chars_per_forward": chars / max(st.forwards, 1),
+            "chars_per_s": chars / max(st.decode_s, 1e-9), "prefill_ms": 1e3 * st.prefill_s / len(use),
+            "step_us": step, "us_per_forward": 1e6 * st.decode_s / max(st.forwards, 1),
+            **{k: v[0] for k, v in q.items()}, **{f"{k}_se": v[1] for k, v in q.items()},
+            "parse_rate": q["parse"][0], "val_loss": vals[key], "body_loss": body_loss[key]})
         outputs.append(outs)
         gc.collect()
         log(f"{name} ({key}, {results[-1]['decoder']}): TPF {st.tokens_per_forward:.2f}, "
-            f"{st.tokens_per_s:,.0f} tokens/s" + (f", {step:.0f} us/step" if step else ""))
+            f"{st.tokens_per_s:,.0f} tokens/s, {results[-1]['chars_per_s']:,.0f} chars/s"
+            + (f", {step:.0f} us/step" if step else ""))
     ar_eager, ar_fast = results[0], results[1]
     fp32 = {}                                          # float32 copies for the tie analysis, loaded on first need
     for r, outs in zip(results, outputs):
@@ -349,19 +367,27 @@ def main(argv=None):
         r["tie_gaps"] = sorted([round(g, 4), round(abs(g) / st, 2)] for g, st in filter(None, gaps)) \
             + [None] * gaps.count(None)    # [gap in nats, gap in rounding steps]
         r["lossless_ties_aside"] = (len(outs) - len(gaps) + ties) / len(outs)
-        r["speedup_vs_ar_fast"] = r["tokens_per_s"] / ar_fast["tokens_per_s"]
-        r["speedup_vs_ar_eager"] = r["tokens_per_s"] / ar_eager["tokens_per_s"]
+        r["speedup_vs_ar_fast"] = r["chars_per_s"] / ar_fast["chars_per_s"]      # characters: tokenizer-neutral
+        r["speedup_vs_ar_eager"] = r["chars_per_s"] / ar_eager["chars_per_s"]
+        r["token_speedup_vs_ar_fast"] = r["tokens_per_s"] / ar_fast["tokens_per_s"]
 
-    head = f"{'row':<10}{'model':<6}{'decoder':<26}{'TPF':>6}{'tokens/s':>10}{'vs fast':>9}{'vs eager':>9}" \
-           f"{'step us':>8}{'lossless':>9}{'ties-aside':>11}{'parse':>7}{'dist4':>7}{'val':>7}"
+    head = f"{'row':<9}{'model':<6}{'decoder':<24}{'TPF':>6}{'chars/fw':>9}{'tokens/s':>9}{'chars/s':>9}" \
+           f"{'vs fast':>8}{'step us':>8}{'lossless':>9}{'parse':>7}{'loop':>7}{'blank':>7}{'edit':>6}{'body':>6}"
     print(head)
     print("-" * len(head))
     for r in results:
         step = f"{r['step_us']:.0f}" if r["step_us"] else "-"
-        print(f"{r['row']:<10}{r['model']:<6}{r['decoder']:<26}{r['tokens_per_forward']:>6.2f}{r['tokens_per_s']:>10,.0f}"
-              f"{r['speedup_vs_ar_fast']:>8.2f}x{r['speedup_vs_ar_eager']:>8.2f}x{step:>8}"
-              f"{r['lossless']:>9.1%}{r['lossless_ties_aside']:>11.1%}{r['parse_rate']:>7.1%}"
-              f"{r['distinct4']:>7.3f}{r['val_loss']:>7.3f}")
+        edit = f"{r['edit_sim']:.3f}" if "edit_sim" in r else "-"
+        body = f"{r['body_loss']:.3f}" if r["body_loss"] is not None else "-"
+        print(f"{r['row']:<9}{r['model']:<6}{r['decoder']:<24}{r['tokens_per_forward']:>6.2f}"
+              f"{r['chars_per_forward']:>9.2f}{r['tokens_per_s']:>9,.0f}{r['chars_per_s']:>9,.0f}"
+              f"{r['speedup_vs_ar_fast']:>7.2f}x{step:>8}{r['lossless_ties_aside']:>9.1%}{r['parse']:>7.1%}"
+              f"{r['loop']:>7.1%}{r['blank']:>7.1%}{edit:>6}{body:>6}")
+    n = results[1]["prompts"]
+    print(f"vs fast: characters/s over the base model's AR fast. lossless: outputs equal to the model's AR fast, "
+          f"floating-point ties aside. parse/loop/blank: rates over {n} prompts (standard error about "
+          f"{100 * max(r.get('parse_se', 0) for r in results):.1f} points for parse); edit: edit similarity of the "
+          f"body to the true one; body: the true body's teacher-forced loss (nats/token).")
     for r in results:
         if r["mismatches"]:
             gaps = [g for g in r["tie_gaps"] if g is not None]

