@@ -37,7 +37,7 @@ def test_split_is_by_file_and_deterministic():
     split = {p: split_of(p) for p in paths}
     assert split == {p: split_of(p) for p in paths}
     share = {s: sum(v == s for v in split.values()) / len(paths) for s in ("val", "eval", "traj", "train")}
-    assert 0.01 < share["val"] < 0.03 and 0.01 < share["eval"] < 0.03 and 0.14 < share["traj"] < 0.22
+    assert 0.01 < share["val"] < 0.03 and 0.035 < share["eval"] < 0.065 and 0.14 < share["traj"] < 0.22
 
 
 def test_held_out_prompts_come_from_files_no_model_trains_on():
@@ -56,9 +56,10 @@ def test_held_out_prompts_come_from_files_no_model_trains_on():
     stems = {s: {f.stem for f in files[s]} for s in files}
     held = heldout_prompts("stdlib", enc, count=20, max_tokens=400)
     assert len(held) == 20 and all(r["task_id"].split(".")[0] in stems["eval"] for r in held)
-    assert all(r["prompt"].rstrip().endswith(('"""', "'''")) for r in held)   # cut after the docstring
+    assert all(r["prompt"].rstrip().endswith(('"', "'")) for r in held)   # cut after the docstring
+    assert all(r["body"].strip() for r in held)                            # each with its true body
     traj = trajectory_prompts("stdlib", enc, 30, max_tokens=400)
-    texts = {enc.decode(t) for t in traj}
+    texts = {enc.decode(t) for t, _ in traj}
     assert len(traj) == 30 and not texts & {r["prompt"] for r in held}
 
 
@@ -67,7 +68,12 @@ def test_function_prompts_are_whole_lines_within_the_budget(tmp_path):
     src.write_text('import os\n\nX = 1\n\n\n@decorate\ndef f(a,\n      b):\n    """Add."""\n    return a + b\n'
                    '\ndef g():\n    return 2\n')
     enc = byte_tokenizer()
-    got = dict(function_prompts([src], enc, 10, max_tokens=60))
+    found = function_prompts([src], enc, 10, max_tokens=60, after=12)
+    got = {name: ids for name, ids, _, _ in found}
+    body = {name: b for name, _, b, _ in found}
+    after = {name: a for name, _, _, a in found}
+    assert body["m.f"] == "    return a + b\n" and body["m.g"] == "    return 2\n"    # the true bodies
+    assert enc.decode(after["m.f"]) == "    return a" and enc.decode(after["m.g"]) == "    return 2"  # 12 tokens
     assert enc.decode(got["m.f"]).endswith('@decorate\ndef f(a,\n      b):\n    """Add."""\n')
     assert enc.decode(got["m.g"]).endswith("def g():\n") and len(got["m.g"]) <= 60
     assert enc.decode(got["m.f"]).startswith("\n") or enc.decode(got["m.f"]).startswith("X")
