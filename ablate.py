@@ -46,15 +46,23 @@ def parse_variants(text):
 
 
 def table(rows, block_lens):
+    """One line per run: TPF per prompt set and block length, validation loss, and the quality of the greedy
+    output on the held-out functions (parse, loop and blank rates, edit similarity and loss of the true
+    body), each with its change from the base model, paired prompt by prompt."""
     keys = [f"tpf_{s}_n{n}" for s in ("humaneval", "heldout") for n in block_lens]
+    quality = ("parse", "loop", "blank", "edit_sim", "body_loss")
     head = f"{'variant':<22}{'seed':>6}" + "".join(f"{k[4:].replace('humaneval', 'HE').replace('heldout', 'HO'):>10}"
-                                                   for k in keys) + f"{'val':>8}{'parse HE':>10}{'parse HO':>10}{'train s':>9}"
+                                                   for k in keys) + f"{'val':>8}" + \
+        "".join(f"{q.replace('_sim', '').replace('body_loss', 'body'):>15}" for q in quality) + f"{'train s':>9}"
     lines = [head, "-" * len(head)]
     for r in rows:
         cells = "".join(f"{r[k]:>10.3f}" if isinstance(r.get(k), float) else f"{'-':>10}" for k in keys)
         val = r.get("val_loss")
-        lines.append(f"{r['variant']:<22}{r.get('seed', '-'):>6}{cells}{val if val is None else f'{val:.4f}':>8}"
-                     f"{r.get('parse_humaneval', float('nan')):>10.1%}{r.get('parse_heldout', float('nan')):>10.1%}"
+        q = ""
+        for k in quality:
+            mean, delta = r.get(f"{k}_heldout"), r.get(f"delta_{k}_heldout")
+            q += f"{'-' if mean is None else f'{mean:.3f}':>8}" + (f"{delta:+7.3f}" if delta is not None else " " * 7)
+        lines.append(f"{r['variant']:<22}{r.get('seed', '-'):>6}{cells}{'-' if val is None else f'{val:.4f}':>8}{q}"
                      f"{r.get('train_s', 0):>9.0f}")
     return "\n".join(lines)
 
@@ -93,7 +101,8 @@ def main(argv=None):
         for r in range(1, cfg.rounds + 1):
             done = distill_round(c, run, vout, r, src=out / "base.pt" if r == 1 else None, traj_dir=out, probe=False)
             res["train_s"] = res.get("train_s", 0) + done.get("train_s", 0)
-        res = {**res, **evaluate(c, run, vout / f"jf{cfg.rounds}.pt", name, block_lens, cfg.diagnose)}
+        res = {**res, **evaluate(c, run, vout / f"jf{cfg.rounds}.pt", name, block_lens, cfg.diagnose,
+                                 base_path=out / "base.pt")}
         row = {"variant": name, "seed": seed, "flags": dict(variants)[name], **res, "wall_s": time.time() - t0}
         rows.append(row)
         with open(results, "a") as f:

@@ -127,7 +127,7 @@ class TrainConfig:
 PRESETS = {
     "gpu": dict(n_layer=8, n_head=8, d_model=512, seq_len=1024, corpus="stdlib+torch+deps",
                 batch_size=32, grad_accum=2, steps=1500, lr=2e-3, warmup=100, eval_every=300, eval_batches=20,
-                ckpt_every=300, traj_prompts=6144, traj_tokens=256, traj_batch=512, distill_steps=500,
+                ckpt_every=300, traj_prompts=5120, traj_tokens=256, traj_batch=512, distill_steps=400,
                 distill_batch=32, distill_lr=3e-4, replay_batch=8, probe=164, heldout=512),
     "cpu": dict(vocab_size=4096, n_layer=4, n_head=4, d_model=192, seq_len=256, corpus="stdlib", batch_size=16,
                 grad_accum=1, steps=1000, lr=3e-3, warmup=50, eval_every=250, eval_batches=5, ckpt_every=100,
@@ -708,8 +708,9 @@ def distill_round(cfg, run, out, r, src=None, traj_dir=None, probe=True):
     if cfg.traj_prompts < cfg.distill_batch * run.world:
         raise UserError(f"--traj_prompts {cfg.traj_prompts} is fewer than one step's rows (--distill_batch "
                         f"{cfg.distill_batch} x {run.world} processes); raise --traj_prompts or lower --distill_batch")
+    last = r == len(cfg.block_lens.split(","))
     if r == 1 and probe:
-        evaluate(cfg, run, src, f"round 1: source {src.name}")
+        evaluate(cfg, run, src, f"round 1: source {src.name}", block_lens=(32,))
     base_path = Path(traj_dir or out) / "base.pt"
     model, ckpt = load_checkpoint(src, run.device)
     corpus = ckpt.get("train_config", {}).get("corpus") or cfg.corpus    # the one the base was trained on
@@ -737,7 +738,8 @@ def distill_round(cfg, run, out, r, src=None, traj_dir=None, probe=True):
     run.log(f"round {r}: done in {train_s:.0f}s of training ({steps * cfg.distill_batch * run.world:,} rows), "
             f"val loss {vl:.4f} ({src.name}: {ckpt.get('val_loss', float('nan')):.4f}), saved {final}")
     res = {"train_s": train_s, "steps": steps, "trajectories": len(traj)}
-    return {**res, **evaluate(cfg, run, final, f"round {r}: {final.name}", base_path=base_path)} if probe else res
+    return {**res, **evaluate(cfg, run, final, f"round {r}: {final.name}", block_lens=None if last else (32,),
+                              base_path=base_path)} if probe else res
 
 
 def check_replicas(model, run):
