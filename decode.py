@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from jfmini.common import UserError, cli, default_checkpoint, field, load_checkpoint, parse_config, pick_device
-from jfmini.data import gpt2_tokenizer
+from jfmini.data import model_tokenizer
 from jfmini.decoding import METHODS, SETTINGS, Jacobi, finish
 
 
@@ -146,7 +146,7 @@ def main(argv=None):
     device = pick_device(cfg.device)
     ckpt_path = cfg.ckpt or default_checkpoint()
     model, ckpt = load_checkpoint(ckpt_path, device, flag="--ckpt")
-    enc = gpt2_tokenizer(vocab_size=model.cfg.vocab_size)      # GPT-2's, or its first merges (the CPU preset)
+    enc = model_tokenizer(model.cfg)                    # the encoding the model was trained with
     if device.startswith("cuda"):
         model = model.to(torch.bfloat16)
     settings = decoder_settings(cfg)
