@@ -119,7 +119,8 @@ class TrainConfig:
     noise_window: int = field(16, "blocks per ramp of the progressive schedule (capped at the blocks per "
                                   "trajectory, so every trajectory sees the whole ramp)")
     probe: int = field(None, "HumanEval prompts for the speed and quality check of the base model and of each round: "
-                             "vanilla-Jacobi TPF (tokens per forward) and the quality of the greedy output (0 = off)")
+                             "vanilla-Jacobi TPF (tokens per forward) and the quality of the greedy output (0 = no "
+                             "check at all)")
     heldout: int = field(None, "held-out documented functions (files no model trains on, true bodies known) for the "
                                "same check (0 = off)")
 
@@ -424,7 +425,7 @@ def evaluate(cfg, run, path, label, block_lens=None, diagnose=False, base_path=N
     base_path, the differences from the base model's, paired prompt by prompt. With diagnose, also the
     histogram of tokens committed per forward and the noisy-block accuracy by distance from the first
     divergence."""
-    if not (cfg.probe or cfg.heldout) or not run.master:
+    if not cfg.probe or not run.master:
         return {}
     model, ckpt = load_checkpoint(path, run.device)
     decoder = copy.deepcopy(model).to(torch.bfloat16) if run.cuda else model

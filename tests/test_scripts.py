@@ -189,7 +189,8 @@ def test_train_corrupt_state_and_trajectories(tmp_path, files):
     assert_clean_failure(res, "pretrain_state.pt")
     (out / "base.pt").write_bytes((files / "base.pt").read_bytes())
     args = ["--out_dir", out, "--stage", "round1", "--device", "cpu", "--corpus", "stdlib", "--traj_prompts", "6",
-            "--traj_tokens", "16", "--traj_batch", "6", "--distill_steps", "1", "--distill_batch", "2", "--probe", "0"]
+            "--traj_tokens", "16", "--traj_batch", "6", "--distill_steps", "1", "--distill_batch", "2", "--probe", "0",
+            "--max_repeat", "0"]
     assert run("train.py", *args).returncode == 0
     (traj,) = out.glob("traj_*.npz")
     traj.write_bytes(b"PK\x03\x04 truncated")
@@ -204,7 +205,7 @@ def test_round_reuses_only_trajectories_of_the_same_source(tmp_path, files):
     (out / "base.pt").write_bytes((files / "base.pt").read_bytes())
     args = ["--out_dir", out, "--stage", "round1", "--device", "cpu", "--corpus", "stdlib", "--traj_prompts", "6",
             "--traj_tokens", "16", "--traj_batch", "6", "--distill_steps", "1", "--distill_batch", "2",
-            "--probe", "0", "--block_lens", "4,8"]
+            "--probe", "0", "--block_lens", "4,8", "--max_repeat", "0"]
     first = run("train.py", *args)
     assert first.returncode == 0, first.stderr[-2000:]
     assert "trajectories: 6 heldout prompts" in first.stdout
@@ -355,14 +356,14 @@ def round_with_replay(tmp_path, files, *args):
         (cache / f"{split}.bin").write_bytes(tokens.tobytes())
     res = run("train.py", "--out_dir", out, "--stage", "round1", "--device", "cpu", "--corpus", "stdlib+torch",
               "--traj_prompts", "6", "--traj_tokens", "16", "--traj_batch", "6", "--distill_batch", "2",
-              "--probe", "0", "--eval_batches", "1", *args)
+              "--probe", "0", "--eval_batches", "1", "--max_repeat", "0", *args)
     assert res.returncode == 0, res.stderr[-2000:]
     return out, res
 
 
 def replay_at(res, step, steps):
     line = next(line for line in res.stdout.splitlines() if f"round 1 step {step}/{steps}" in line)
-    return float(line.split("replay ")[1].split(")")[0])
+    return float(line.split("replay ")[1].split(",")[0])
 
 
 @pytest.mark.parametrize("anchor", ["kl", "ce"])
