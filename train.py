@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from jfmini.common import (UserError, atomic_save, check_device, check_writable, cli, distributed_env, field,
                            file_sha256, interrupted, load_checkpoint, out_dir_lock, parse_config, pick_device,
-                           signals_deferred, world_size)
+                           quiet_stdout, signals_deferred, world_size)
 from jfmini.files import (check_npz, check_token_files, check_token_meta, check_trajectories, load_optimizer_state,
                           gb, memory_bytes, model_config_problem, param_count, rng_state, set_rng_state)
 from jfmini.data import (completion_text, distinct4, get_batch, gpt2_tokenizer, heldout_prompts, load_split, parses,
@@ -183,14 +183,15 @@ class Run:
         self.cuda = self.device.startswith("cuda")
         self.master = self.rank == 0
         self.compile = cfg.compile == "yes" or (cfg.compile == "auto" and self.cuda)
-        self.t0 = time.time()
+        self.t0, self.unlogged = time.time(), False
 
     def log(self, msg):
-        if self.master:
+        if self.master and not self.unlogged:
             try:
                 print(f"[{time.time() - self.t0:7.1f}s] {msg}", flush=True)
             except OSError:               # stdout went away (`| head`, a closed terminal): train on, unlogged
-                sys.stdout = open(os.devnull, "w")
+                self.unlogged = True
+                quiet_stdout()
 
     def autocast(self):
         return torch.autocast("cuda", dtype=torch.bfloat16) if self.cuda else torch.autocast("cpu", enabled=False)

@@ -90,22 +90,44 @@ def interrupted(e, note):
     return Interrupted(getattr(e, "signum", signal.SIGINT), note)
 
 
-def _stdout_broken():
-    """Does writing stdout fail (a reader that went away: `| head`; a full disk: `> /dev/full`)?"""
-    try:
-        sys.stdout.flush()
-        return False
-    except (OSError, ValueError):
-        return True
+class OutputError(OSError):
+    """Writing stdout failed: its reader went away (`| head`) or its disk is full (`> /dev/full`)."""
 
 
-def _quiet_stdout():
-    """Point stdout at /dev/null, so that the interpreter's own flush at exit has nothing left to fail on."""
+class _Stdout:
+    """sys.stdout as cli() runs a script: the same stream, with a failed write raised as OutputError, so
+    that it is told apart from a failure to write a checkpoint."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text):
+        try:
+            return self.stream.write(text)
+        except OSError as e:
+            raise OutputError(e.errno, e.strerror) from None
+
+    def flush(self):
+        try:
+            self.stream.flush()
+        except OSError as e:
+            raise OutputError(e.errno, e.strerror) from None
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+def quiet_stdout(stream=None):
+    """Point stdout's descriptor at /dev/null: what is still buffered, and the interpreter's own flush at
+    exit, go there instead of failing again (one more "Exception ignored ... BrokenPipeError")."""
+    stream = stream or sys.stdout
+    stream = stream.stream if isinstance(stream, _Stdout) else stream
     try:
         devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+        os.dup2(devnull, stream.fileno())
+        os.close(devnull)
     except (OSError, ValueError, AttributeError):
-        sys.stdout = open(os.devnull, "w")
+        pass
 
 
 def _standard_streams():
@@ -124,10 +146,13 @@ def _standard_streams():
 def cli(main):
     """Run main() as a script. A UserError becomes one line on stderr and exit code 2. SIGINT, SIGTERM and
     SIGHUP become one line (what was saved, if anything) and exit code 128 + the signal number (130, 143,
-    129). A reader of stdout that went away (`| head`) ends the run quietly with 141, as SIGPIPE would."""
+    129). A reader of stdout that went away (`| head`) ends the run quietly with 141, as SIGPIPE would;
+    a stdout that cannot be written otherwise (a full disk) is one line and exit code 2."""
     @functools.wraps(main)
     def wrapped(*args, **kwargs):
         _standard_streams()
+        stdout = sys.stdout
+        sys.stdout = _Stdout(stdout)
         try:
             with stop_signals_raise():
                 result = main(*args, **kwargs)
@@ -140,15 +165,16 @@ def cli(main):
             signum = getattr(e, "signum", signal.SIGINT)
             print(getattr(e, "note", None) or f"interrupted ({signal.Signals(signum).name})", file=sys.stderr)
             sys.exit(128 + signum)
-        except OSError as e:
-            if not _stdout_broken():
-                raise
-            _quiet_stdout()
-            if isinstance(e, BrokenPipeError):
+        except OutputError as e:
+            quiet_stdout(stdout)
+            if e.errno == errno.EPIPE:
                 sys.exit(128 + signal.SIGPIPE)
-            print(f"error: could not write the output to stdout ({e.strerror or e}); write it somewhere with "
-                  f"room, or pipe it to a program that reads it", file=sys.stderr)
+            print(f"error: could not write the output to stdout ({e.strerror}); send it somewhere with room",
+                  file=sys.stderr)
             sys.exit(2)
+        finally:
+            if isinstance(sys.stdout, _Stdout):
+                sys.stdout = sys.stdout.stream
     return wrapped
 
 
