@@ -83,7 +83,7 @@ def model_config_problem(c, prefix="model_config "):
         if not lo <= c[k] <= hi:
             return f"{prefix}{k} is {c[k]}, outside {lo}..{hi}"
     if c["d_model"] % c["n_head"] or (c["d_model"] // c["n_head"]) % 2:
-        return f"{prefix}d_model {c['d_model']} is not {prefix}n_head {c['n_head']} heads of an even size"
+        return f"{prefix}d_model {c['d_model']} does not split into n_head={c['n_head']} heads of an even size"
     rope = c["rope_base"]
     if not _is_number(rope) or not math.isfinite(rope) or rope <= 1:
         return f"{prefix}rope_base is {rope!r}, not a finite number above 1"
