@@ -11,14 +11,16 @@ forward and the noisy-block accuracy by distance from the first wrong token) and
 table; rows are appended to --results as JSON lines as they finish, so an interrupted run keeps them.
 """
 import json
+import re
 import shlex
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from jfmini.common import UserError, cli, field, parse_config
-from train import Run, TrainConfig, checks, distill_round, evaluate, pretrain, with_preset
+from jfmini.common import (UserError, check_writable, cli, field, file_sha256, load_checkpoint, out_dir_lock,
+                           parse_config, write_failed)
+from train import ROUND_FLAGS, Run, TrainConfig, changed_flags, checks, distill_round, evaluate, pretrain, with_preset
 
 
 @dataclass
@@ -33,16 +35,68 @@ class AblateConfig:
     keep: bool = field(False, "keep each variant's checkpoints (out_dir/ablate/NAME_sSEED/)")
 
 
+def split_flags(text, what):
+    """shlex.split, with unbalanced quotes as a one-line error naming `what`."""
+    try:
+        return shlex.split(text)
+    except ValueError as e:
+        raise UserError(f"{what}: {e} in {text!r}; balance its quotes") from None
+
+
 def parse_variants(text):
+    """[(name, flags)]. A name becomes a folder in out_dir/ablate (deleted afterwards without --keep), so it
+    is letters, digits, '.', '_' and '-' only: no '/', no '..', nothing that leads out of out_dir."""
     variants = []
     for part in filter(str.strip, text.split(";")):
         name, sep, flags = part.partition(":")
-        if not sep or not name.strip():
+        name = name.strip()
+        if not sep or not name:
             raise UserError(f"variant {part.strip()!r} needs the form 'name: --flag value ...'")
-        variants.append((name.strip(), shlex.split(flags)))
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", name) or ".." in name or name == "base":
+            raise UserError(f"variant name {name!r} must be letters, digits, '.', '_' or '-' (up to 64, no '..', "
+                            f"not 'base'): it names a folder in out_dir/ablate")
+        variants.append((name, split_flags(flags, f"--variants {name}")))
+    if not variants:
+        raise UserError("--variants names no variant; give 'name: --flag value; ...'")
     if len({n for n, _ in variants}) != len(variants):
         raise UserError("variant names must differ")
     return variants
+
+
+def int_list(text, flag, least):
+    """'1,2,3' -> [1, 2, 3], each at least `least`, or a one-line error."""
+    try:
+        values = [int(x) for x in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < least:
+        raise UserError(f"{flag} must be comma-separated integers of at least {least} (got {text!r})")
+    return values
+
+
+def check_kept(vout, c, rounds, base):
+    """A kept variant folder (--keep) is reused only if every round in it was distilled from this base
+    model with this variant's flags; else it is refused before any work."""
+    for r in range(1, rounds + 1):
+        done = vout / f"jf{r}.pt"
+        if not done.exists():
+            continue
+        ckpt = load_checkpoint(done)[1]
+        changed = changed_flags(ckpt.get("train_config", {}), c, ROUND_FLAGS)
+        if r == 1 and (not base.exists() or ckpt.get("source_sha256") != file_sha256(base)):
+            changed.append(f"it was distilled from another {base.name}")
+        if changed:
+            raise UserError(f"{done} was distilled differently ({'; '.join(changed)}); delete {vout} or name the "
+                            f"variant differently")
+
+
+def append_line(path, line):
+    """One JSON line onto --results; a failed write (disk full) is a one-line error, earlier rows kept."""
+    try:
+        with open(path, "a") as f:
+            f.write(line + "\n")
+    except OSError as e:
+        raise UserError(write_failed(path, e)) from None
 
 
 def table(rows, block_lens):
@@ -74,28 +128,43 @@ def main(argv=None):
                                                                   "\"clean: --context clean\""),
                                          (c.rounds >= 1, "--rounds must be at least 1")])
     variants = parse_variants(cfg.variants)
-    seeds = [int(s) for s in cfg.seeds.split(",")]
-    block_lens = tuple(int(n) for n in cfg.block_lens.split(","))
-    base_cfg = parse_config(TrainConfig, shlex.split(cfg.train_args), checks=checks)
+    seeds = int_list(cfg.seeds, "--seeds", 0)
+    block_lens = tuple(int_list(cfg.block_lens, "--block_lens", 1))
+    train_args = split_flags(cfg.train_args, "--train_args")
+    base_cfg = parse_config(TrainConfig, train_args, checks=checks)
     run = Run(base_cfg)
     base_cfg = with_preset(base_cfg, run.cuda)
     configs = {}
     for name, flags in variants:           # every variant's flags are checked before anything runs
         for seed in seeds:
-            c = parse_config(TrainConfig, shlex.split(cfg.train_args) + flags + ["--seed", str(seed)], checks=checks)
+            c = parse_config(TrainConfig, train_args + flags + ["--seed", str(seed)], checks=checks)
             configs[name, seed] = with_preset(c, run.cuda)
             if configs[name, seed].block_lens.count(",") + 1 < cfg.rounds:
                 raise UserError(f"variant {name}: --block_lens names fewer than --rounds {cfg.rounds} rounds")
     out = Path(base_cfg.out_dir)
     results = Path(cfg.results)
-    results.parent.mkdir(parents=True, exist_ok=True)
+    if run.master:
+        check_writable(out, "--out_dir")              # now, not after pretraining
+        check_writable(results, "--results", folder=False)
+    with out_dir_lock(out, run.master, "train.py or ablate.py"):
+        ablate(cfg, run, out, base_cfg, configs, variants, block_lens, results)
+
+
+def ablate(cfg, run, out, base_cfg, configs, variants, block_lens, results):
+    """Pretrain (if base.pt is missing), then distil and evaluate every variant; one row each."""
+    if (out / "ablate").is_symlink():
+        raise UserError(f"{out / 'ablate'} is a symbolic link; ablate.py deletes variant folders in it: remove the "
+                        f"link")
+    for (name, seed), c in configs.items():
+        check_kept(out / "ablate" / f"{name}_s{seed}", c, cfg.rounds, out / "base.pt")
     pretrain(base_cfg, run, out)
     rows = [{"variant": "base", **evaluate(base_cfg, run, out / "base.pt", "base", block_lens, cfg.diagnose)}]
     stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-    with open(results, "a") as f:
-        f.write(json.dumps({"time": stamp, "train_args": cfg.train_args, **rows[0]}) + "\n")
+    append_line(results, json.dumps({"time": stamp, "train_args": cfg.train_args, **rows[0]}))
     for (name, seed), c in configs.items():
         vout = out / "ablate" / f"{name}_s{seed}"
+        if vout.is_symlink() or (vout.exists() and not vout.is_dir()):
+            raise UserError(f"{vout} is not a folder ablate.py made; remove it")
         vout.mkdir(parents=True, exist_ok=True)
         t0, res = time.time(), {}
         for r in range(1, cfg.rounds + 1):
@@ -105,8 +174,7 @@ def main(argv=None):
                                  base_path=out / "base.pt")}
         row = {"variant": name, "seed": seed, "flags": dict(variants)[name], **res, "wall_s": time.time() - t0}
         rows.append(row)
-        with open(results, "a") as f:
-            f.write(json.dumps({"time": stamp, "train_args": cfg.train_args, **row}) + "\n")
+        append_line(results, json.dumps({"time": stamp, "train_args": cfg.train_args, **row}))
         if not cfg.keep:
             shutil.rmtree(vout, ignore_errors=True)
         run.log("\n" + table(rows, block_lens))

@@ -29,6 +29,7 @@ import torch
 from jfmini.common import (UserError, atomic_write, check_writable, cli, default_checkpoint, field, load_checkpoint,
                            parse_config, pick_device)
 from jfmini.data import completion_text, heldout_prompts, model_tokenizer, read_prompts
+from jfmini.files import read_sweep
 from jfmini.decoding import METHODS, Jacobi, Stats, generate_ar
 from jfmini.quality import score, summarize, truth_loss
 
@@ -256,8 +257,10 @@ def main(argv=None):
     t_start = time.time()
     log = lambda msg: print(f"[{time.time() - t_start:6.1f}s] {msg}", file=sys.stderr, flush=True)
     device = pick_device(cfg.device)
+    sweep_path = Path(cfg.sweep_file)
     if cfg.sweep:
         check_writable(cfg.sweep_file, "--sweep_file", folder=False)    # before minutes of sweeping
+    saved = read_sweep(sweep_path, "--sweep_file") if not cfg.sweep and sweep_path.exists() else None  # checked now
     cuda = device.startswith("cuda")
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}.get(cfg.dtype,
                                                                        torch.bfloat16 if cuda else torch.float32)
@@ -297,7 +300,6 @@ def main(argv=None):
         f"base {cfg.base_ckpt}, Jacobi Forcing {jf_path}")
 
     best, sweep_results = {}, None
-    sweep_path = Path(cfg.sweep_file)
     if cfg.sweep:
         few = prompts[:cfg.sweep_prompts]
         log(f"sweep: {len(SWEEP)} configurations of the JF model, {len(SWEEP_BASE)} n-gram configurations of the "
@@ -308,8 +310,7 @@ def main(argv=None):
         saved = {"device": gpu, "best": best["jf"], "base_best": best["base"], "results": sweep_results}
         atomic_write(sweep_path, json.dumps(saved).encode())
         log(f"sweep: fastest JF settings {describe(best['jf'])}, base {describe(best['base'])}; kept in {sweep_path}")
-    elif sweep_path.exists():
-        saved = json.loads(sweep_path.read_text())
+    elif saved is not None:
         if saved.get("device") == gpu and "base_best" in saved:
             best = {"jf": saved["best"], "base": saved["base_best"]}
             log(f"best settings from the earlier sweep in {sweep_path}: JF {describe(best['jf'])}, "

@@ -11,7 +11,6 @@ recycled candidates verified in the same forward, and r the activation ratio. Ev
 same text: the model's own greedy output. Only the forward count differs.
 """
 import dataclasses
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 from jfmini.common import UserError, cli, default_checkpoint, field, load_checkpoint, parse_config, pick_device
 from jfmini.data import model_tokenizer
 from jfmini.decoding import METHODS, SETTINGS, Jacobi, finish
+from jfmini.files import read_sweep
 
 
 @dataclass
@@ -99,11 +99,10 @@ def fit_to_context(cfg, settings, prompt_len, seq_len):
 def decoder_settings(cfg):
     """The method's defaults, overridden by any size flag given."""
     if cfg.method == "best":
-        try:
-            s = dict(json.loads(Path(cfg.sweep_file).read_text())["best"])
-        except (OSError, ValueError, KeyError):
-            raise UserError(f"--method best reads the sweep's choice from {cfg.sweep_file}, which is missing or "
-                            f"unreadable; run `python bench.py --sweep` first (or pass --sweep_file)") from None
+        if not Path(cfg.sweep_file).is_file():
+            raise UserError(f"--method best reads the sweep's choice from {cfg.sweep_file}, which is missing; run "
+                            f"`python bench.py --sweep` first (or pass --sweep_file)")
+        s = dict(read_sweep(cfg.sweep_file, "--sweep_file")["best"])
     else:
         s = dict(METHODS[cfg.method])
     for k in SETTINGS:

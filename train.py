@@ -14,10 +14,8 @@ Flags left unset take their value from --preset: gpu (a 51M-parameter model; nee
 listed below; the resolved config is printed at start-up.
 """
 import concurrent.futures
-import contextlib
 import copy
 import dataclasses
-import fcntl
 import hashlib
 import json
 import math
@@ -34,8 +32,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from jfmini.common import (UserError, atomic_save, atomic_write, check_device, check_writable, cli, field, file_sha256,
-                           load_checkpoint, parse_config, pick_device)
+from jfmini.common import (UserError, atomic_save, atomic_write, check_device, check_writable, cli, distributed_env,
+                           field, file_sha256, interrupted, load_checkpoint, out_dir_lock, parse_config, pick_device,
+                           quiet_stdout, signals_deferred, world_size)
+from jfmini.files import (check_npz, check_token_files, check_token_meta, check_trajectories, load_optimizer_state,
+                          gb, memory_bytes, model_config_problem, param_count, rng_state, set_rng_state)
 from jfmini.data import (TOKENIZERS, completion_text, full_vocab, get_batch, heldout_prompts, load_split,
                          model_tokenizer, prepare_corpus, read_prompts, token_cache, tokenizer, trajectory_prompts)
 from jfmini.decoding import decode_many
@@ -155,14 +156,16 @@ def checks(c):
         yield v is None or v >= 1, f"--{name} must be at least 1 (got {v})"
     for name in ("lr", "distill_lr"):
         v = getattr(c, name)
-        yield v is None or v > 0, f"--{name} must be positive (got {v})"
+        yield v is None or 0 < v < math.inf, f"--{name} must be a positive number (got {v})"
     yield c.warmup is None or c.warmup >= 0, "--warmup must be 0 or more"
-    yield c.lam >= 0, "--lam must be 0 or more"
+    for name in ("lam", "replay", "weight_decay"):
+        v = getattr(c, name)
+        yield 0 <= v < math.inf, f"--{name} must be a number, 0 or more (got {v})"
     yield c.probe is None or c.probe >= 0, "--probe must be 0 (off) or more"
     yield c.heldout is None or c.heldout >= 0, "--heldout must be 0 (off) or more"
     yield c.max_repeat >= 0, "--max_repeat must be 0 (keep all) or more"
-    yield c.truth >= 0, "--truth must be 0 or more"
-    yield c.replay >= 0, "--replay must be 0 or more"
+    yield 0 <= c.truth < math.inf, f"--truth must be a number, 0 or more (got {c.truth})"
+    yield 0 <= c.seed < 2**32, f"--seed must be between 0 and 2**32 - 1 (got {c.seed})"
     try:
         ok = all(int(x) >= 2 for x in c.block_lens.split(","))
     except ValueError:
@@ -171,7 +174,7 @@ def checks(c):
     if c.d_model and c.n_head:
         yield c.d_model % c.n_head == 0 and (c.d_model // c.n_head) % 2 == 0, \
             "--d_model must be a multiple of --n_head with an even head size"
-    world = int(os.environ.get("WORLD_SIZE", 1))                  # torchrun's processes
+    world = world_size()                                          # torchrun's processes
     if c.traj_prompts and c.distill_batch and c.stage != "pretrain":
         yield c.traj_prompts >= c.distill_batch * world, \
             f"--traj_prompts {c.traj_prompts} is fewer than one step's rows (--distill_batch {c.distill_batch} x " \
@@ -185,12 +188,16 @@ class Run:
 
     def __init__(self, cfg):
         check_device(cfg.device)
-        self.ddp = "RANK" in os.environ
+        env = distributed_env()                          # torchrun's RANK, WORLD_SIZE, LOCAL_RANK, checked
+        self.ddp = env is not None
         if self.ddp:
             backend = "nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo"
+            local = env[2]
+            if backend == "nccl" and local >= torch.cuda.device_count():
+                raise UserError(f"LOCAL_RANK={local}, but this machine has {torch.cuda.device_count()} GPU(s); "
+                                f"pass torchrun at most that many --nproc_per_node")
             dist.init_process_group(backend)
             self.rank, self.world = dist.get_rank(), dist.get_world_size()
-            local = int(os.environ.get("LOCAL_RANK", 0))
             self.device = f"cuda:{local}" if backend == "nccl" else "cpu"
             if backend == "nccl":
                 torch.cuda.set_device(self.device)
@@ -199,11 +206,15 @@ class Run:
         self.cuda = self.device.startswith("cuda")
         self.master = self.rank == 0
         self.compile = cfg.compile == "yes" or (cfg.compile == "auto" and self.cuda)
-        self.t0 = time.time()
+        self.t0, self.unlogged = time.time(), False
 
     def log(self, msg):
-        if self.master:
-            print(f"[{time.time() - self.t0:7.1f}s] {msg}", flush=True)
+        if self.master and not self.unlogged:
+            try:
+                print(f"[{time.time() - self.t0:7.1f}s] {msg}", flush=True)
+            except OSError:               # stdout went away (`| head`, a closed terminal): train on, unlogged
+                self.unlogged = True
+                quiet_stdout()
 
     def autocast(self):
         return torch.autocast("cuda", dtype=torch.bfloat16) if self.cuda else torch.autocast("cpu", enabled=False)
@@ -244,11 +255,46 @@ def flops_per_token(mcfg, n_params):
     return 6 * n_params + 12 * mcfg.n_layer * mcfg.d_model * mcfg.seq_len
 
 
-def save_state(path, model, opt, step, cfg, extra=None):
-    atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                 "model_config": model.cfg.to_dict(), "train_config": dataclasses.asdict(cfg),
-                 "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state()},
-                 **(extra or {})}, path)
+def save_state(path, model, opt, step, cfg, extra):
+    """A resumable state: tensors and plain types only (it is read back with weights_only=True), with
+    what --resume checks: the flags (train_config), and for a round its source and block length (extra).
+    Stop signals wait until it is written."""
+    with signals_deferred():
+        atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                     "model_config": model.cfg.to_dict(), "train_config": dataclasses.asdict(cfg),
+                     "rng": rng_state(), **extra}, path)
+
+
+# Flags that change what a stage computes: --resume refuses a state written with other values, and a
+# finished file made with other values is reported. A round depends on every flag except these (and on
+# its source model's file, and its block length alone of --block_lens).
+PRETRAIN_FLAGS = ("seed", "corpus", "vocab_size", "n_layer", "n_head", "d_model", "seq_len", "batch_size",
+                  "grad_accum", "steps", "lr", "warmup", "weight_decay")
+NOT_ROUND_FLAGS = set(PRETRAIN_FLAGS[1:]) | {"stage", "out_dir", "preset", "device", "resume", "compile",
+                                              "eval_every", "eval_batches", "ckpt_every", "probe", "traj_batch",
+                                              "block_lens"}
+ROUND_FLAGS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name not in NOT_ROUND_FLAGS)
+
+
+def changed_flags(saved, cfg, names):
+    """'--lr 0.001 (it has 0.003)' for each flag in `names` whose value in a file's train_config differs
+    from this run's; [] when they all match."""
+    missing = object()
+    return [f"--{k} {getattr(cfg, k)} (it has {saved.get(k, 'none')})" for k in names
+            if saved.get(k, missing) != getattr(cfg, k)]
+
+
+def check_resume(path, state, cfg, names, **expected):
+    """--resume continues `state` only if it was started the way this run asks: the same flags among
+    `names`, and the same `expected` entries (source model hash, block length, processes)."""
+    label = {"source_sha256": "source model sha256", "block_len": "block length", "world": "processes"}
+    short = lambda v: v[:12] if isinstance(v, str) else v                # noqa: E731 (a sha256: its start)
+    wrong = changed_flags(state["train_config"], cfg, names) or \
+        [f"{label.get(k, k)} {short(v)} (it has {short(state.get(k))})" for k, v in expected.items()
+         if state.get(k) != v]
+    if wrong:
+        raise UserError(f"{path} was started differently from this run: {'; '.join(wrong)}; resume with the flags "
+                        f"and files it was started with, or delete it to start the stage over")
 
 
 def nonfinite(run, what, step, state_path):
@@ -284,9 +330,11 @@ def pretrain(cfg, run, out):
     data_dir = token_cache(out, cfg.corpus, cfg.vocab_size, cfg.tokenizer)
     enc = tokenizer(cfg.tokenizer, cfg.vocab_size)
     if run.master:
+        check_token_meta(data_dir)
         prepare_corpus(data_dir, cfg.corpus, enc, log=run.log)
     if run.ddp:
         dist.barrier()
+    check_token_files(data_dir, enc.n_vocab, cfg.seq_len)
     train_data, val_data = load_split(data_dir, "train"), load_split(data_dir, "val")
     mcfg = GPTConfig(vocab_size=enc.n_vocab, seq_len=cfg.seq_len, n_layer=cfg.n_layer, n_head=cfg.n_head,
                      d_model=cfg.d_model, tokenizer=cfg.tokenizer)
@@ -295,12 +343,13 @@ def pretrain(cfg, run, out):
     opt = make_optimizer(model, cfg.lr, cfg.weight_decay, run.cuda)
     step = 0
     if cfg.resume and state_path.exists():
-        _, state = load_checkpoint(state_path)
-        if state.get("model_config") != mcfg.to_dict():
-            raise UserError(f"{state_path} was written for another model config; resume with the same flags "
-                            f"or delete it")
+        _, state = load_checkpoint(state_path, kinds=("pretrain_state",))
+        check_resume(state_path, state, cfg, PRETRAIN_FLAGS, world=run.world, model_config=mcfg.to_dict())
+        if state["step"] > cfg.steps:
+            raise UserError(f"{state_path} is at step {state['step']}, past --steps {cfg.steps}; delete it")
         model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
+        load_optimizer_state(opt, state["optimizer"], state_path)
+        set_rng_state(state["rng"])
         step = state["step"]
         run.log(f"pretrain: resuming from {state_path} at step {step}")
     elif cfg.resume and final.exists():
@@ -359,12 +408,11 @@ def pretrain(cfg, run, out):
                 run.log(f"pretrain step {step}: val loss {vl:.4f}")
                 t_log, tok_log = time.time(), 0
             if run.master and saving:
-                save_state(state_path, model, opt, step, cfg)
-    except KeyboardInterrupt:
+                save_state(state_path, model, opt, step, cfg, {"kind": "pretrain_state", "world": run.world})
+    except KeyboardInterrupt as e:                  # Ctrl-C, SIGTERM, SIGHUP: save, then exit 130, 143, 129
         if run.master:
-            save_state(state_path, model, opt, step, cfg)
-            print(f"interrupted at step {step}: saved {state_path}; continue with --resume", file=sys.stderr)
-        raise
+            save_state(state_path, model, opt, step, cfg, {"kind": "pretrain_state", "world": run.world})
+        raise interrupted(e, f"interrupted at step {step}: saved {state_path}; continue with --resume") from None
     if run.ddp:
         check_replicas(model, run)
     if run.master:
@@ -496,8 +544,10 @@ def trajectories(cfg, run, src, model, n, T, corpus, traj_dir):
                         sort_keys=True)
     path = Path(traj_dir) / f"traj_n{n}_{hashlib.sha256(source.encode()).hexdigest()[:10]}.npz"
     if path.exists():
+        check_npz(path)
         traj = Trajectories.load(path)
         if traj.source == source:
+            check_trajectories(traj, path, n, T, model.cfg)
             run.log(f"trajectories: reusing {len(traj)} from {path}")
             return traj
     t0 = time.time()
@@ -619,10 +669,16 @@ def distill(cfg, run, model, traj, n, r, state_path, data_dir, base_path=None):
         run.log(f"round {r}: the trajectories hold no ground truth, so no truth loss")
     opt = make_optimizer(model, cfg.distill_lr, 0.0, run.cuda)
     step = 0
+    made_from = {"source_sha256": json.loads(traj.source)["sha256"], "block_len": n, "world": run.world}
     if cfg.resume and state_path.exists():
-        _, state = load_checkpoint(state_path)
+        _, state = load_checkpoint(state_path, kinds=("jacobi_forcing_state",))
+        check_resume(state_path, state, cfg, ROUND_FLAGS, round=r, model_config=model.cfg.to_dict(), **made_from)
+        if state["step"] > cfg.distill_steps:
+            raise UserError(f"{state_path} is at step {state['step']}, past --distill_steps {cfg.distill_steps}; "
+                            f"delete it")
         model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
+        load_optimizer_state(opt, state["optimizer"], state_path)
+        set_rng_state(state["rng"])
         step = state["step"]
         run.log(f"round {r}: resuming from {state_path} at step {step}")
     L = packed_length(int(np.diff(traj.prompt_offsets).max()), n, traj.fixed.shape[1])  # one row length per round
@@ -678,12 +734,11 @@ def distill(cfg, run, model, traj, n, r, state_path, data_dir, base_path=None):
                         f"{tok_log / dt:,.0f} tokens/s")
                 t_log, tok_log = time.time(), 0
             if run.master and saving:
-                save_state(state_path, model, opt, step, cfg, {"kind": "jacobi_forcing_state", "round": r})
-    except KeyboardInterrupt:
+                save_state(state_path, model, opt, step, cfg, {"kind": "jacobi_forcing_state", "round": r, **made_from})
+    except KeyboardInterrupt as e:                  # Ctrl-C, SIGTERM, SIGHUP: save, then exit 130, 143, 129
         if run.master:
-            save_state(state_path, model, opt, step, cfg, {"kind": "jacobi_forcing_state", "round": r})
-            print(f"interrupted at step {step}: saved {state_path}; continue with --resume", file=sys.stderr)
-        raise
+            save_state(state_path, model, opt, step, cfg, {"kind": "jacobi_forcing_state", "round": r, **made_from})
+        raise interrupted(e, f"interrupted at step {step}: saved {state_path}; continue with --resume") from None
     finally:
         batches.close()
     return step, time.time() - t_start
@@ -698,10 +753,13 @@ def distill_round(cfg, run, out, r, src=None, traj_dir=None, probe=True):
     final, state_path = out / f"jf{r}.pt", out / f"jf{r}_state.pt"
     if final.exists() and not cfg.resume:
         run.log(f"round {r}: {final} exists, reusing it (delete it to train the round again)")
-        made_from = load_checkpoint(final)[1].get("source_sha256")
-        if made_from is not None and src.exists() and made_from != file_sha256(src):
+        done = load_checkpoint(final, kinds=("jacobi_forcing",))[1]
+        if src.exists() and done.get("source_sha256") != file_sha256(src):
             run.log(f"round {r}: warning: {final.name} was distilled from an earlier {src.name}; delete "
                     f"{final.name} to distil the current one")
+        if changed := changed_flags(done.get("train_config", {}), cfg, ROUND_FLAGS):
+            run.log(f"round {r}: warning: {final.name} was distilled with other flags ({'; '.join(changed)}); "
+                    f"delete it to distil with these")
         return {}
     if cfg.resume and final.exists() and not state_path.exists():
         run.log(f"round {r}: {final} is already complete")
@@ -713,9 +771,10 @@ def distill_round(cfg, run, out, r, src=None, traj_dir=None, probe=True):
     if r == 1 and probe:
         evaluate(cfg, run, src, f"round 1: source {src.name}", block_lens=(32,))
     base_path = Path(traj_dir or out) / "base.pt"
-    model, ckpt = load_checkpoint(src, run.device)
+    model, ckpt = load_checkpoint(src, run.device, kinds=("base", "jacobi_forcing"))
     corpus = ckpt.get("train_config", {}).get("corpus") or cfg.corpus    # the one the base was trained on
     data_dir = token_cache(traj_dir or out, corpus, model.cfg.vocab_size, model.cfg.tokenizer)
+    check_token_files(data_dir, model.cfg.vocab_size, model.cfg.seq_len)    # the replay text and val loss
     traj = trajectories(cfg, run, src, model, n, T, corpus, traj_dir or out)    # 1. collect
     if cfg.max_repeat:
         loops = repetitive(traj, cfg.max_repeat, model_tokenizer(model.cfg).eot_token)
@@ -772,39 +831,6 @@ def merge_trajectories(parts):
                         np.concatenate(states), np.concatenate(owner), parts[0].source, truth)
 
 
-@contextlib.contextmanager
-def out_dir_lock(out, run):
-    """One train.py per --out_dir: rank 0 holds an exclusive flock on out_dir/train.lock, which holds its
-    pid, and removes the file when the run ends (errors and Ctrl-C included). The kernel drops the flock
-    when its process dies, so a lock file left by a killed run (its pid dead) is simply taken over."""
-    if not run.master:
-        yield
-        return
-    path = out / "train.lock"
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            pid = os.read(fd, 32).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            raise UserError(f"another train.py (pid {pid}) is using --out_dir {out}; wait for it to finish, "
-                            f"or pass another --out_dir") from None
-        try:
-            if os.path.samestat(os.fstat(fd), os.stat(path)):   # not a file its last owner just removed
-                break
-        except FileNotFoundError:
-            pass
-        os.close(fd)
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())
-    try:
-        yield
-    finally:
-        path.unlink(missing_ok=True)
-        os.close(fd)
-
-
 def check_sources(out, stages):
     """Each round distils the previous model: it must be in --out_dir or made by an earlier stage of this run."""
     for s in stages:
@@ -830,6 +856,16 @@ def with_preset(cfg, cuda):
     for ok, msg in checks(cfg):
         if not ok:
             raise UserError(msg)
+    model = {k: getattr(cfg, k) for k in ("vocab_size", "seq_len", "n_layer", "n_head", "d_model")}
+    if (bad := model_config_problem({**model, "rope_base": GPTConfig.rope_base}, prefix="--")) is not None:
+        raise UserError(f"{bad}; lower --n_layer, --d_model or --seq_len")
+    # a pretraining step on a CPU holds at least the weights, their gradients and AdamW's two moments, and
+    # a micro-batch's logits with their gradients: refuse what surely does not fit, before allocating it
+    need = 16 * param_count(model) + 8 * cfg.batch_size * cfg.seq_len * cfg.vocab_size
+    if not cuda and need > memory_bytes():
+        raise UserError(f"pretraining this model with --batch_size {cfg.batch_size} needs more than {gb(need)}, more "
+                        f"than this machine's {gb(memory_bytes())} of memory; lower --batch_size (raise "
+                        f"--grad_accum instead) or the model's size")
     return cfg
 
 
@@ -847,7 +883,7 @@ def main(argv=None):
     out = Path(cfg.out_dir)
     if run.master:
         check_writable(out, "--out_dir")              # now, not at the first checkpoint
-    with out_dir_lock(out, run):
+    with out_dir_lock(out, run.master):
         check_sources(out, stages)
         run.log(f"device {run.device} (world {run.world}), torch {torch.__version__}, preset {preset}, "
                 f"compile {run.compile}, stages {','.join(stages)}")

@@ -1,15 +1,18 @@
 """Plumbing shared by the scripts: config dataclasses as flags, atomic files, the one checkpoint
-loader, and one-line errors for bad input."""
+loader, one-line errors for bad input, signals that save instead of kill, and the out_dir lock."""
 import argparse
 import dataclasses
 import errno
+import fcntl
 import functools
 import hashlib
 import os
 import re
+import signal
+import stat
 import sys
 import tempfile
-import zipfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -19,18 +22,159 @@ class UserError(Exception):
     """Bad input: the scripts print the message on one line and exit with code 2."""
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGINT (Ctrl-C), SIGTERM (a scheduler's `kill`) or SIGHUP (the terminal closed) as an exception, so
+    that training can save its state on the way out. `note` is the line cli() prints (what was saved)."""
+
+    def __init__(self, signum=signal.SIGINT, note=None):
+        super().__init__(note)
+        self.signum, self.note = signum, note
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class signals_deferred:
+    """A stop signal that arrives inside this block waits until the block is done, then is raised: a
+    checkpoint is never cut in half (torch's zip writer, interrupted mid-write, raises its own
+    RuntimeError over the KeyboardInterrupt). While an interruption is already being handled (the save
+    on the way out), a second signal is dropped: the run is stopping anyway."""
+    depth, pending = 0, None
+
+    def __enter__(self):
+        signals_deferred.depth += 1
+
+    def __exit__(self, kind, value, tb):
+        signals_deferred.depth -= 1
+        if signals_deferred.depth or signals_deferred.pending is None:
+            return
+        signum, signals_deferred.pending = signals_deferred.pending, None
+        handling = sys.exc_info()[1]                 # the exception being handled around this block, if any
+        if kind is None and not isinstance(handling, KeyboardInterrupt):
+            raise Interrupted(signum)
+
+
+def _on_stop_signal(signum, frame):
+    if signals_deferred.depth:
+        signals_deferred.pending = signals_deferred.pending or signum
+    else:
+        raise Interrupted(signum)
+
+
+@contextmanager
+def stop_signals_raise():
+    """Inside: SIGINT, SIGTERM and SIGHUP raise Interrupted. A signal this process was started with
+    ignored stays ignored (`nohup` ignores SIGHUP; a background job of a script ignores SIGINT). The
+    previous handlers come back afterwards (main() called from a test)."""
+    if sys.platform == "win32" or threading_is_not_main():
+        yield
+        return
+    before = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+    for s, handler in before.items():
+        if handler is not signal.SIG_IGN:
+            signal.signal(s, _on_stop_signal)
+    try:
+        yield
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+
+
+def threading_is_not_main():
+    import threading
+    return threading.current_thread() is not threading.main_thread()
+
+
+def interrupted(e, note):
+    """The Interrupted to raise after saving, for the signal of `e` (a plain KeyboardInterrupt is SIGINT)."""
+    return Interrupted(getattr(e, "signum", signal.SIGINT), note)
+
+
+class OutputError(OSError):
+    """Writing stdout failed: its reader went away (`| head`) or its disk is full (`> /dev/full`)."""
+
+
+class _Stdout:
+    """sys.stdout as cli() runs a script: the same stream, with a failed write raised as OutputError, so
+    that it is told apart from a failure to write a checkpoint."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text):
+        try:
+            return self.stream.write(text)
+        except OSError as e:
+            raise OutputError(e.errno, e.strerror) from None
+
+    def flush(self):
+        try:
+            self.stream.flush()
+        except OSError as e:
+            raise OutputError(e.errno, e.strerror) from None
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+def quiet_stdout(stream=None):
+    """Point stdout's descriptor at /dev/null: what is still buffered, and the interpreter's own flush at
+    exit, go there instead of failing again (one more "Exception ignored ... BrokenPipeError")."""
+    stream = stream or sys.stdout
+    stream = stream.stream if isinstance(stream, _Stdout) else stream
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, stream.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+def _standard_streams():
+    """A script started with stdin, stdout or stderr closed (`>&-`) gets /dev/null there: otherwise the next
+    file opened takes that descriptor, and output meant for the terminal lands in a checkpoint."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            os.open(os.devnull, os.O_RDWR)               # the lowest free descriptor: this one
+    for name in ("stdin", "stdout", "stderr"):
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(os.devnull, "r" if name == "stdin" else "w"))
+
+
 def cli(main):
-    """Run main(); a UserError becomes one line on stderr and exit code 2, Ctrl-C exit code 130."""
+    """Run main() as a script. A UserError becomes one line on stderr and exit code 2. SIGINT, SIGTERM and
+    SIGHUP become one line (what was saved, if anything) and exit code 128 + the signal number (130, 143,
+    129). A reader of stdout that went away (`| head`) ends the run quietly with 141, as SIGPIPE would;
+    a stdout that cannot be written otherwise (a full disk) is one line and exit code 2."""
     @functools.wraps(main)
     def wrapped(*args, **kwargs):
+        _standard_streams()
+        stdout = sys.stdout
+        sys.stdout = _Stdout(stdout)
         try:
-            return main(*args, **kwargs)
+            with stop_signals_raise():
+                result = main(*args, **kwargs)
+                sys.stdout.flush()
+                return result
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
-        except KeyboardInterrupt:
-            print("interrupted", file=sys.stderr)
-            sys.exit(130)
+        except KeyboardInterrupt as e:
+            signum = getattr(e, "signum", signal.SIGINT)
+            print(getattr(e, "note", None) or f"interrupted ({signal.Signals(signum).name})", file=sys.stderr)
+            sys.exit(128 + signum)
+        except OutputError as e:
+            quiet_stdout(stdout)
+            if e.errno == errno.EPIPE:
+                sys.exit(128 + signal.SIGPIPE)
+            print(f"error: could not write the output to stdout ({e.strerror}); send it somewhere with room",
+                  file=sys.stderr)
+            sys.exit(2)
+        finally:
+            if isinstance(sys.stdout, _Stdout):
+                sys.stdout = sys.stdout.stream
     return wrapped
 
 
@@ -96,15 +240,18 @@ def _remove_dead_temps(folder):
 def _atomic(path, write):
     """write(tmp_name) into a temp file beside `path` (named after this process), then rename it over
     `path`: readers never see half a file, and a crash leaves `path` as it was. An OSError (disk full,
-    no permission) becomes a UserError that says so."""
+    no permission, the file size limit) becomes a UserError that says so. Stop signals wait until the
+    file is whole (signals_deferred)."""
     path = Path(path)
     tmp = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
-        os.close(fd)
-        write(tmp)
-        os.replace(tmp, path)
+        with signals_deferred():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
+            os.fchmod(fd, 0o666 & ~_umask())         # mkstemp makes 0600: a model file others may read
+            os.close(fd)
+            write(tmp)
+            os.replace(tmp, path)
     except BaseException as e:           # Ctrl-C included: never leave a temp behind
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
@@ -114,11 +261,20 @@ def _atomic(path, write):
     _remove_dead_temps(path.parent)
 
 
+def _umask():
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def write_failed(path, e):
     """The one-line message for an OSError while writing `path`."""
     kept = f"the last good {Path(path).name} is kept" if Path(path).is_file() else "nothing was written"
-    if e.errno == errno.ENOSPC:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
         return f"the disk is full: could not write {path}; {kept}; free some space and run again"
+    if e.errno == errno.EFBIG:
+        return (f"could not write {path}: it would pass the file size limit (`ulimit -f`); {kept}; raise the "
+                f"limit or pass a place without one")
     return f"could not write {path} ({e.strerror or e}); {kept}; pass a place you can write to"
 
 
@@ -134,16 +290,20 @@ def check_writable(path, flag, folder=True):
     above = next(p for p in (where, *where.parents) if p.exists())
     if not above.is_dir():
         raise UserError(f"{flag} {path} cannot be written: {above} is a file, not a folder; pass another path")
-    probe = where / f".write_probe.{os.getpid()}.0.tmp"      # a temp name: swept if we are killed here
+    probe = None
     try:
         where.mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"probe")
+        # a new file (never one planted under a known name), named like a temp: swept if we are killed here
+        fd, probe = tempfile.mkstemp(dir=where, prefix=f".write_probe.{os.getpid()}.", suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            f.write(b"probe")
     except OSError as e:
         full = "the disk is full" if e.errno == errno.ENOSPC else e.strerror or str(e)
         raise UserError(f"{flag} {path} cannot be written ({full}); pass a place you can write to") from None
     finally:
         try:
-            probe.unlink(missing_ok=True)
+            if probe is not None:
+                Path(probe).unlink(missing_ok=True)
         except OSError:
             pass
 
@@ -160,9 +320,16 @@ def atomic_write(path, data: bytes):
 
 def _torch_save(obj, name):
     """torch.save through a Python file: a failed write raises OSError (ENOSPC when the disk is full);
-    given a file name, torch's own writer reports it as an obscure RuntimeError instead."""
+    given a file name, torch's own writer reports it as an obscure RuntimeError instead. Even so, torch's
+    zip writer, finishing the archive while that OSError (or a KeyboardInterrupt) unwinds, raises
+    "RuntimeError ... unexpected pos" over it: the first exception is the one that says what happened."""
     with open(name, "wb") as f:
-        torch.save(obj, f)
+        try:
+            torch.save(obj, f)
+        except RuntimeError as e:
+            if isinstance(e.__context__, (OSError, KeyboardInterrupt)):
+                raise e.__context__ from None
+            raise
         f.flush()
         os.fsync(f.fileno())
 
@@ -181,46 +348,32 @@ def file_sha256(path):
     return h.hexdigest()
 
 
-def load_checkpoint(path, device="cpu", flag=None):
+def load_checkpoint(path, device="cpu", flag=None, kinds=("base", "jacobi_forcing", "pretrain_state",
+                                                           "jacobi_forcing_state")):
     """The one checkpoint loader: returns (model, checkpoint dict) or raises a UserError that says
     what is wrong with the file and what to do. `flag` is the option that named the file ("--ckpt"),
-    so the message says what to pass instead; None for a file a script finds itself (train.py's own)."""
+    so the message says what to pass instead; None for a file a script finds itself (train.py's own).
+    `kinds`: the kinds of file the caller takes (a *_state.pt holds a model too: decode.py runs it; train.py
+    asks for the kind it continues). The file is read without running code and checked whole (jfmini.files)."""
+    from jfmini.files import read_checkpoint
     from jfmini.model import GPT, GPTConfig
     path = Path(path)
     instead = f"pass {flag} with a .pt file written by train.py" if flag else \
+        "delete it and run the stage again without --resume" if all(k.endswith("_state") for k in kinds) else \
         "move it away and run the stage of train.py that writes it again"
     if path.is_dir():
         inside = default_checkpoint(path)
         raise UserError(f"{path} is a directory, not a checkpoint; "
                         + (f"pass a file in it, e.g. {flag} {inside}" if flag and Path(inside).is_file() else instead))
+    if path.exists() and not path.is_file():
+        raise UserError(f"{path} is not a regular file (a device or a pipe), not a checkpoint; {instead}")
     if not path.is_file():
         raise UserError(f"checkpoint {path} not found" + (f"; run `python train.py` first or pass {flag} PATH"
                                                            if flag else ""))
-    if _foreign_zip(path):
-        raise UserError(f"{path} is not a checkpoint (a zip archive without torch's data.pkl: NumPy arrays such as "
-                        f"train.py's trajectories, or another program's file); {instead}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise UserError(f"checkpoint {path} is unreadable ({type(e).__name__}); it is truncated or not a "
-                        f"jfmini checkpoint: " + (instead if flag else "delete it and train again")) from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
-        raise UserError(f"{path} is not a jfmini checkpoint (no model weights inside); {instead}")
+    ckpt = read_checkpoint(path, instead, kinds)
     model = GPT(GPTConfig(**ckpt["model_config"]))
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError:
-        raise UserError(f"{path} holds weights that do not fit its own model config; it is corrupt: train again") from None
+    model.load_state_dict(ckpt["model"])             # names and shapes were checked: this fits
     return model.to(device).eval(), ckpt
-
-
-def _foreign_zip(path):
-    """Is this a zip archive (an .npz, say) that is not torch.save's format (which zips a data.pkl)?"""
-    try:
-        with zipfile.ZipFile(path) as z:
-            return not any(name.endswith("data.pkl") for name in z.namelist())
-    except (zipfile.BadZipFile, OSError):
-        return False                     # not a whole zip: torch.load reports it
 
 
 def default_checkpoint(out_dir="out"):
@@ -228,6 +381,83 @@ def default_checkpoint(out_dir="out"):
     rounds = sorted(Path(out_dir).glob("jf[0-9]*.pt"), key=lambda p: int(p.stem[2:]) if p.stem[2:].isdigit() else -1)
     rounds = [p for p in rounds if p.stem[2:].isdigit()]
     return str(rounds[-1] if rounds else Path(out_dir) / "base.pt")
+
+
+@contextmanager
+def out_dir_lock(out, master=True, who="train.py"):
+    """One run per --out_dir (train.py, ablate.py): an exclusive flock on out_dir/train.lock, which holds
+    the pid, removed when the run ends (errors and signals included). The kernel drops the flock when
+    its process dies, so a lock file left by a killed run (its pid dead) is simply taken over. The lock
+    never follows a symbolic link (O_NOFOLLOW) and is only ever a regular file of one name: a planted
+    link would have us truncate the file it points to. Other ranks of a torchrun (master False) skip it."""
+    if not master:
+        yield
+        return
+    path = Path(out) / "train.lock"
+    fix = f"remove it (no jfmini run uses it), or pass another --out_dir"
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
+        except OSError as e:
+            what = {errno.ELOOP: "is a symbolic link", errno.EISDIR: "is a directory"}.get(e.errno)
+            if what:
+                raise UserError(f"{path} {what}, not a lock file; {fix}") from None
+            raise UserError(f"cannot open the lock file {path} ({e.strerror}); pass an --out_dir you can write "
+                            f"to") from None
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+            os.close(fd)
+            what = "is not a regular file" if not stat.S_ISREG(st.st_mode) else "has other names (a hard link)"
+            raise UserError(f"{path} {what}, not a lock file; {fix}")
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise UserError(f"another {who} (pid {pid}) is using --out_dir {out}; wait for it to finish, "
+                            f"or pass another --out_dir") from None
+        try:
+            if os.path.samestat(os.fstat(fd), os.stat(path, follow_symlinks=False)):  # not one just removed
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+        os.close(fd)
+
+
+def distributed_env():
+    """(rank, world size, local rank) from torchrun's environment variables, or None without RANK. Values
+    that are not what torchrun sets are refused in one line, before any process group waits on them."""
+    if "RANK" not in os.environ:
+        return None
+    names = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    fix = "launch with `torchrun --nproc_per_node=N train.py ...`, or unset RANK for a single process"
+    env = {k: os.environ.get(k, "").strip() for k in names}
+    for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        if not env[k]:
+            raise UserError(f"RANK is set ({env['RANK']!r}) but {k} is not: a distributed run needs RANK, WORLD_SIZE, "
+                            f"LOCAL_RANK, MASTER_ADDR and MASTER_PORT; {fix}")
+    env["LOCAL_RANK"] = env["LOCAL_RANK"] or "0"
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
+        if not env[k].isdigit():
+            raise UserError(f"{k}={os.environ[k]!r} is not a whole number; {fix}")
+    rank, world, local, port = (int(env[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"))
+    if not (1 <= world <= 1 << 16 and rank < world and local < world and 1 <= port <= 65535):
+        raise UserError(f"RANK={rank}, WORLD_SIZE={world}, LOCAL_RANK={local}, MASTER_PORT={port} do not fit "
+                        f"together (0 <= RANK < WORLD_SIZE, a port 1..65535); {fix}")
+    return rank, world, local
+
+
+def world_size():
+    """Processes of this run: WORLD_SIZE under torchrun (checked), else 1."""
+    env = distributed_env()
+    return env[1] if env else 1
 
 
 def check_device(name):

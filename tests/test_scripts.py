@@ -41,6 +41,19 @@ def tiny_base(path):
                  "val_loss": 10.0}, path)
 
 
+def fake_token_cache(out, vocab=4096, tokens=4096, seed=0, corpus="stdlib"):
+    """A token cache of random ids that prepare_corpus takes as already built (its meta.json matches), so
+    that a TINY pretraining run starts at once instead of tokenizing the corpus first."""
+    from jfmini.data import SPLITS, token_cache
+    d = token_cache(out, corpus, vocab)
+    d.mkdir(parents=True, exist_ok=True)
+    ids = np.random.default_rng(seed).integers(0, vocab - 1, tokens).astype(np.uint16)
+    for split in ("train", "val"):
+        (d / f"{split}.bin").write_bytes(ids.tobytes())
+    (d / "meta.json").write_text(json.dumps({"corpus": corpus, "vocab": vocab, "splits": json.dumps(SPLITS)}))
+    return d
+
+
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     """A small GPT-2-vocabulary checkpoint, a corrupt and a foreign file, prompts files."""
@@ -230,16 +243,31 @@ def test_round_reuses_only_trajectories_of_the_same_source(tmp_path, files):
     assert no_temp_files(out)
 
 
-def wait_for(path, proc, timeout=240):
+def wait_for(path, proc, timeout=900):
+    """Until the child has written `path`; the bound only stops a hung child (a loaded machine is slow,
+    never wrong)."""
     t0 = time.time()
     while not Path(path).exists():
         assert proc.poll() is None, proc.communicate()
-        assert time.time() - t0 < timeout
+        assert time.time() - t0 < timeout, f"{path} not written in {timeout} s"
         time.sleep(0.1)
+
+
+STOP = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def signal_ready():
+    """preexec_fn of a child that receives stop signals as a terminal's user sends them: a shell without
+    job control starts background jobs with SIGINT ignored, and a child inherits both that disposition
+    and a blocked signal mask; reset both."""
+    for s in STOP:
+        signal.signal(s, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP)
 
 
 def test_sigkill_then_resume_reaches_the_same_final_step(tmp_path):
     out = tmp_path / "out"
+    fake_token_cache(out)
     args = [PY, ROOT / "train.py", "--out_dir", out, "--stage", "pretrain", *TINY, "--steps", "400",
             "--ckpt_every", "5"]
     proc = subprocess.Popen(list(map(str, args)), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -258,22 +286,91 @@ def test_sigkill_then_resume_reaches_the_same_final_step(tmp_path):
     assert no_temp_files(out)
 
 
-def test_ctrl_c_saves_and_exits_cleanly(tmp_path):
+@pytest.mark.parametrize("sig", STOP, ids=lambda s: signal.Signals(s).name)
+def test_ctrl_c_sigterm_sighup_save_and_exit_cleanly(tmp_path, sig):
+    """Ctrl-C, a scheduler's SIGTERM, a closed terminal's SIGHUP: the state is saved, one line says to
+    --resume, the exit code is 128 + the signal. The child is signal-ready before it is signalled: its
+    handlers are installed when main() starts, so its first checkpoint on disk is the readiness marker.
+    From then on any moment works, mid-save included (the save finishes first): nothing here races a
+    clock, and the waits have generous bounds only against a hung child."""
     out = tmp_path / "out"
+    fake_token_cache(out)
     args = [PY, ROOT / "train.py", "--out_dir", out, "--stage", "pretrain", *TINY, "--steps", "100000",
             "--ckpt_every", "5"]
-    # a shell without job control starts background jobs with Ctrl-C ignored, and a child keeps that: give
-    # train.py the default disposition, so that Python turns SIGINT into KeyboardInterrupt wherever we run
-    proc = subprocess.Popen(list(map(str, args)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    proc = subprocess.Popen(list(map(str, args)), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=signal_ready, env=dict(os.environ, OMP_NUM_THREADS="1"))
     wait_for(out / "pretrain_state.pt", proc)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
-    assert "Traceback" not in err and "--resume" in err
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=900)
+    assert proc.returncode == 128 + sig, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert "saved" in err and "--resume" in err, err
     _, state = load_checkpoint(out / "pretrain_state.pt")
-    assert state["step"] >= 5
-    assert no_temp_files(out)
+    assert state["kind"] == "pretrain_state" and state["step"] >= 5
+    assert not (out / "base.pt").exists() and not (out / "train.lock").exists() and no_temp_files(out)
+
+
+@pytest.mark.parametrize("sig", STOP, ids=lambda s: signal.Signals(s).name)
+def test_a_signal_mid_save_finishes_that_save_then_exits(tmp_path, monkeypatch, capsys, sig):
+    """The signal lands inside torch.save, between two writes of the zip archive (where torch's writer
+    used to replace the KeyboardInterrupt with 'RuntimeError: unexpected pos'): the save completes, then
+    the run saves once more and exits 128 + the signal. In-process and deterministic."""
+    import train
+    real_save, saves = torch.save, []
+
+    class SignalMidWrite:
+        def __init__(self, f):
+            self.f, self.writes = f, 0
+
+        def write(self, b):
+            self.writes += 1
+            if self.writes == 2:
+                os.kill(os.getpid(), sig)      # delivered now: our handler runs at the next bytecode
+            return self.f.write(b)
+
+        def flush(self):
+            return self.f.flush()
+
+    def save(obj, f, *a, **k):
+        saves.append(obj["step"])
+        return real_save(obj, SignalMidWrite(f) if len(saves) == 2 else f, *a, **k)
+    monkeypatch.setattr(torch, "save", save)
+    out = tmp_path / "out"
+    fake_token_cache(out)
+    with pytest.raises(SystemExit) as e:
+        train.main(["--out_dir", str(out), "--stage", "pretrain", *TINY, "--steps", "50", "--ckpt_every", "1"])
+    assert e.value.code == 128 + sig
+    err = capsys.readouterr().err.strip()
+    assert err == f"interrupted at step 2: saved {out / 'pretrain_state.pt'}; continue with --resume", err
+    assert saves == [1, 2, 2]                  # the one cut by the signal, then the save on the way out
+    monkeypatch.undo()
+    _, state = load_checkpoint(out / "pretrain_state.pt")
+    assert state["step"] == 2 and no_temp_files(out) and not (out / "train.lock").exists()
+    from jfmini.common import _on_stop_signal
+    assert signal.getsignal(sig) is not _on_stop_signal                     # main() put the handlers back
+
+
+def test_a_keyboard_interrupt_inside_torch_save_stays_one(tmp_path, monkeypatch):
+    """Without cli()'s handlers (jfmini as a library), Ctrl-C inside torch.save surfaces as
+    KeyboardInterrupt, not torch's 'unexpected pos' RuntimeError, and the old file is kept."""
+    target = tmp_path / "state.pt"
+    atomic_save({"step": 1}, target)
+    before = target.read_bytes()
+    real_save = torch.save
+
+    class CtrlC:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, b):
+            raise KeyboardInterrupt
+
+        def flush(self):
+            return self.f.flush()
+    monkeypatch.setattr(torch, "save", lambda obj, f, *a, **k: real_save(obj, CtrlC(f), *a, **k))
+    with pytest.raises(KeyboardInterrupt):
+        atomic_save({"step": 2, "x": torch.zeros(100)}, target)
+    assert target.read_bytes() == before and no_temp_files(tmp_path)
 
 
 def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
@@ -344,19 +441,27 @@ def test_torchrun_two_ranks_gloo_identical_weights(tmp_path):
     assert final["steps"] == 2
 
 
-def round_with_replay(tmp_path, files, *args):
-    """Round 1 on a tiny base whose train_config names the stdlib corpus, with a token cache of random text."""
-    out = tmp_path / "out"
+ROUND = ["--stage", "round1", "--device", "cpu", "--corpus", "stdlib+torch", "--traj_prompts", "6", "--traj_tokens",
+         "16", "--traj_batch", "6", "--distill_batch", "2", "--probe", "0", "--eval_batches", "1", "--max_repeat", "0"]
+
+
+def replay_setup(out, files):
+    """A tiny base whose train_config names the stdlib corpus, and a token cache of random text."""
     cache = out / "data_stdlib"
-    cache.mkdir(parents=True)
-    blob = torch.load(files / "base.pt", weights_only=False)
+    cache.mkdir(parents=True, exist_ok=True)
+    blob = torch.load(files / "base.pt", weights_only=True)
     atomic_save({**blob, "train_config": {"corpus": "stdlib"}}, out / "base.pt")
     tokens = np.random.default_rng(0).integers(0, 50256, 4096).astype(np.uint16)
     for split in ("train", "val"):
         (cache / f"{split}.bin").write_bytes(tokens.tobytes())
-    res = run("train.py", "--out_dir", out, "--stage", "round1", "--device", "cpu", "--corpus", "stdlib+torch",
-              "--traj_prompts", "6", "--traj_tokens", "16", "--traj_batch", "6", "--distill_batch", "2",
-              "--probe", "0", "--eval_batches", "1", "--max_repeat", "0", *args)
+
+
+def round_with_replay(tmp_path, files, *args, setup=True):
+    """Round 1 on replay_setup's base and token cache."""
+    out = tmp_path / "out"
+    if setup:
+        replay_setup(out, files)
+    res = run("train.py", "--out_dir", out, *ROUND, *args)
     assert res.returncode == 0, res.stderr[-2000:]
     return out, res
 
@@ -378,18 +483,20 @@ def test_replay_anchor(tmp_path, files, anchor):
 
 
 def test_resumed_round_keeps_its_starting_model_as_the_kl_anchor(tmp_path, files):
-    from train import make_optimizer
+    import train
+    from jfmini.common import file_sha256, parse_config
+    out = tmp_path / "out"
+    replay_setup(out, files)
     model, _ = load_checkpoint(files / "base.pt")
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))                  # a half-distilled model, far from the base
-    opt = make_optimizer(model, 1e-4, 0.0, False)
-    out = tmp_path / "out"
-    out.mkdir()
-    atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": 1,
-                 "model_config": model.cfg.to_dict(), "kind": "jacobi_forcing_state", "round": 1},
-                out / "jf1_state.pt")
-    _, res = round_with_replay(tmp_path, files, "--distill_steps", "3", "--resume")
+    flags = ["--out_dir", str(out), *ROUND, "--distill_steps", "3", "--resume"]
+    cfg = train.with_preset(parse_config(train.TrainConfig, flags), cuda=False)   # the flags the run will have
+    train.save_state(out / "jf1_state.pt", model, train.make_optimizer(model, 1e-4, 0.0, False), 1, cfg,
+                     {"kind": "jacobi_forcing_state", "round": 1, "source_sha256": file_sha256(out / "base.pt"),
+                      "block_len": 16, "world": 1})
+    _, res = round_with_replay(tmp_path, files, "--distill_steps", "3", "--resume", setup=False)
     assert "resuming from" in res.stdout
     assert replay_at(res, 3, 3) > 0.001                        # measured against base.pt, not the resumed state
 
