@@ -384,11 +384,10 @@ def main(argv=None):
               f"{r['chars_per_forward']:>9.2f}{r['tokens_per_s']:>9,.0f}{r['chars_per_s']:>9,.0f}"
               f"{r['speedup_vs_ar_fast']:>7.2f}x{step:>8}{r['lossless_ties_aside']:>9.1%}{r['parse']:>7.1%}"
               f"{r['loop']:>7.1%}{r['blank']:>7.1%}{edit:>6}{body:>6}")
-    n = results[1]["prompts"]
     print(f"vs fast: characters/s over the base model's AR fast. lossless: outputs equal to the model's AR fast, "
-          f"floating-point ties aside. parse/loop/blank: rates over {n} prompts (standard error about "
-          f"{100 * max(r.get('parse_se', 0) for r in results):.1f} points for parse); edit: edit similarity of the "
-          f"body to the true one; body: the true body's teacher-forced loss (nats/token).")
+          f"floating-point ties aside. parse/loop/blank: rates over {ar_fast['prompts']} prompts (AR eager: "
+          f"{ar_eager['prompts']}; the standard error of the base's parse rate is {100 * ar_fast['parse_se']:.1f} points); "
+          f"edit: edit similarity of the body to the true one; body: the true body's teacher-forced loss (nats/token).")
     for r in results:
         if r["mismatches"]:
             gaps = [g for g in r["tie_gaps"] if g is not None]
