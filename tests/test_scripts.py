@@ -471,6 +471,23 @@ def replay_at(res, step, steps):
     return float(line.split("replay ")[1].split(",")[0])
 
 
+def term_at(res, name, step, steps):
+    """A loss term from the log line of a round's step: '... (consistency a, AR b, replay c, truth d) ...'."""
+    line = next(line for line in res.stdout.splitlines() if f"round 1 step {step}/{steps}" in line)
+    return float(line.split(f"{name} ")[1].split(",")[0].split(")")[0])
+
+
+def test_anchored_ar_term_starts_at_zero_and_the_truth_term_trains_on_real_code(tmp_path, files):
+    """--ar_target anchor (the default): the AR term is the KL divergence from the base on the clean
+    stream, so it is zero at round 1's first step (the model is still the base); --ar_target greedy is
+    cross-entropy to the greedy tokens, positive. --truth 1 adds cross-entropy on the real code that
+    follows each trajectory prompt (positive); without it the term is zero."""
+    _, anchored = round_with_replay(tmp_path / "a", files, "--distill_steps", "2", "--truth", "1")
+    _, greedy = round_with_replay(tmp_path / "g", files, "--distill_steps", "2", "--ar_target", "greedy")
+    assert term_at(anchored, "AR", 1, 2) == 0.0 and term_at(greedy, "AR", 1, 2) > 0.5
+    assert term_at(anchored, "truth", 1, 2) > 1.0 and term_at(greedy, "truth", 1, 2) == 0.0
+
+
 @pytest.mark.parametrize("anchor", ["kl", "ce"])
 def test_replay_anchor(tmp_path, files, anchor):
     """--anchor kl: the replay term is the KL divergence from the round's starting model, so it is zero at
