@@ -6,6 +6,7 @@ on stderr (no traceback), run no code from any file (the crafted pickles would c
 touch no file outside the case's out_dir, and keep every file already in out_dir (the last good
 checkpoint included) byte for byte.
 """
+import functools
 import importlib
 import json
 import os
@@ -406,10 +407,14 @@ CASES = [
 ]
 
 
+_tokenizer = functools.lru_cache(train.gpt2_tokenizer)
+
+
 @pytest.fixture
 def case(lab, tmp_path, monkeypatch):
     """A fresh out_dir, a folder outside it with a file the crafted inputs aim at, and the marker path the
-    payloads would create."""
+    payloads would create. (train.py's tokenizer is built once for the table: it parses 50,000 ranks.)"""
+    monkeypatch.setattr(train, "gpt2_tokenizer", _tokenizer)
     out, outside = tmp_path / "out", tmp_path / "outside"
     out.mkdir()
     outside.mkdir()
@@ -501,6 +506,35 @@ def test_a_real_block_length_change_on_resume_is_refused(lab, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and len(err.splitlines()) == 1 and "block length 8 (it has 16)" in err, err
     assert (out / "jf1_state.pt").read_bytes() == before
+
+
+def test_a_finished_round_made_with_other_flags_is_reused_with_a_warning(lab, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    for f in (lab.dir / "base.pt", lab.jf1, lab.traj):
+        shutil.copy(f, out)
+    train.main(["--out_dir", str(out), *ROUND, "--lam", "3"])
+    log = capsys.readouterr().out
+    assert "warning: jf1.pt was distilled with other flags (--lam 3.0 (it has 1.0))" in log, log
+    assert (out / "jf1.pt").read_bytes() == lab.jf1.read_bytes()
+
+
+def test_an_ignored_signal_stays_ignored():
+    """`nohup` starts a run with SIGHUP ignored, a script's background job with SIGINT ignored: cli()'s
+    handlers leave those alone, and put every handler back afterwards."""
+    import signal
+    from jfmini.common import _on_stop_signal, stop_signals_raise
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        with stop_signals_raise():
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) is _on_stop_signal
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) == before[signal.SIGTERM]
+    finally:
+        for s, h in before.items():
+            signal.signal(s, h)
 
 
 def test_rng_state_round_trips_as_plain_types():
@@ -603,6 +637,16 @@ def test_output_that_goes_nowhere(lab, tmp_path):
     closed = subprocess.run(" ".join(map(shlex.quote, args)) + " >&-", shell=True, capture_output=True, text=True,
                             timeout=300)
     assert closed.returncode == 0 and "Traceback" not in closed.stderr, closed.stderr
+    out = tmp_path / "out"                         # training with its log's reader gone: it trains on
+    shutil.copytree(lab.dir / "cache", out)
+    r, w = os.pipe()
+    proc = subprocess.Popen([PY, str(ROOT / "train.py"), "--out_dir", str(out), *PRE], stdout=w,
+                            stderr=subprocess.PIPE, text=True)
+    os.close(w)
+    os.close(r)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0 and err == "", err
+    assert load_checkpoint(out / "base.pt")[1]["steps"] == 4
     if Path("/dev/full").exists():
         with open("/dev/full", "w") as full:
             res = subprocess.run(args, stdout=full, stderr=subprocess.PIPE, text=True, timeout=300)
