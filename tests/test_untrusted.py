@@ -519,6 +519,22 @@ def test_a_finished_round_made_with_other_flags_is_reused_with_a_warning(lab, tm
     assert (out / "jf1.pt").read_bytes() == lab.jf1.read_bytes()
 
 
+def test_ablate_runs_keeps_and_reuses_its_own_variant(lab, tmp_path, capsys):
+    """The checks refuse only what is wrong: a plain ablation runs, and --keep's folder is reused by the
+    same variant (same flags, same base model)."""
+    import ablate
+    out = tmp_path / "out"
+    out.mkdir()
+    shutil.copy(lab.dir / "base.pt", out)
+    argv = [a.replace("{out}", str(out)) for a in ABLATE] + ["--keep", "--variants", "a: --lam 2; b-1.x: --lam 3"]
+    ablate.main(argv)
+    first = capsys.readouterr().out
+    assert "b-1.x" in first and (out / "ablate" / "b-1.x_s1337" / "jf1.pt").exists()
+    ablate.main(argv)
+    assert "jf1.pt exists, reusing it" in capsys.readouterr().out
+    assert len((out / "ablate.jsonl").read_text().splitlines()) == 6 and not (out / "train.lock").exists()
+
+
 def test_an_ignored_signal_stays_ignored():
     """`nohup` starts a run with SIGHUP ignored, a script's background job with SIGINT ignored: cli()'s
     handlers leave those alone, and put every handler back afterwards."""
