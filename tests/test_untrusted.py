@@ -8,12 +8,13 @@ checkpoint included) byte for byte.
 """
 import functools
 import importlib
-import json
+import io
 import os
 import shlex
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -22,9 +23,8 @@ import pytest
 import torch
 
 from conftest import ROOT
-from jfmini.common import atomic_save, file_sha256, load_checkpoint, parse_config
-from jfmini.forcing import Trajectories
-from test_scripts import PY, TINY, fake_token_cache, no_temp_files, run, tiny_base
+from jfmini.common import file_sha256, load_checkpoint, parse_config
+from test_scripts import PY, TINY, fake_token_cache, no_temp_files, tiny_base
 
 sys.path.insert(0, str(ROOT))
 import train  # noqa: E402
@@ -121,14 +121,12 @@ def craft_traj(src, dst, **arrays):
 
 def npz_with_header(src, dst, name, shape):
     """A trajectories file whose member `name` declares `shape` in its .npy header over the same bytes."""
-    import zipfile
     with np.load(src) as z:
         data = {k: z[k] for k in z.files}
     with zipfile.ZipFile(dst, "w") as out:
         for k, a in data.items():
             header = {"descr": np.lib.format.dtype_to_descr(a.dtype), "fortran_order": False,
                       "shape": shape if k == name else a.shape}
-            import io
             buf = io.BytesIO()
             np.lib.format.write_array_header_1_0(buf, header)
             out.writestr(f"{k}.npy", buf.getvalue() + a.tobytes())
