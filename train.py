@@ -19,10 +19,8 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import random
 import re
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path

@@ -12,6 +12,7 @@ import signal
 import stat
 import sys
 import tempfile
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -66,7 +67,7 @@ def stop_signals_raise():
     """Inside: SIGINT, SIGTERM and SIGHUP raise Interrupted. A signal this process was started with
     ignored stays ignored (`nohup` ignores SIGHUP; a background job of a script ignores SIGINT). The
     previous handlers come back afterwards (main() called from a test)."""
-    if sys.platform == "win32" or threading_is_not_main():
+    if threading.current_thread() is not threading.main_thread():     # only the main thread may set handlers
         yield
         return
     before = {s: signal.getsignal(s) for s in STOP_SIGNALS}
@@ -78,11 +79,6 @@ def stop_signals_raise():
     finally:
         for s, handler in before.items():
             signal.signal(s, handler if handler is not None else signal.SIG_DFL)
-
-
-def threading_is_not_main():
-    import threading
-    return threading.current_thread() is not threading.main_thread()
 
 
 def interrupted(e, note):

@@ -6,13 +6,15 @@ on stderr (no traceback), run no code from any file (the crafted pickles would c
 touch no file outside the case's out_dir, and keep every file already in out_dir (the last good
 checkpoint included) byte for byte.
 """
+import functools
 import importlib
-import json
+import io
 import os
 import shlex
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -21,9 +23,8 @@ import pytest
 import torch
 
 from conftest import ROOT
-from jfmini.common import atomic_save, file_sha256, load_checkpoint, parse_config
-from jfmini.forcing import Trajectories
-from test_scripts import PY, TINY, fake_token_cache, no_temp_files, run, tiny_base
+from jfmini.common import file_sha256, load_checkpoint, parse_config
+from test_scripts import PY, TINY, fake_token_cache, no_temp_files, tiny_base
 
 sys.path.insert(0, str(ROOT))
 import train  # noqa: E402
@@ -120,14 +121,12 @@ def craft_traj(src, dst, **arrays):
 
 def npz_with_header(src, dst, name, shape):
     """A trajectories file whose member `name` declares `shape` in its .npy header over the same bytes."""
-    import zipfile
     with np.load(src) as z:
         data = {k: z[k] for k in z.files}
     with zipfile.ZipFile(dst, "w") as out:
         for k, a in data.items():
             header = {"descr": np.lib.format.dtype_to_descr(a.dtype), "fortran_order": False,
                       "shape": shape if k == name else a.shape}
-            import io
             buf = io.BytesIO()
             np.lib.format.write_array_header_1_0(buf, header)
             out.writestr(f"{k}.npy", buf.getvalue() + a.tobytes())
@@ -406,10 +405,14 @@ CASES = [
 ]
 
 
+_tokenizer = functools.lru_cache(train.gpt2_tokenizer)
+
+
 @pytest.fixture
 def case(lab, tmp_path, monkeypatch):
     """A fresh out_dir, a folder outside it with a file the crafted inputs aim at, and the marker path the
-    payloads would create."""
+    payloads would create. (train.py's tokenizer is built once for the table: it parses 50,000 ranks.)"""
+    monkeypatch.setattr(train, "gpt2_tokenizer", _tokenizer)
     out, outside = tmp_path / "out", tmp_path / "outside"
     out.mkdir()
     outside.mkdir()
@@ -501,6 +504,51 @@ def test_a_real_block_length_change_on_resume_is_refused(lab, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and len(err.splitlines()) == 1 and "block length 8 (it has 16)" in err, err
     assert (out / "jf1_state.pt").read_bytes() == before
+
+
+def test_a_finished_round_made_with_other_flags_is_reused_with_a_warning(lab, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    for f in (lab.dir / "base.pt", lab.jf1, lab.traj):
+        shutil.copy(f, out)
+    train.main(["--out_dir", str(out), *ROUND, "--lam", "3"])
+    log = capsys.readouterr().out
+    assert "warning: jf1.pt was distilled with other flags (--lam 3.0 (it has 1.0))" in log, log
+    assert (out / "jf1.pt").read_bytes() == lab.jf1.read_bytes()
+
+
+def test_ablate_runs_keeps_and_reuses_its_own_variant(lab, tmp_path, capsys):
+    """The checks refuse only what is wrong: a plain ablation runs, and --keep's folder is reused by the
+    same variant (same flags, same base model)."""
+    import ablate
+    out = tmp_path / "out"
+    out.mkdir()
+    shutil.copy(lab.dir / "base.pt", out)
+    argv = [a.replace("{out}", str(out)) for a in ABLATE] + ["--keep", "--variants", "a: --lam 2; b-1.x: --lam 3"]
+    ablate.main(argv)
+    first = capsys.readouterr().out
+    assert "b-1.x" in first and (out / "ablate" / "b-1.x_s1337" / "jf1.pt").exists()
+    ablate.main(argv)
+    assert "jf1.pt exists, reusing it" in capsys.readouterr().out
+    assert len((out / "ablate.jsonl").read_text().splitlines()) == 6 and not (out / "train.lock").exists()
+
+
+def test_an_ignored_signal_stays_ignored():
+    """`nohup` starts a run with SIGHUP ignored, a script's background job with SIGINT ignored: cli()'s
+    handlers leave those alone, and put every handler back afterwards."""
+    import signal
+    from jfmini.common import _on_stop_signal, stop_signals_raise
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        with stop_signals_raise():
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) is _on_stop_signal
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) == before[signal.SIGTERM]
+    finally:
+        for s, h in before.items():
+            signal.signal(s, h)
 
 
 def test_rng_state_round_trips_as_plain_types():
@@ -603,6 +651,16 @@ def test_output_that_goes_nowhere(lab, tmp_path):
     closed = subprocess.run(" ".join(map(shlex.quote, args)) + " >&-", shell=True, capture_output=True, text=True,
                             timeout=300)
     assert closed.returncode == 0 and "Traceback" not in closed.stderr, closed.stderr
+    out = tmp_path / "out"                         # training with its log's reader gone: it trains on
+    shutil.copytree(lab.dir / "cache", out)
+    r, w = os.pipe()
+    proc = subprocess.Popen([PY, str(ROOT / "train.py"), "--out_dir", str(out), *PRE], stdout=w,
+                            stderr=subprocess.PIPE, text=True)
+    os.close(w)
+    os.close(r)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0 and err == "", err
+    assert load_checkpoint(out / "base.pt")[1]["steps"] == 4
     if Path("/dev/full").exists():
         with open("/dev/full", "w") as full:
             res = subprocess.run(args, stdout=full, stderr=subprocess.PIPE, text=True, timeout=300)
