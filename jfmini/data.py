@@ -13,6 +13,7 @@
 """
 import ast
 import base64
+import functools
 import hashlib
 import importlib
 import json
@@ -58,6 +59,7 @@ def full_vocab(name):
     return 50257 + (len(SPACE_RUNS) if name == "p50k" else 0)
 
 
+@functools.lru_cache(maxsize=8)          # reading 50,000 ranks takes a while; an Encoding is never changed
 def tokenizer(name="p50k", vocab_size=None):
     """The model's encoding, from the local GPT-2 rank table; nothing touches the network.
 

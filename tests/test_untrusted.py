@@ -30,9 +30,9 @@ sys.path.insert(0, str(ROOT))
 import train  # noqa: E402
 
 # The flags of each kind of run; a case's own flags come after them (argparse: the last one wins).
-PRE = ["--stage", "pretrain", *TINY, "--steps", "4", "--ckpt_every", "1"]
+PRE = ["--stage", "pretrain", *TINY, "--tokenizer", "gpt2", "--steps", "4", "--ckpt_every", "1"]
 ROUND = ["--stage", "round1", "--device", "cpu", "--traj_prompts", "6", "--traj_tokens", "32", "--traj_batch", "6",
-         "--distill_steps", "1", "--distill_batch", "2", "--probe", "0"]
+         "--distill_steps", "1", "--distill_batch", "2", "--probe", "0", "--max_repeat", "0"]
 DEC = ["--prompt", "def f(x):", "--device", "cpu", "--max_new_tokens", "4"]
 BENCH = ["--ckpt", "{lab}/base.pt", "--base_ckpt", "{lab}/base.pt", "--prompts", "{lab}/good.jsonl",
          "--max_new_tokens", "4", "--device", "cpu", "--sweep_file", "{out}/sweep.json", "--eager_limit", "1"]
@@ -405,14 +405,10 @@ CASES = [
 ]
 
 
-_tokenizer = functools.lru_cache(train.gpt2_tokenizer)
-
-
 @pytest.fixture
 def case(lab, tmp_path, monkeypatch):
     """A fresh out_dir, a folder outside it with a file the crafted inputs aim at, and the marker path the
-    payloads would create. (train.py's tokenizer is built once for the table: it parses 50,000 ranks.)"""
-    monkeypatch.setattr(train, "gpt2_tokenizer", _tokenizer)
+    payloads would create."""
     out, outside = tmp_path / "out", tmp_path / "outside"
     out.mkdir()
     outside.mkdir()
