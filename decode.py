@@ -100,7 +100,8 @@ def decoder_settings(cfg):
     """The method's defaults, overridden by any size flag given."""
     if cfg.method == "best":
         if not Path(cfg.sweep_file).is_file():
-            raise UserError(f"--method best reads the sweep's choice from {cfg.sweep_file}, which is missing; run "
+            what = "is not a file" if Path(cfg.sweep_file).exists() else "is missing"
+            raise UserError(f"--method best reads the sweep's choice from {cfg.sweep_file}, which {what}; run "
                             f"`python bench.py --sweep` first (or pass --sweep_file)")
         s = dict(read_sweep(cfg.sweep_file, "--sweep_file")["best"])
     else:

@@ -9,6 +9,7 @@ checkpoint included) byte for byte.
 import functools
 import importlib
 import io
+import json
 import os
 import shlex
 import shutil
@@ -545,6 +546,18 @@ def test_an_ignored_signal_stays_ignored():
     finally:
         for s, h in before.items():
             signal.signal(s, h)
+
+
+def test_the_sweep_file_bench_writes_passes_the_check(tmp_path):
+    """read_sweep refuses what bench.py --sweep could never write, and takes all it does write."""
+    import bench
+    from jfmini.files import read_sweep
+    row = {"tokens_per_forward": 1.5, "tokens_per_s": 900.0}
+    saved = {"device": "cpu", "best": bench.SWEEP[-1], "base_best": bench.SWEEP_BASE[0],
+             "results": {"jf": [{**s, **row, "compiled_tokens_per_s": 1000.0} for s in bench.SWEEP],
+                         "base": [{**s, **row} for s in bench.SWEEP_BASE]}}
+    (tmp_path / "sweep.json").write_text(json.dumps(saved))
+    assert read_sweep(tmp_path / "sweep.json", "--sweep_file") == saved
 
 
 def test_rng_state_round_trips_as_plain_types():
