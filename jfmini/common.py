@@ -352,7 +352,6 @@ def load_checkpoint(path, device="cpu", flag=None, kinds=("base", "jacobi_forcin
     `kinds`: the kinds of file the caller takes (a *_state.pt holds a model too: decode.py runs it; train.py
     asks for the kind it continues). The file is read without running code and checked whole (jfmini.files)."""
     from jfmini.files import read_checkpoint
-    from jfmini.model import GPT, GPTConfig
     path = Path(path)
     instead = f"pass {flag} with a .pt file written by train.py" if flag else \
         "delete it and run the stage again without --resume" if all(k.endswith("_state") for k in kinds) else \
@@ -366,9 +365,7 @@ def load_checkpoint(path, device="cpu", flag=None, kinds=("base", "jacobi_forcin
     if not path.is_file():
         raise UserError(f"checkpoint {path} not found" + (f"; run `python train.py` first or pass {flag} PATH"
                                                            if flag else ""))
-    ckpt = read_checkpoint(path, instead, kinds)
-    model = GPT(GPTConfig(**ckpt["model_config"]))
-    model.load_state_dict(ckpt["model"])             # names and shapes were checked: this fits
+    model, ckpt = read_checkpoint(path, instead, kinds)
     return model.to(device).eval(), ckpt
 
 

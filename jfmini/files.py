@@ -116,8 +116,10 @@ KINDS = {
 
 def read_checkpoint(path, instead, kinds=tuple(KINDS)):
     """torch.load a jfmini checkpoint without running code, and check it whole: its kind (one of
-    `kinds`), its keys, its model config (before any allocation), and its weights (names, shapes, float
-    dtypes, finite). `instead` says what to do about a bad file. Returns the dict."""
+    `kinds`), its keys, its model config (before any allocation), and its weights against the model that
+    config builds (names, shapes, float dtypes, finite). `instead` says what to do about a bad file.
+    Returns (the model with those weights, on the CPU, the dict)."""
+    from jfmini.model import GPT, GPTConfig
     path = Path(path)
     where = f"checkpoint {path}"
     _check_archive(path, instead, where)
@@ -149,11 +151,13 @@ def read_checkpoint(path, instead, kinds=tuple(KINDS)):
             extra and f"has unknown entries {', '.join(sorted(map(str, extra)))}"])) + f"; {instead}")
     if (bad := model_config_problem(ckpt["model_config"])) is not None:
         raise UserError(f"{where}: {bad}; {instead}")
-    if (bad := weights_problem(ckpt["model"], ckpt["model_config"])) is not None:
-        raise UserError(f"{where}: {bad}; {instead}")
     if (bad := metadata_problem(ckpt)) is not None:
         raise UserError(f"{where}: {bad}; {instead}")
-    return ckpt
+    model = GPT(GPTConfig(**ckpt["model_config"]))          # the config is sane and fits in memory
+    if (bad := weights_problem(ckpt["model"], model.state_dict())) is not None:
+        raise UserError(f"{where}: {bad}; {instead}")
+    model.load_state_dict(ckpt["model"])                    # names and shapes were checked: this fits
+    return model, ckpt
 
 
 def _check_archive(path, instead, where):
@@ -175,15 +179,12 @@ def _check_archive(path, instead, where):
         raise UserError(f"{where} unpacks to {gb(total)}, more than this machine can hold; {instead}")
 
 
-def weights_problem(sd, config):
-    """What is wrong with a state dict for a model of `config` (a phrase), or None: exactly the model's
-    names and shapes (taken from a model built on the meta device: nothing allocated), float dtypes,
-    dense CPU tensors, every value finite."""
-    from jfmini.model import GPT, GPTConfig
+def weights_problem(sd, model_sd):
+    """What is wrong with a state dict for the model whose own state dict is `model_sd` (a phrase), or
+    None: exactly its names and shapes, float dtypes, dense CPU tensors, every value finite."""
     if not isinstance(sd, dict):
         return f"its weights are a {type(sd).__name__}, not a dict of tensors"
-    with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in GPT(GPTConfig(**config)).state_dict().items()}
+    expected = {k: tuple(v.shape) for k, v in model_sd.items()}
     missing, extra = set(expected) - set(sd), set(sd) - set(expected)
     if missing or extra:
         names = sorted(map(str, missing or extra))
