@@ -266,10 +266,10 @@ def save_state(path, model, opt, step, cfg, extra):
 # Flags that change what a stage computes: --resume refuses a state written with other values, and a
 # finished file made with other values is reported. A round depends on every flag except these (and on
 # its source model's file, and its block length alone of --block_lens).
-PRETRAIN_FLAGS = ("seed", "corpus", "vocab_size", "n_layer", "n_head", "d_model", "seq_len", "batch_size",
+PRETRAIN_FLAGS = ("seed", "corpus", "tokenizer", "vocab_size", "n_layer", "n_head", "d_model", "seq_len", "batch_size",
                   "grad_accum", "steps", "lr", "warmup", "weight_decay")
 NOT_ROUND_FLAGS = set(PRETRAIN_FLAGS[1:]) | {"stage", "out_dir", "preset", "device", "resume", "compile",
-                                              "eval_every", "eval_batches", "ckpt_every", "probe", "traj_batch",
+                                              "eval_every", "eval_batches", "ckpt_every", "probe", "heldout", "traj_batch",
                                               "block_lens"}
 ROUND_FLAGS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name not in NOT_ROUND_FLAGS)
 
