@@ -22,12 +22,15 @@ from jfmini.model import GPT, GPTConfig
 
 pytestmark = pytest.mark.slow
 PY = sys.executable
+# How long a child may take before a test calls it hung: a bound for a child that is stuck, never a
+# deadline for one that is merely slow on a loaded machine (a subprocess here takes seconds when idle).
+LONG = 1800
 # A tiny pretraining run: seconds on one CPU core.
 TINY = ["--n_layer", "1", "--n_head", "2", "--d_model", "16", "--seq_len", "32", "--batch_size", "2",
         "--eval_batches", "1", "--eval_every", "1000", "--corpus", "stdlib", "--device", "cpu"]
 
 
-def run(script, *args, cwd=None, timeout=300):
+def run(script, *args, cwd=None, timeout=LONG):
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     return subprocess.run([PY, str(ROOT / script), *map(str, args)], capture_output=True, text=True,
                           cwd=cwd, timeout=timeout, env=env)
@@ -243,7 +246,7 @@ def test_round_reuses_only_trajectories_of_the_same_source(tmp_path, files):
     assert no_temp_files(out)
 
 
-def wait_for(path, proc, timeout=900):
+def wait_for(path, proc, timeout=LONG):
     """Until the child has written `path`; the bound only stops a hung child (a loaded machine is slow,
     never wrong)."""
     t0 = time.time()
@@ -301,7 +304,7 @@ def test_ctrl_c_sigterm_sighup_save_and_exit_cleanly(tmp_path, sig):
                             preexec_fn=signal_ready, env=dict(os.environ, OMP_NUM_THREADS="1"))
     wait_for(out / "pretrain_state.pt", proc)
     proc.send_signal(sig)
-    _, err = proc.communicate(timeout=900)
+    _, err = proc.communicate(timeout=LONG)
     assert proc.returncode == 128 + sig, err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert "saved" in err and "--resume" in err, err
@@ -438,7 +441,7 @@ def test_torchrun_two_ranks_gloo_identical_weights(tmp_path):
     res = subprocess.run([PY, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", "29517",
                           str(ROOT / "train.py"),
                           "--out_dir", str(out), "--stage", "pretrain", *TINY, "--steps", "2"],
-                         capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+                         capture_output=True, text=True, timeout=LONG, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert res.returncode == 0, res.stderr[-3000:]
     assert "world 2" in res.stdout and "weights identical on all 2 ranks" in res.stdout
     _, final = load_checkpoint(out / "base.pt")

@@ -25,7 +25,7 @@ import torch
 
 from conftest import ROOT
 from jfmini.common import file_sha256, load_checkpoint, parse_config
-from test_scripts import PY, TINY, fake_token_cache, no_temp_files, tiny_base
+from test_scripts import LONG, PY, TINY, fake_token_cache, no_temp_files, tiny_base
 
 sys.path.insert(0, str(ROOT))
 import train  # noqa: E402
@@ -586,7 +586,7 @@ def test_a_real_file_size_limit_during_a_save_keeps_the_last_good_state(lab, tmp
             f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit})); sys.argv = sys.argv[1:]; "
             "runpy.run_path(sys.argv[0], run_name='__main__')")
     res = subprocess.run([PY, "-c", code, str(ROOT / "train.py"), "--out_dir", str(out), *PRE, "--resume"],
-                         capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+                         capture_output=True, text=True, timeout=LONG, env=dict(os.environ, OMP_NUM_THREADS="1"))
     err = res.stderr.strip()
     assert res.returncode == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
     assert "file size limit" in err and "the last good pretrain_state.pt is kept" in err, err
@@ -603,7 +603,7 @@ def test_file_size_limit_in_the_save_helper(tmp_path):
             "try:\n    atomic_save({'x': torch.zeros(100000)}, sys.argv[1])\n"
             "except UserError as e:\n    print(e)")
     res = subprocess.run([PY, "-c", code, str(tmp_path / "s.pt"), str(ROOT)], capture_output=True, text=True,
-                         timeout=300)
+                         timeout=LONG)
     assert res.returncode == 0 and res.stderr == "", res.stderr
     assert "file size limit" in res.stdout and "the last good s.pt is kept" in res.stdout
     assert torch.load(tmp_path / "s.pt", weights_only=True)["x"].numel() == 10 and no_temp_files(tmp_path)
@@ -676,14 +676,14 @@ def test_output_that_goes_nowhere(lab, tmp_path):
     proc = subprocess.Popen(args, stdout=w, stderr=subprocess.PIPE, text=True)
     os.close(w)
     os.close(r)                                    # the reader is gone before the first write: EPIPE, always
-    _, err = proc.communicate(timeout=300)
+    _, err = proc.communicate(timeout=LONG)
     assert proc.returncode == 141 and "Traceback" not in err and "Exception ignored" not in err, err
     closed = subprocess.run(" ".join(map(shlex.quote, args)) + " >&-", shell=True, capture_output=True, text=True,
-                            timeout=300)
+                            timeout=LONG)
     assert closed.returncode == 0 and "Traceback" not in closed.stderr, closed.stderr
     if Path("/dev/full").exists():
         with open("/dev/full", "w") as full:
-            res = subprocess.run(args, stdout=full, stderr=subprocess.PIPE, text=True, timeout=300)
+            res = subprocess.run(args, stdout=full, stderr=subprocess.PIPE, text=True, timeout=LONG)
         last = res.stderr.strip().splitlines()[-1]
         assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
         assert last.startswith("error: could not write the output to stdout") and "No space left" in last
