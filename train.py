@@ -96,6 +96,9 @@ class TrainConfig:
                                    "compound over rounds), start = the round's starting model", ["base", "start"])
     truth: float = field(0.0, "weight of an AR loss on the ground truth: the real code after each trajectory prompt "
                               "(0 = off)")
+    truth_target: str = field("ce", "the ground-truth loss: ce = cross-entropy to the real tokens (CLLM's use_gt_labels; "
+                                    "new data the base never saw), anchor = KL divergence from the anchor model on "
+                                    "that code (keeps its predictions on real code, adds no data)", ["ce", "anchor"])
     max_repeat: int = field(10, "drop trajectories whose greedy continuation holds a run of this many identical tokens "
                                 "(greedy loops; 0 = keep all)")
     schedule: str = field("progressive", "noise schedule", ["progressive", "random", "reverse"])
@@ -614,9 +617,17 @@ def round_losses(cfg, run, model, anchor, n):
         consistency, ar = forcing_loss(logits, ar_targets, noisy_idx, cons_weight, n, cfg.cons_target, ref)
         replay = truth = torch.zeros_like(ar)
         if gx is not None:
+            gpos = torch.arange(gx.shape[1], device=gx.device)
             with run.autocast():
-                g = ddp_model(gx, torch.arange(gx.shape[1], device=gx.device))
-            truth = F.cross_entropy(g.flatten(0, 1), gy.flatten(), ignore_index=-1)
+                g = ddp_model(gx, gpos)                                        # (B, Lt, V)
+            if cfg.truth_target == "ce":
+                truth = F.cross_entropy(g.flatten(0, 1), gy.flatten(), ignore_index=-1)
+            else:                                # KL(anchor || model) on the continuation's positions only
+                with torch.no_grad(), run.autocast():
+                    ref_g = anchor(gx, gpos).float().log_softmax(-1)
+                kl = F.kl_div(g.float().log_softmax(-1), ref_g, log_target=True, reduction="none").sum(-1)  # (B, Lt)
+                on = (gy >= 0).float()
+                truth = (kl * on).sum() / on.sum().clamp(min=1)
         if x is not None:
             with run.autocast():
                 real = ddp_model(x, real_pos).flatten(0, 1)
@@ -635,7 +646,8 @@ def anchor_model(cfg, run, model, base_path):
     """The frozen model the KL terms keep close to (None when no term needs one): the base model, or the
     round's starting model (taken before a resumed state is loaded over it)."""
     replay_kl = cfg.replay > 0 and cfg.anchor == "kl"
-    if not (replay_kl or cfg.ar_target == "anchor"):
+    truth_kl = cfg.truth > 0 and cfg.truth_target == "anchor"
+    if not (replay_kl or truth_kl or cfg.ar_target == "anchor"):
         return None
     if cfg.anchor_to == "base" and base_path is not None:
         if not Path(base_path).is_file():
@@ -692,7 +704,8 @@ def distill(cfg, run, model, traj, n, r, state_path, data_dir, base_path=None):
     run.log(f"round {r}: training {cfg.distill_steps} steps of {B * run.world} rows x {L} tokens (lambda {cfg.lam}, "
             f"{cfg.schedule} schedule, {'fresh' if cfg.fresh_states else 'nearest'} states, {cfg.context} context, "
             f"{cfg.cons_target} consistency target, window {cfg.cons_window or 'to the block end'}, "
-            f"replay {cfg.replay} {cfg.anchor}, AR target {cfg.ar_target}, anchor {cfg.anchor_to}, truth {cfg.truth})")
+            f"replay {cfg.replay} {cfg.anchor}, AR target {cfg.ar_target}, anchor {cfg.anchor_to}, truth {cfg.truth}"
+            f"{' ' + cfg.truth_target if cfg.truth else ''})")
     try:
         while step < cfg.distill_steps:
             p = next(batches)

@@ -298,7 +298,10 @@ class Jacobi:
         if not R:
             return a_main, a_main, self.draft, g_main
         cand, g_cand = self.cand[:, :R], g[:, W:].view(B, R, c)
-        a_all = torch.cat([a_main[:, None], self._run(cand, g_cand, self.valid)], 1)    # (B, 1 + R)
+        # a candidate is verified on its own c tokens, so it may commit past block 0's end (the blocks it
+        # completes retire in _update); capping it at the drafts in flight would only cost forwards
+        whole = torch.full_like(self.valid, c)
+        a_all = torch.cat([a_main[:, None], self._run(cand, g_cand, whole)], 1)          # (B, 1 + R)
         win = a_all.argmax(1)
         use, cw = (win > 0)[:, None], (win - 1).clamp(min=0)
         chosen = torch.cat([torch.where(use, cand[self.bidx, cw], self.draft[:, :c]), self.draft[:, c:]], 1)
@@ -325,7 +328,7 @@ class Jacobi:
         finished = torch.where(over >= 0, 1 + over.clamp(min=0) // n, 0)
         L0 = torch.where(over >= 0, n - over.clamp(min=0) % n, self.L0 - a)
         nb = self.nb - finished
-        reset = nb == 0                        # every block done: start a fresh one
+        reset = nb <= 0                        # every block done (a long candidate may pass them all): start afresh
         nb, L0 = torch.where(reset, 1, nb), torch.where(reset, n, L0)
         keep = (V - a).clamp(min=1)
         shifted = G.gather(1, (a[:, None] - 1 + self.ar_W).clamp(0, W - 1))
@@ -333,11 +336,13 @@ class Jacobi:
         return draft, L0, nb, torch.where(reset, n, V - a), reset
 
     def _grow(self, a, G, draft, L0, nb, V, reset):
-        """Count the newest block's converged tokens (committed ones plus a leading run of drafts this update
-        left unchanged); past activation_ratio*n, append a pseudo-active block after it, whose first guess is
-        the prediction after the newest block's last draft."""
+        """Count the newest block's converged tokens (committed ones, the verified next token when it is in
+        that block, plus a leading run of drafts this update left unchanged); past activation_ratio*n,
+        append a pseudo-active block after it, whose first guess is the prediction after the newest block's
+        last draft."""
         n, W, ar_W = self.n, self.W, self.ar_W
         unchanged = draft == self.draft.gather(1, (a[:, None] + ar_W).clamp(max=W - 1))
+        unchanged = unchanged | (ar_W == 0)        # draft[0] is the verified next token: known, not a guess
         first = torch.where(nb == 1, 0, L0 + (nb - 2) * n)
         lead = (unchanged | (ar_W < first[:, None])) & (ar_W < V[:, None])
         run = (lead.long().cumprod(1).sum(1) - first).clamp(min=0)

@@ -163,3 +163,40 @@ def test_batched_decoding_counts_what_one_prompt_decoding_counts(block_len):
     assert int((hist * torch.arange(len(hist))).sum()) >= tokens  # committed (the last one may overshoot)
     if block_len == 1:
         assert tokens == forwards
+
+
+def converging_update(jac, run):
+    """A Jacobi update of a fresh block after one committed token: the verified next token is new, the next
+    `run` drafts equal the guesses they replace (converged), the one after them changed."""
+    old = jac.draft.clone()
+    new = torch.cat([old[:, 1:], old[:, -1:]], 1)        # every draft as its predecessor guessed it
+    new[:, 0] = (old[:, 1] + 1) % 256                     # the verified token differs from the guess
+    new[:, run + 1] = (old[:, run + 2] + 1) % 256         # the first draft that moved
+    return new
+
+
+@pytest.mark.parametrize("run, grows", [(5, True), (4, False)])
+def test_a_block_whose_drafts_converged_grows_a_pseudo_active_block(run, grows):
+    """n=8, activation ratio 0.85: a new block is appended once 7 of the newest block's tokens are converged.
+    After one commit, the verified next token and `run` unchanged drafts make 2 + run."""
+    jac = Jacobi(tiny_model(seed=0), block_len=8, num_blocks=2, activation_ratio=0.85)
+    jac.prefill([[1, 2, 3]], 40)
+    one = torch.ones(1, dtype=torch.long)
+    draft = converging_update(jac, run)
+    _, nb, V = jac._grow(one, torch.zeros_like(draft), draft, jac.L0 - 1, jac.nb, jac.valid - 1, one < 0)
+    assert int(nb) == (2 if grows else 1) and int(V) == (7 + 8 if grows else 7)
+
+
+def test_a_candidate_row_may_commit_past_the_end_of_block_zero():
+    """A context n-gram of 8 tokens, all verified, commits all 8 even when block 0 has 3 tokens left."""
+    jac = Jacobi(tiny_model(seed=0), block_len=8, ngram=1, cand_len=8)
+    jac.prefill([[1, 2, 3]], 40)
+    jac.valid.fill_(3)
+    jac.L0.fill_(3)
+    cand = torch.arange(10, 18)[None]
+    jac.cand[:, 0] = cand
+    g = torch.zeros(1, jac.W + 8, dtype=torch.long)
+    g[:, jac.W:jac.W + 7] = cand[:, 1:]                 # the model's prediction after each candidate token
+    g[:, 0] = (jac.draft[:, 1] + 1) % 256                # the main row fails at its first draft
+    a, a_main, chosen, _ = jac._accept(g)
+    assert int(a_main) == 1 and int(a) == 8 and chosen[0, :8].tolist() == cand[0].tolist()
