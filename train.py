@@ -867,7 +867,7 @@ def with_preset(cfg, cuda):
     for ok, msg in checks(cfg):
         if not ok:
             raise UserError(msg)
-    model = {k: getattr(cfg, k) for k in ("vocab_size", "seq_len", "n_layer", "n_head", "d_model")}
+    model = {k: getattr(cfg, k) for k in ("tokenizer", "vocab_size", "seq_len", "n_layer", "n_head", "d_model")}
     if (bad := model_config_problem({**model, "rope_base": GPTConfig.rope_base}, prefix="--")) is not None:
         raise UserError(f"{bad}; lower --n_layer, --d_model or --seq_len")
     # a pretraining step on a CPU holds at least the weights, their gradients and AdamW's two moments, and
