@@ -175,3 +175,11 @@ def test_anchored_ar_term_is_zero_at_the_anchor_and_positive_away_from_it():
 
 def test_byte_tokenizer_still_serves_the_tests():
     assert byte_tokenizer().encode("ab") == [97, 98]
+
+
+def test_the_gpu_preset_config_passes_its_own_checks():
+    """The gpu preset's model (p50k's 50,281 tokens) is accepted: the size check must know the tokenizer."""
+    import train
+    from jfmini.common import parse_config
+    cfg = train.with_preset(parse_config(train.TrainConfig, ["--preset", "gpu"], checks=train.checks), True)
+    assert cfg.vocab_size == 50281 and cfg.tokenizer == "p50k"
