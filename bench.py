@@ -53,7 +53,8 @@ class BenchConfig:
     device: str = field("auto", "auto, cpu, cuda, cuda:N")
     dtype: str = field("auto", "decode in bfloat16 (auto on CUDA) or float32 (auto on CPU; bit-exact greedy "
                                "choices, slower)", ["auto", "bfloat16", "float32"])
-    profile: bool = field(False, "print where the time of one AR and one MR iteration goes (CUDA kernels)")
+    profile: bool = field(False, "print one line per decoder (tokens verified per step, us per step, tokens "
+                                 "committed per us), then where one AR and one MR iteration's time goes (CUDA kernels)")
     chart: str = field(None, "only draw the charts of an earlier run: its JSON line (a bench log) or a --sweep_file")
 
 
@@ -125,6 +126,26 @@ def step_us(jac, prompt, max_new_tokens, iters=100):
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) * 1e3 / iters
+
+
+def verified_per_step(settings):
+    """Tokens one iteration feeds the model: the main row (K blocks of n drafts) plus every candidate row
+    (pool + n-gram rows of c tokens each); 1 for AR."""
+    s = {**dict(block_len=1, num_blocks=1, pool_size=0, ngram=0, cand_len=None), **(settings or {})}
+    n = s["block_len"]
+    rows = s["pool_size"] + s["ngram"] if n > 1 else 0
+    return s["num_blocks"] * n + rows * min(s["cand_len"] or n, n)
+
+
+def profile_lines(results):
+    """One line per decoder row: what a step verifies, what it costs, what it commits per microsecond."""
+    lines = [f"{'row':<9}{'model':<6}{'decoder':<24}{'verified/step':>14}{'us/step':>9}{'TPF':>7}{'tokens/us':>11}"]
+    for r in results:
+        us = r["step_us"] or r["us_per_forward"]
+        lines.append(f"{r['row']:<9}{r['model']:<6}{r['decoder']:<24}{r['verified_per_step']:>14}{us:>9.0f}"
+                     f"{r['tokens_per_forward']:>7.2f}{r['tokens_per_forward'] / us:>11.4f}")
+    return "\n".join(lines + ["us/step: one captured iteration (graph replay) where available, else the mean "
+                              "decode time per forward; tokens/us = TPF / us per step."])
 
 
 def first_divergence(ref, out):
@@ -345,6 +366,7 @@ def main(argv=None):
             "tokens_per_s": st.tokens_per_s, "chars": chars, "chars_per_forward": chars / max(st.forwards, 1),
             "chars_per_s": chars / max(st.decode_s, 1e-9), "prefill_ms": 1e3 * st.prefill_s / len(use),
             "step_us": step, "us_per_forward": 1e6 * st.decode_s / max(st.forwards, 1),
+            "verified_per_step": verified_per_step(settings),
             **{k: v[0] for k, v in q.items()}, **{f"{k}_se": v[1] for k, v in q.items()},
             "parse_rate": q["parse"][0], "val_loss": vals[key], "body_loss": body_loss[key]})
         outputs.append(outs)
@@ -404,6 +426,8 @@ def main(argv=None):
     print(json.dumps({"device": gpu, "torch": torch.__version__, "dtype": str(dtype).replace("torch.", ""),
                       "prompts": len(prompts), "config": asdict(cfg), "base_ckpt": cfg.base_ckpt, "ckpt": jf_path,
                       "rows": results, "sweep": sweep_results, "seconds": time.time() - t_start}))
+    if cfg.profile:
+        print("\n" + profile_lines(results))
     if cfg.profile and cuda:
         for settings in (ar, mr):
             profile_step(models["jf"], prompts[0], settings, eot, compile, max_len, cfg.max_new_tokens)

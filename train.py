@@ -87,16 +87,16 @@ class TrainConfig:
     traj_source: str = field("heldout", "trajectory prompts: heldout = documented functions from files pretraining "
                                         "never saw, cut after the docstring; train = 64-token function starts "
                                         "from the pretraining files", ["heldout", "train"])
-    lam: float = field(1.0, "weight of the AR loss: L = L_consistency + lam * L_AR (the paper's: 10)")
+    lam: float = field(10.0, "weight of the AR loss: L = L_consistency + lam * L_AR (the paper's: 10)")
     ar_target: str = field("anchor", "the AR loss on the trajectories' clean stream: greedy = cross-entropy to the source "
                                      "model's own greedy tokens (the paper's; loops included), anchor = KL divergence "
                                      "from the anchor model's predictions there (keeps its AR behaviour)",
                            ["greedy", "anchor"])
     anchor_to: str = field("base", "the anchor model of the KL terms: base = the pretrained model (drift does not "
                                    "compound over rounds), start = the round's starting model", ["base", "start"])
-    truth: float = field(0.0, "weight of an AR loss on the ground truth: the real code after each trajectory prompt "
+    truth: float = field(5.0, "weight of an AR loss on the ground truth: the real code after each trajectory prompt "
                               "(0 = off)")
-    truth_target: str = field("ce", "the ground-truth loss: ce = cross-entropy to the real tokens (CLLM's use_gt_labels; "
+    truth_target: str = field("anchor", "the ground-truth loss: ce = cross-entropy to the real tokens (CLLM's use_gt_labels; "
                                     "new data the base never saw), anchor = KL divergence from the anchor model on "
                                     "that code (keeps its predictions on real code, adds no data)", ["ce", "anchor"])
     max_repeat: int = field(10, "drop trajectories whose greedy continuation holds a run of this many identical tokens "
