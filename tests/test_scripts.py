@@ -147,15 +147,32 @@ def test_bench_bad_input(files, args, words):
 
 def test_bench_runs_and_prints_a_json_line(files):
     res = run("bench.py", "--ckpt", files / "base.pt", "--base_ckpt", files / "base.pt", "--prompts",
-              files / "good.jsonl", "--max_new_tokens", "8", "--device", "cpu", "--sweep_file", files / "s.json")
+              files / "good.jsonl", "--max_new_tokens", "8", "--device", "cpu", "--sweep_file", files / "s.json",
+              "--profile")
     assert res.returncode == 0, res.stderr
-    import json
-    record = json.loads(res.stdout.strip().splitlines()[-1])
+    record = json.loads(next(line for line in res.stdout.splitlines() if line.startswith("{")))
     assert {(r["row"], r["model"]) for r in record["rows"]} >= {("AR eager", "base"), ("AR fast", "base"),
                                                                 ("Jacobi", "base"), ("n-gram", "base"),
                                                                 ("Jacobi", "jf"), ("n-gram", "jf"), ("MR", "jf")}
     assert all(r["lossless"] == 1.0 for r in record["rows"])
     assert all(r["mismatches"] == 0 and r["tie_gaps"] == [] and r["lossless_ties_aside"] == 1.0 for r in record["rows"])
+    profile = res.stdout.split("verified/step", 1)[1].splitlines()        # --profile: one line per row after the JSON
+    mr = next(line for line in profile if line.startswith("MR"))
+    assert mr.split()[-4] == "192"                                        # n=64 K=2 + 4 pool rows of 16
+    assert len([line for line in profile if line.split() and line.split()[0] in ("AR", "Jacobi", "n-gram", "MR")]) \
+        == len(record["rows"])
+
+
+@pytest.mark.parametrize("settings", [dict(block_len=1), dict(block_len=32), dict(block_len=16, ngram=2, cand_len=8),
+                                      dict(block_len=64, num_blocks=2, pool_size=4, cand_len=16),
+                                      dict(block_len=32, pool_size=4, ngram=2, cand_len=16),
+                                      dict(block_len=8, pool_size=2, ngram=1)])
+def test_bench_counts_the_tokens_a_step_verifies(settings):
+    """--profile's tokens verified per step is the length of the input one Jacobi iteration feeds the model."""
+    import bench
+    from jfmini.decoding import Jacobi
+    jac = Jacobi(tiny_model(), graph=False, compile=False, max_len=64, **settings)
+    assert bench.verified_per_step(settings) == len(jac.offs)
 
 
 def test_bench_tie_analysis_helpers():
