@@ -3,8 +3,9 @@ base, read from train.py logs. Prints a markdown table (mean and range over the 
 writes an SVG scatter plot (TPF on x, held-out parse change on y; one dot per model).
 
     python results/tradeoff.py --out results/h200/tradeoff.svg \
-        "lambda 1, no truth term=results/h200/quality/train_s*.log" \
-        "lambda 10 + truth anchor 5=results/h200/recipe/train_s?.log"
+        "lambda 1, no truth term (earlier defaults)=results/h200/quality/train_s?.log" \
+        "lambda 10 + truth anchor 5 (defaults)=results/h200/recipe/train_s?.log" \
+        "the same, an earlier seed-1 run=results/h200/recipe/earlier_train_s1.log"
 """
 import argparse
 import glob

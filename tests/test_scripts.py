@@ -504,10 +504,11 @@ def term_at(res, name, step, steps):
 def test_anchored_ar_term_starts_at_zero_and_the_truth_term_trains_on_real_code(tmp_path, files):
     """--ar_target anchor (the default): the AR term is the KL divergence from the base on the clean
     stream, so it is zero at round 1's first step (the model is still the base); --ar_target greedy is
-    cross-entropy to the greedy tokens, positive. --truth 1 adds cross-entropy on the real code that
-    follows each trajectory prompt (positive); --truth_target anchor makes it the KL divergence from the
-    base there: zero at the first step, positive once the model has moved."""
-    _, anchored = round_with_replay(tmp_path / "a", files, "--distill_steps", "2", "--truth", "1")
+    cross-entropy to the greedy tokens, positive. --truth 1 --truth_target ce adds cross-entropy on the
+    real code that follows each trajectory prompt (positive); --truth_target anchor (the default) makes it
+    the KL divergence from the base there: zero at the first step, positive once the model has moved."""
+    _, anchored = round_with_replay(tmp_path / "a", files, "--distill_steps", "2", "--truth", "1",
+                                    "--truth_target", "ce")
     _, greedy = round_with_replay(tmp_path / "g", files, "--distill_steps", "2", "--ar_target", "greedy",
                                   "--truth", "1", "--truth_target", "anchor", "--distill_lr", "0.05")
     assert term_at(anchored, "AR", 1, 2) == 0.0 and term_at(greedy, "AR", 1, 2) > 0.5

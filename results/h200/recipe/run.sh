@@ -25,3 +25,6 @@ for s in 1 2 3; do
 done
 wait
 log "all done"; touch $R/ALLDONE
+# Afterwards, in a separate call on the same warm machine (cut at 175 s by the session's GPU budget):
+#   timeout 175 python3 bench.py --ckpt out/s1/jf2.pt --base_ckpt out/s1/base.pt --prompts heldout --limit 48 \
+#     --eager_limit 2 --sweep_file out/sweep.json --profile > bench_heldout_s1_partial.log 2>&1
