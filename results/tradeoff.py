@@ -76,6 +76,7 @@ def svg(groups, path, w=640, h=400, pad=60):
     for t in range(int(y0 // 5) * 5, int(y1) + 1, 5):
         if y0 <= t <= y1:
             out.append(f'<text x="{pad - 6}" y="{Y(t) + 4:.1f}" text-anchor="end">{t:+d}</text>')
+    ly = h - pad - 18 * (len(groups) + 1) - 4          # the legend, bottom left (the dots sit elsewhere here)
     for i, (g, per_round) in enumerate(groups.items()):
         c = colors[i % len(colors)]
         for r, ps in per_round.items():
@@ -83,9 +84,9 @@ def svg(groups, path, w=640, h=400, pad=60):
                 fill = c if r == max(per_round) else "white"
                 out.append(f'<circle cx="{X(p["tpf_he"]):.1f}" cy="{Y(p["ho_parse"]):.1f}" r="5" fill="{fill}" '
                            f'stroke="{c}" stroke-width="2"/>')
-        out.append(f'<circle cx="{pad + 16}" cy="{pad + 10 + 18 * i}" r="5" fill="{c}"/>'
-                   f'<text x="{pad + 28}" y="{pad + 14 + 18 * i}">{g}</text>')
-    out.append(f'<text x="{pad + 16}" y="{pad + 14 + 18 * len(groups)}" fill="#555">hollow: round 1, filled: '
+        out.append(f'<circle cx="{pad + 16}" cy="{ly + 10 + 18 * i}" r="5" fill="{c}"/>'
+                   f'<text x="{pad + 28}" y="{ly + 14 + 18 * i}">{g}</text>')
+    out.append(f'<text x="{pad + 16}" y="{ly + 14 + 18 * len(groups)}" fill="#555">hollow: round 1, filled: '
                f'round 2; one dot per seed</text></svg>')
     Path(path).write_text("\n".join(out) + "\n")
 

@@ -297,7 +297,7 @@ def test_train_help_lists_both_presets(capsys):
     text = " ".join(help_text("train", capsys).split())                     # argparse wraps lines
     assert "(gpu preset: 1500, cpu preset: 1000)" in text
     assert "(gpu preset: stdlib+torch+deps, cpu preset: stdlib)" in text
-    assert "(default: 1.0)" in text and "(default: off)" in text
+    assert "(default: 10.0)" in text and "(default: off)" in text
 
 
 def test_help_works_for_any_dataclass_field(capsys):

@@ -314,7 +314,7 @@ CASES = [
     ("round --resume other --distill_lr", "train", [*ROUND, "--resume", "--distill_lr", "0.001"], RESUME_ROUND,
      ["--distill_lr 0.001"]),
     ("round --resume other --seed", "train", [*ROUND, "--resume", "--seed", "7"], RESUME_ROUND, ["--seed 7"]),
-    ("round --resume other --lam", "train", [*ROUND, "--resume", "--lam", "10"], RESUME_ROUND, ["--lam 10"]),
+    ("round --resume other --lam", "train", [*ROUND, "--resume", "--lam", "3"], RESUME_ROUND, ["--lam 3"]),
     ("round --resume other processes", "train", [*ROUND, "--resume"],
      [*ROUND_FILES, crafted("jf1_state.pt", src="jf1_state.pt", world=2)], ["processes 1 (it has 2)"]),
     # trajectories
@@ -382,7 +382,7 @@ CASES = [
     ("ablate --results under a file", "ablate", [*ABLATE, "--results", "{out}/afile/r.jsonl"], [write("afile", "x")],
      ["--results", "afile is a file"]),
     ("ablate kept jf1.pt with other flags", "ablate", [*ABLATE, "--keep"], [put("base.pt"), kept(put(KEPT, "jf1"))],
-     ["distilled differently", "--lam 2.0 (it has 1.0)"]),
+     ["distilled differently", "--lam 2.0 (it has 10.0)"]),
     ("ablate: out_dir/ablate a symlink", "ablate", ABLATE, [put("base.pt"), lambda c: os.symlink(c.outside, c.out / "ablate")],
      ["symbolic link"]),
     # distributed-run variables
@@ -510,7 +510,7 @@ def test_a_finished_round_made_with_other_flags_is_reused_with_a_warning(lab, tm
         shutil.copy(f, out)
     train.main(["--out_dir", str(out), *ROUND, "--lam", "3"])
     log = capsys.readouterr().out
-    assert "warning: jf1.pt was distilled with other flags (--lam 3.0 (it has 1.0))" in log, log
+    assert "warning: jf1.pt was distilled with other flags (--lam 3.0 (it has 10.0))" in log, log
     assert (out / "jf1.pt").read_bytes() == lab.jf1.read_bytes()
 
 
