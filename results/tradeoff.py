@@ -99,10 +99,21 @@ def main():
     groups = {}
     for spec in args.groups:
         label, _, pattern = spec.partition("=")
-        logs = [read_log(p) for p in sorted(glob.glob(pattern))]
-        if not logs:
-            raise SystemExit(f"{pattern}: no log matches")
-        groups[label] = {r: [point(lg, r) for lg in logs if r in lg and "ho" in lg[r]] for r in (1, 2)}
+        paths = sorted(glob.glob(pattern))
+        if not label or not paths:
+            raise SystemExit(f"{spec!r}: give 'label=glob' with a glob that matches train.py logs")
+        groups[label] = {1: [], 2: []}
+        for path in paths:
+            try:
+                rounds = read_log(path)
+                for r in (1, 2):
+                    if r in rounds and "ho" in rounds[r]:
+                        groups[label][r].append(point(rounds, r))
+            except (OSError, UnicodeDecodeError, KeyError, TypeError, ZeroDivisionError) as e:
+                raise SystemExit(f"{path}: not a complete train.py log with the base's and a round's checks "
+                                 f"({type(e).__name__}: {e}); pass the log of a run with --probe and --heldout on")
+        if not any(groups[label].values()):
+            raise SystemExit(f"{pattern}: no round's check in these logs; pass train.py logs of finished rounds")
     print("| recipe | round | models | TPF HE n=32 | TPF held-out n=32 | held-out parse | HE parse | held-out loop "
           "| HE loop | true-body loss held-out | HE |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
