@@ -115,25 +115,17 @@ def step_us(jac, prompt, max_new_tokens, iters=100):
     """One captured iteration's time (graph replays between CUDA events), measured where a decode spends
     its average step: with half the new tokens already in the cache (the live length sets the attention
     cost). The state is scratch afterwards; the next generate() prefills anew."""
-    live = frozen_midway(jac, prompt, max_new_tokens)
-    jac.step(live)
+    jac.prefill([prompt], max_new_tokens)
+    jac.m.add_(max_new_tokens // 2)
+    jac.done.fill_(True)          # frozen: every kernel still runs, nothing moves past the cache
+    jac.step()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(iters):
-        jac.step(live)
+        jac.step()
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) * 1e3 / iters
-
-
-def frozen_midway(jac, prompt, max_new_tokens):
-    """Put the decoder where a decode spends its average step (half the new tokens in the cache), frozen:
-    every kernel still runs, nothing moves. Returns the live length its steps attend over there."""
-    jac.prefill([prompt], max_new_tokens)
-    jac.m.add_(max_new_tokens // 2)
-    jac.done.fill_(True)
-    jac.refresh()
-    return jac.live_len()
 
 
 def verified_per_step(settings):
@@ -177,17 +169,19 @@ def profile_step(model, prompt, settings, eot, compile, max_len, max_new_tokens)
     """Where one iteration's time goes: the CUDA kernels of the same (inductor-fused) step, run uncaptured
     so the profiler sees each kernel, with half the new tokens in the cache; the biggest first."""
     jac = Jacobi(model, eot=eot, graph=False, compile=compile, max_len=max_len, **settings)
-    live = frozen_midway(jac, prompt, max_new_tokens)
+    jac.prefill([prompt], max_new_tokens)
+    jac.m.add_(max_new_tokens // 2)
+    jac.done.fill_(True)          # frozen: every kernel still runs, nothing moves past the cache
     for _ in range(3):
-        jac.step(live)
+        jac.step()
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(10):
-            jac.step(live)
+            jac.step()
         torch.cuda.synchronize()
     kernels = [e for e in prof.key_averages() if e.self_device_time_total > 0]
     total = sum(e.self_device_time_total for e in kernels) / 10
-    print(f"profile of one iteration, {describe(settings)}, {live} of {jac.S} cache slots live: {total:.0f} us of kernel time in "
+    print(f"profile of one iteration, {describe(settings)}: {total:.0f} us of kernel time in "
           f"{sum(e.count for e in kernels) / 10:.0f} kernels")
     for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:12]:
         print(f"  {e.self_device_time_total / 10:7.1f} us  {e.count / 10:4.0f}x  {e.key[:100]}")

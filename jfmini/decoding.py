@@ -73,9 +73,9 @@ def may_read(kv, lo, hi, seg, slot):
     return ((kv >= lo) & (kv < hi)) | ((kv >= seg) & (kv <= slot))
 
 
-def cache_mask(hi, seg, slots, cols, lo=0):
-    """may_read as a dense bool mask (B, 1, T, L) over the cache slots cols (L,) = 0..L-1: the model attends
-    over the cache's first L slots only. hi (B,), seg, slots (B, T)."""
+def cache_mask(hi, seg, slots, length, lo=0):
+    """may_read as a dense bool mask (B, 1, T, S) over a cache of `length` slots; hi (B,), seg, slots (B, T)."""
+    cols = torch.arange(length, device=slots.device)
     return may_read(cols, lo, hi[:, None, None], seg[..., None], slots[..., None])[:, None]
 
 
@@ -95,7 +95,8 @@ def check_args(block_len=1, num_blocks=1, pool_size=0, ngram=0, cand_len=None, a
 
 def top_k(x, k):
     """(values, indices) of the k largest entries of each row of x (B, L), largest first, ties to the lower
-    index: k argmax reductions, which inductor fuses; cheaper than a topk kernel for the small k used here."""
+    index: k argmax reductions, which inductor fuses. A topk kernel costs more for the small k used here
+    (pool and n-gram candidates: ~30 us of a 440 us multi-block step on an H200)."""
     values, indices = [], []
     for _ in range(k):
         i = x.argmax(1, keepdim=True)
@@ -124,8 +125,7 @@ def generate_ar(model, prompt, max_new_tokens, eot=None):
     idx = torch.tensor([prompt], device=dev)
     slots = torch.arange(P, device=dev)[None]
     zero = torch.zeros(1, dtype=torch.long, device=dev)
-    cols = torch.arange(S, device=dev)
-    logits = model(idx, slots, cache_mask(zero, zero[:, None], slots, cols), slots)
+    logits = model(idx, slots, cache_mask(zero, zero[:, None], slots, S), slots)
     tok = int(logits[0, -1].argmax())
     sync(dev)
     t1 = time.perf_counter()
@@ -133,7 +133,7 @@ def generate_ar(model, prompt, max_new_tokens, eot=None):
     while True:
         out.append(tok)
         m = torch.tensor([[P + len(out) - 1]], device=dev)  # the slot of the token being committed
-        logits = model(torch.tensor([[tok]], device=dev), m, cache_mask(m[0], m, m, cols), m)
+        logits = model(torch.tensor([[tok]], device=dev), m, cache_mask(m[0], m, m, S), m)
         forwards += 1
         if tok == eot or len(out) == max_new_tokens:
             break
@@ -168,7 +168,7 @@ class Jacobi:
                                      # with state exposes it as tensors() so that warm-up steps can be undone
         self.dev = dev = model.embed.weight.device
         self.graph_enabled = (dev.type == "cuda") if graph is None else graph
-        self._graphs = {}            # live length -> the captured iteration that attends over that many slots
+        self._graph = None
         # Cache slots: [candidate scratch (R*c) | positions 0..C-1]. C covers the longest prompt plus new
         # tokens (max_len) and slack for tentative draft writes; a tile-aligned length keeps kernels regular.
         self.base = self.R * self.c
@@ -179,9 +179,7 @@ class Jacobi:
         # run eagerly (bench.py --sweep compiles many), hence the higher limit.
         if compile:
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
-        # The live length is the one dynamic size (mark_dynamic below): one compile serves every length.
-        self._fn = torch.compile(self._step) if compile else self._step
-        self.compiled = compile
+        self._fn = torch.compile(self._step, dynamic=False) if compile else self._step
         B, n, W, c = batch, self.n, self.W, self.c
         self.cache = model.new_cache(B, self.S)          # this decoder owns its cache buffer
         ar = lambda k: torch.arange(k, device=dev)
@@ -207,9 +205,6 @@ class Jacobi:
         self.iters = z(B)              # forwards that did work, per row
         self.it = z(B)                 # iteration counter (seeds the initial guesses)
         self.accepted = z(B, W + 1)    # per row: forwards that committed a tokens, a = 0..W
-        self.status = z(2)             # [every row done, longest committed length]: what the host reads
-        self.cols = ar(self.S)         # cache slot ids
-        self._host_m, self._since = 0, 0   # longest committed length at the last host read, steps since
 
     # ------------------------------------------------------------------ setup
     @torch.no_grad()
@@ -232,7 +227,7 @@ class Jacobi:
         pos = torch.arange(Pm, device=self.dev).expand(B, Pm)
         slots = self.base + pos
         first = torch.full((B,), self.base, device=self.dev)
-        logits = self.model(idx, pos, cache_mask(first, first[:, None].expand(B, Pm), slots, self.cols, lo=self.base),
+        logits = self.model(idx, pos, cache_mask(first, first[:, None].expand(B, Pm), slots, self.S, lo=self.base),
                             slots)
         start = torch.tensor(lens, device=self.dev)
         self.out.zero_()
@@ -246,8 +241,6 @@ class Jacobi:
         self.nb.fill_(1)
         self.L0.fill_(n)
         self.valid.fill_(n)
-        self.status.copy_(torch.tensor([0, Pm]))
-        self._host_m, self._since = Pm, 0
         first = logits[self.bidx, start - 1].argmax(-1)  # greedy next token after each prompt (B,)
         draft = torch.where(self.ar_W == 0, first[:, None], self._guesses(start))
         self.draft.copy_(draft)
@@ -262,10 +255,10 @@ class Jacobi:
 
     # ------------------------------------------------------------------ one iteration, in the paper's order
     @torch.no_grad()
-    def _step(self, cols):
+    def _step(self):
         if self.pre_step is not None:
             self.pre_step(self)
-        g = self._verify(cols)                               # 1. draft + verify: one forward over every row
+        g = self._verify()                                   # 1. draft + verify: one forward over every row
         a, a_main, chosen, G = self._accept(g)               # 2. the longest verified run; the best row wins
         a, m_new, ended = self._commit(a, chosen)            # 3. commit it
         draft, L0, nb, V, reset = self._update(a, G, m_new)  # 4. Jacobi update of the drafts
@@ -288,19 +281,17 @@ class Jacobi:
         self.m.copy_(m_new)
         self.it.add_(1)
         self.done.copy_(done | ended | (m_new - self.start >= self.limit))
-        self.status.copy_(torch.stack([self.done.all().long(), m_new.max()]))
 
-    def _verify(self, cols):
+    def _verify(self):
         """One forward: the main row writes its K/V right after the committed prefix (kept only up to the
-        new length pointer), candidate rows into their scratch slots; every row attends over the cache
-        slots cols (the live part: the rest is masked anyway). Returns the model's greedy prediction after
-        every token (B, T)."""
+        new length pointer), candidate rows into their scratch slots. Returns the model's greedy
+        prediction after every token (B, T)."""
         B, W = self.B, self.W
         tokens = torch.cat([self.draft, self.cand[:, :self.R].reshape(B, -1)], 1)     # (B, T)
         pos = self.m[:, None] + self.offs                                              # (B, T)
         slots = torch.cat([self.base + pos[:, :W], self.cand_slots.expand(B, -1)], 1)  # (B, T)
         seg = torch.cat([(self.base + self.m)[:, None].expand(B, W), self.cand_seg.expand(B, -1)], 1)
-        mask = cache_mask(self.base + self.m, seg, slots, cols, self.base)
+        mask = cache_mask(self.base + self.m, seg, slots, self.S, self.base)
         return self.model(tokens, pos, mask, slots).argmax(-1)
 
     def _run(self, x, g, limit):
@@ -419,75 +410,30 @@ class Jacobi:
         return torch.cat([v[:, None, None].expand(B, self.G, 1), torch.where(ok, follow, fallback[..., 1:])], 2)
 
     # ------------------------------------------------------------------ running it
-    def live_len(self):
-        """How many cache slots the next iteration attends over: past the furthest slot it can touch
-        (the longest committed length the host last read, plus at most W tokens committed per iteration
-        since, plus the W drafts), rounded up to a tile. Conservative, so any caller may skip host reads;
-        reading often (finished()) keeps it tight."""
-        reach = self.base + self._host_m + (self._since + 1) * self.W
-        return min(self.S, -(-reach // KV_TILE) * KV_TILE)
-
-    def finished(self):
-        """Read the status (one small device-to-host copy, the host sync): are all rows done? Also
-        tightens live_len() to the committed length just read."""
-        done, self._host_m = self.status.tolist()
-        self._since = 0
-        return bool(done)
-
-    def refresh(self):
-        """Recompute the status from the state (after editing it by hand, as bench.py's timing does)."""
-        self.status.copy_(torch.stack([self.done.all().long(), self.m.max()]))
-        return self.finished()
-
-    def step(self, live=None):
-        """One iteration over the first `live` cache slots (default live_len()): replays the CUDA graph
-        captured for that length, or runs eagerly (CPU)."""
-        live = live or self.live_len()
-        self._since += 1
+    def step(self):
+        """One iteration: replays the captured CUDA graph, or runs eagerly (CPU)."""
         if not self.graph_enabled:
-            return self._call(live)
-        if not self._graphs:
+            return self._fn()
+        if self._graph is None:
             self._capture()
-        self._graphs[live].replay()
-
-    def _call(self, live):
-        cols = self.cols[:live]
-        if self.compiled:
-            torch._dynamo.maybe_mark_dynamic(cols, 0)
-        return self._fn(cols)
-
-    def lengths(self):
-        """Every live length step() may use: whole tiles up to the cache length."""
-        return sorted({min(self.S, t) for t in range(KV_TILE, self.S + KV_TILE, KV_TILE)})
-
-    def _warm_up(self):
-        """The steps before a capture, rows frozen (nothing moves, every kernel still runs): three at the
-        first length (compilation, allocator), one at each other."""
-        self.done.fill_(True)
-        for i, live in enumerate(self.lengths()):
-            for _ in range(3 if i == 0 else 1):
-                self._call(live)
+        self._graph.replay()
 
     def _capture(self):
-        """Capture one iteration per live length (one CUDA graph each, one shared memory pool), after a
-        warm-up on a side stream. Rows are frozen meanwhile and everything is put back afterwards. The
-        state tensors and the cache are the same memory at every replay, so each graph reads and writes
-        the live state."""
+        """Warm up on a side stream, then capture one iteration. The state tensors and the cache are
+        the same memory at every replay, so the graph reads and writes the live state."""
         with self.undone(), torch.cuda.device(self.dev):   # real steps, undone afterwards; on our GPU
             s = torch.cuda.Stream()
             s.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(s):
-                self._warm_up()
+                for _ in range(3):
+                    self._fn()
             torch.cuda.current_stream().wait_stream(s)
-            pool = torch.cuda.graph_pool_handle()
+            self._graph = torch.cuda.CUDAGraph()
             gc.collect()
-            gc.disable()  # a finalizer of an unreachable older graph must not run in the middle of a capture
+            gc.disable()  # a finalizer of an unreachable older graph must not run in the middle of this capture
             try:
-                for live in self.lengths():
-                    graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph, pool=pool):
-                        self._call(live)
-                    self._graphs[live] = graph
+                with torch.cuda.graph(self._graph):
+                    self._fn()
             finally:
                 gc.enable()
 
@@ -497,7 +443,7 @@ class Jacobi:
         pre_step hook (its `tensors()`, e.g. a trajectory recorder's counts) are put back afterwards."""
         hook = list(self.pre_step.tensors()) if hasattr(self.pre_step, "tensors") else []
         tensors = [self.out, self.m, self.draft, self.valid, self.L0, self.nb, self.pool, self.ptr, self.cand,
-                   self.done, self.iters, self.it, self.accepted, self.status, *self.cache.buffers(), *hook]
+                   self.done, self.iters, self.it, self.accepted, *self.cache.buffers(), *hook]
         saved = [t.clone() for t in tensors]
         try:
             yield
@@ -519,7 +465,7 @@ class Jacobi:
                 self.step()
             if on_step is not None:
                 on_step(self)
-            if self.finished():  # the one host sync per `sync_every` iterations
+            if bool(self.done[0]):  # the one host sync per `sync_every` iterations
                 break
         sync(self.dev)
         t2 = time.perf_counter()
@@ -539,7 +485,7 @@ def decode_many(model, prompts, max_new_tokens, eot=None, batch=64, **settings):
     for lo in range(0, len(prompts), jac.B):
         chunk = prompts[lo:lo + jac.B]
         jac.prefill(chunk + [chunk[-1]] * (jac.B - len(chunk)), max_new_tokens)  # fixed shape; extras dropped
-        while not jac.finished():
+        while not bool(jac.done.all()):
             for _ in range(8):                                   # one host sync per 8 iterations
                 jac.step()
         for b in range(len(chunk)):

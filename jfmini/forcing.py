@@ -185,7 +185,7 @@ def collect_trajectories(model, prompts, block_len, num_blocks, batch_size, eot,
         jac.prefill(chunk, n * T)
         for _ in range(n * T):                                       # at most n iterations per block
             jac.step()
-            if jac.finished():
+            if bool(jac.done.all()):
                 break
         start = jac.start[:, None] + torch.arange(n * T, device=jac.dev)
         fx = jac.out.gather(1, start).view(batch_size, T, n).cpu().numpy().copy()  # own memory: buffers are reused

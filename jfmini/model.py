@@ -73,9 +73,6 @@ class KVCache(nn.Module):
                 buf[self.rows, :, dst] = buf[self.rows, :, src]
 
 
-DECODE_ATTENTION = "manual"
-
-
 class Attention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -88,14 +85,9 @@ class Attention(nn.Module):
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, Dh)
         q, k = rotate(q, cos, sin).to(v.dtype), rotate(k, cos, sin).to(v.dtype)
         if slots is not None:
-            k, v = cache.write(layer, slots, k, v)  # (B, H, S, Dh): the whole static buffer
-            live = mask.shape[-1]                   # attend over the cache's first `live` slots, the mask picks
-            k, v = k[:, :, :live], v[:, :, :live]
-            if DECODE_ATTENTION == "sdpa":
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-            else:
-                scores = (q @ k.transpose(-1, -2)).float() * self.head_dim ** -0.5      # (B, H, T, live)
-                y = scores.masked_fill(~mask, float("-inf")).softmax(-1).to(v.dtype) @ v
+            k, v = cache.write(layer, slots, k, v)  # (B, H, S, Dh): the whole static buffer, the mask picks
+            scores = (q @ k.transpose(-1, -2)).float() * self.head_dim ** -0.5          # (B, H, T, S)
+            y = scores.masked_fill(~mask, float("-inf")).softmax(-1).to(v.dtype) @ v
         elif isinstance(mask, BlockMask):
             y = flex_attention(q, k, v, block_mask=mask)
         else:

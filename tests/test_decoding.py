@@ -202,52 +202,6 @@ def test_a_candidate_row_may_commit_past_the_end_of_block_zero():
     assert int(a_main) == 1 and int(a) == 8 and chosen[0, :8].tolist() == cand[0].tolist()
 
 
-SLICED = [(1, 0, 0, None, 1), (4, 0, 0, None, 1), (16, 4, 0, None, 2), (16, 0, 2, 8, 1), (8, 4, 2, 4, 3)]
-
-
-@pytest.mark.parametrize("seed", range(3))
-def test_the_live_length_covers_every_slot_a_step_touches(seed):
-    """Each iteration attends over the cache's first live_len() slots only. Whatever the host reads (here:
-    a random pattern of finished() calls, or none), that length reaches past the furthest slot the step
-    writes or reads (committed prefix + W drafts), is whole tiles or the whole cache, and the tokens are AR's."""
-    model = tiny_model(seed=seed)
-    g = torch.Generator().manual_seed(seed)
-    prompt, eot, ref = prompt_and_reference(model, seed, with_eot=seed == 1, N=140)
-    for n, P, G, c, K in SLICED:
-        jac = Jacobi(model, block_len=n, pool_size=P, ngram=G, cand_len=c, num_blocks=K, eot=eot)
-        jac.prefill([prompt], 140)
-        lengths = set()
-        while True:
-            live = jac.live_len()
-            assert live >= jac.base + int(jac.m.max()) + jac.W and (live % 128 == 0 or live == jac.S)
-            lengths.add(live)
-            jac.step()
-            if bool(torch.rand(1, generator=g) < 0.7) and jac.finished():
-                break
-            if bool(jac.done.all()):
-                break
-        assert jac.out[0, len(prompt):int(jac.m[0])].tolist()[:len(ref)] == ref, (n, P, G, c, K)
-        assert len(lengths) > 1 or eot is not None, "a decode of 140 tokens passes through several live lengths"
-
-
-@pytest.mark.parametrize("seed", range(2))
-def test_attending_over_the_live_slots_equals_attending_over_the_whole_cache(seed):
-    """The slots past the live length are masked for every query, so leaving them out changes nothing:
-    the same tokens in the same number of forwards."""
-    model = tiny_model(seed=seed)
-    prompt, eot, _ = prompt_and_reference(model, seed, with_eot=False, N=60)
-    for n, P, G, c, K in SLICED:
-        runs = []
-        for whole in (False, True):
-            jac = Jacobi(model, block_len=n, pool_size=P, ngram=G, cand_len=c, num_blocks=K)
-            jac.prefill([prompt], 60)
-            while not bool(jac.done.all()):
-                jac.step(jac.S if whole else None)
-                jac.finished()
-            runs.append((jac.out[0].tolist(), int(jac.iters[0])))
-        assert runs[0] == runs[1], (n, P, G, c, K)
-
-
 def test_top_k_picks_what_torch_topk_picks():
     from jfmini.decoding import top_k
     g = torch.Generator().manual_seed(0)

@@ -136,19 +136,15 @@ def test_trajectories_end_at_the_greedy_ar_continuation(seed):
             assert np.all(ratios < 1) and np.all(np.diff(ratios) <= 0)  # converging, never backwards
 
 
-def capture_like_step(self, live=None):
+def capture_like_step(self):
     """Jacobi.step as on CUDA, without a GPU: the first call runs the real steps a graph capture runs
-    (the warm-up, then one capture per live length) and undoes them, then every call runs one step."""
+    (3 warm-ups + the capture) and undoes them, then every call runs one step."""
     if not getattr(self, "_warmed", False):
         with self.undone():
-            self._warm_up()
-            for length in self.lengths():
-                self._call(length)
+            for _ in range(4):
+                self._fn()
         self._warmed = True
-    return EAGER_STEP(self, live)
-
-
-EAGER_STEP = Jacobi.step
+    self._fn()
 
 
 def collect(model, prompts, n, T, batch_size):
