@@ -38,8 +38,8 @@ from jfmini.files import (check_npz, check_token_files, check_token_meta, check_
 from jfmini.data import (TOKENIZERS, completion_text, full_vocab, get_batch, heldout_prompts, load_split,
                          model_tokenizer, prepare_corpus, read_prompts, token_cache, tokenizer, trajectory_prompts)
 from jfmini.decoding import decode_many
-from jfmini.forcing import (Trajectories, accuracy_by_distance, collect_trajectories, forcing_loss, pack,
-                            packed_length, repetitive)
+from jfmini.forcing import (Trajectories, accuracy_by_distance, collect_trajectories, objective, pack, packed_length,
+                            repetitive, total)
 from jfmini.quality import paired_difference, score, summarize, truth_loss
 from jfmini.masks import dense_mask, flex_mask, noise_aware_mask
 from jfmini.model import GPT, GPTConfig
@@ -304,6 +304,64 @@ def nonfinite(run, what, step, state_path):
     raise UserError(f"{what} loss became NaN/inf at step {step}; {kept}")
 
 
+def resume(cfg, run, state_path, kind, what, model, opt, total, total_flag, names, **expected):
+    """With --resume and a state file: check it was started the way this run asks, load the weights, the
+    optimizer and the random streams into place, and return its step; else 0."""
+    if not (cfg.resume and state_path.exists()):
+        return 0
+    _, state = load_checkpoint(state_path, kinds=(kind,))
+    check_resume(state_path, state, cfg, names, **expected)
+    if state["step"] > total:
+        raise UserError(f"{state_path} is at step {state['step']}, past {total_flag} {total}; delete it")
+    model.load_state_dict(state["model"])
+    load_optimizer_state(opt, state["optimizer"], state_path)
+    set_rng_state(state["rng"])
+    run.log(f"{what}: resuming from {state_path} at step {state['step']}")
+    return state["step"]
+
+
+def train_loop(run, model, opt, name, what, step, total, peak_lr, warmup, one_step, save, ckpt_every, state_path,
+               flops=None, eval_every=0, on_eval=None):
+    """The one training loop, of pretraining and of every round. one_step(step) runs the forward and
+    backward passes of a step and returns (loss, {term: value}, tokens); this loop sets the learning
+    rate, clips, steps the optimizer, logs every 20 steps, stops on a NaN/inf loss, calls on_eval every
+    eval_every steps, and save(step) every ckpt_every steps, at the end and on Ctrl-C/SIGTERM/SIGHUP
+    (then exits 130/143/129). Returns the final step."""
+    peak = peak_flops(run.device) if flops else None
+    t_log, tok_log = time.time(), 0
+    model.train()
+    try:
+        while step < total:
+            lr = lr_at(step, total, peak_lr, warmup)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            loss, terms, tokens = one_step(step)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step, tok_log = step + 1, tok_log + tokens
+            saving, logging = step % ckpt_every == 0 or step == total, step % 20 == 0 or step == total or step == 1
+            if (saving or logging) and not math.isfinite(value := loss.item()):   # NaN weights are never kept
+                nonfinite(run, what, step, state_path)
+            if logging:
+                run.sync()
+                tps = tok_log / (time.time() - t_log)
+                parts = " (" + ", ".join(f"{k} {v.item():.3f}" for k, v in terms.items()) + ")" if terms else ""
+                mfu = f", MFU {tps * flops / (peak * run.world):.1%}" if peak else ""
+                run.log(f"{name} step {step}/{total}: loss {value:.3f}{parts}, lr {lr:.2e}, {tps:,.0f} tokens/s{mfu}")
+                t_log, tok_log = time.time(), 0
+            if on_eval is not None and (step % eval_every == 0 or step == total):
+                on_eval(step)
+                t_log, tok_log = time.time(), 0
+            if run.master and saving:
+                save(step)
+    except KeyboardInterrupt as e:
+        if run.master:
+            save(step)
+        raise interrupted(e, f"interrupted at step {step}: saved {state_path}; continue with --resume") from None
+    return step
+
+
 @torch.no_grad()
 def val_loss(model, data, mcfg, batches, batch_size, run, seed=0):
     """Mean next-token loss on the held-out files (same windows every call)."""
@@ -324,38 +382,21 @@ def val_loss(model, data, mcfg, batches, batch_size, run, seed=0):
 # ----------------------------------------------------------------------------- pretraining
 
 def pretrain(cfg, run, out):
+    """Pretrain the AR base model on the corpus: next-token cross-entropy, saved as base.pt."""
     final, state_path = out / "base.pt", out / "pretrain_state.pt"
     if final.exists() and not cfg.resume:
         run.log(f"pretrain: {final} exists, reusing it (delete it to pretrain again)")
         return
-    data_dir = token_cache(out, cfg.corpus, cfg.vocab_size, cfg.tokenizer)
-    enc = tokenizer(cfg.tokenizer, cfg.vocab_size)
-    if run.master:
-        check_token_meta(data_dir)
-        prepare_corpus(data_dir, cfg.corpus, enc, log=run.log)
-    if run.ddp:
-        dist.barrier()
-    check_token_files(data_dir, enc.n_vocab, cfg.seq_len)
-    train_data, val_data = load_split(data_dir, "train"), load_split(data_dir, "val")
-    mcfg = GPTConfig(vocab_size=enc.n_vocab, seq_len=cfg.seq_len, n_layer=cfg.n_layer, n_head=cfg.n_head,
-                     d_model=cfg.d_model, tokenizer=cfg.tokenizer)
+    train_data, val_data, mcfg = pretrain_data(cfg, run, out)
     torch.manual_seed(cfg.seed)
     model = GPT(mcfg).to(run.device)
     opt = make_optimizer(model, cfg.lr, cfg.weight_decay, run.cuda)
-    step = 0
-    if cfg.resume and state_path.exists():
-        _, state = load_checkpoint(state_path, kinds=("pretrain_state",))
-        check_resume(state_path, state, cfg, PRETRAIN_FLAGS, world=run.world, model_config=mcfg.to_dict())
-        if state["step"] > cfg.steps:
-            raise UserError(f"{state_path} is at step {state['step']}, past --steps {cfg.steps}; delete it")
-        model.load_state_dict(state["model"])
-        load_optimizer_state(opt, state["optimizer"], state_path)
-        set_rng_state(state["rng"])
-        step = state["step"]
-        run.log(f"pretrain: resuming from {state_path} at step {step}")
-    elif cfg.resume and final.exists():
+    if cfg.resume and final.exists() and not state_path.exists():
         run.log(f"pretrain: {final} is already complete")
         return
+    extra = {"kind": "pretrain_state", "world": run.world}
+    step = resume(cfg, run, state_path, extra["kind"], "pretrain", model, opt, cfg.steps, "--steps", PRETRAIN_FLAGS,
+                  model_config=mcfg.to_dict(), world=run.world)
     n_params = model.num_params()
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * run.world
     run.log(f"pretrain: {n_params / 1e6:.1f}M parameters, {len(train_data):,} train tokens, "
@@ -370,50 +411,24 @@ def pretrain(cfg, run, out):
 
     step_loss = torch.compile(loss_fn) if run.compile else loss_fn
     rng = np.random.default_rng(cfg.seed * 1000 + run.rank + step)  # a fresh stream after a resume
-    peak, fpt = peak_flops(run.device), flops_per_token(mcfg, n_params)
-    model.train()
-    t_log, tok_log = time.time(), 0
-    try:
-        while step < cfg.steps:
-            lr = lr_at(step, cfg.steps, cfg.lr, cfg.warmup)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            total = 0.0
-            for micro in range(cfg.grad_accum):
-                x, y = get_batch(train_data, cfg.batch_size, cfg.seq_len, rng)
-                x, y = torch.from_numpy(x).to(run.device, non_blocking=True), torch.from_numpy(y).to(run.device, non_blocking=True)
-                if run.ddp:
-                    ddp_model.require_backward_grad_sync = micro == cfg.grad_accum - 1
-                loss = step_loss(x, y) / cfg.grad_accum
-                loss.backward()
-                total = total + loss.detach()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            tok_log += tokens_per_step
-            saving = step % cfg.ckpt_every == 0 or step == cfg.steps
-            if step % 20 == 0 or step == cfg.steps or step == 1 or saving:
-                loss_v = total.item()                 # checked before every save: NaN weights are never kept
-                if not math.isfinite(loss_v):
-                    nonfinite(run, "pretraining", step, state_path)
-            if step % 20 == 0 or step == cfg.steps or step == 1:
-                run.sync()
-                dt = time.time() - t_log
-                tps = tok_log / dt
-                mfu = f", MFU {tps * fpt / (peak * run.world):.1%}" if peak else ""
-                run.log(f"pretrain step {step}/{cfg.steps}: loss {loss_v:.3f}, lr {lr:.2e}, {tps:,.0f} tokens/s{mfu}")
-                t_log, tok_log = time.time(), 0
-            if step % cfg.eval_every == 0 or step == cfg.steps:
-                vl = val_loss(model, val_data, mcfg, cfg.eval_batches, cfg.batch_size, run)
-                run.log(f"pretrain step {step}: val loss {vl:.4f}")
-                t_log, tok_log = time.time(), 0
-            if run.master and saving:
-                save_state(state_path, model, opt, step, cfg, {"kind": "pretrain_state", "world": run.world})
-    except KeyboardInterrupt as e:                  # Ctrl-C, SIGTERM, SIGHUP: save, then exit 130, 143, 129
-        if run.master:
-            save_state(state_path, model, opt, step, cfg, {"kind": "pretrain_state", "world": run.world})
-        raise interrupted(e, f"interrupted at step {step}: saved {state_path}; continue with --resume") from None
+
+    def one_step(step):                                              # grad_accum micro-batches
+        total = 0.0
+        for micro in range(cfg.grad_accum):
+            x, y = (torch.from_numpy(v).to(run.device, non_blocking=True)
+                    for v in get_batch(train_data, cfg.batch_size, cfg.seq_len, rng))
+            if run.ddp:
+                ddp_model.require_backward_grad_sync = micro == cfg.grad_accum - 1
+            loss = step_loss(x, y) / cfg.grad_accum
+            loss.backward()
+            total = total + loss.detach()
+        return total, {}, tokens_per_step
+
+    step = train_loop(run, model, opt, "pretrain", "pretraining", step, cfg.steps, cfg.lr, cfg.warmup, one_step,
+                      lambda s: save_state(state_path, model, opt, s, cfg, extra), cfg.ckpt_every, state_path,
+                      flops=flops_per_token(mcfg, n_params), eval_every=cfg.eval_every,
+                      on_eval=lambda s: run.log(f"pretrain step {s}: val loss "
+                                                f"{val_loss(model, val_data, mcfg, cfg.eval_batches, cfg.batch_size, run):.4f}"))
     if run.ddp:
         check_replicas(model, run)
     if run.master:
@@ -422,6 +437,21 @@ def pretrain(cfg, run, out):
                      "val_loss": vl, "train_config": dataclasses.asdict(cfg), "steps": step}, final)
         state_path.unlink(missing_ok=True)              # base.pt holds it all now (a round does the same)
         run.log(f"pretrain: done, val loss {vl:.4f}, saved {final}")
+
+
+def pretrain_data(cfg, run, out):
+    """The tokenized corpus (made once, by the first process) and the base model's config."""
+    data_dir = token_cache(out, cfg.corpus, cfg.vocab_size, cfg.tokenizer)
+    enc = tokenizer(cfg.tokenizer, cfg.vocab_size)
+    if run.master:
+        check_token_meta(data_dir)
+        prepare_corpus(data_dir, cfg.corpus, enc, log=run.log)
+    if run.ddp:
+        dist.barrier()
+    check_token_files(data_dir, enc.n_vocab, cfg.seq_len)
+    mcfg = GPTConfig(vocab_size=enc.n_vocab, seq_len=cfg.seq_len, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                     d_model=cfg.d_model, tokenizer=cfg.tokenizer)
+    return load_split(data_dir, "train"), load_split(data_dir, "val"), mcfg
 
 
 # ----------------------------------------------------------------------------- Jacobi Forcing rounds
@@ -600,46 +630,12 @@ def packed_batches(cfg, run, traj, r, step, L, eot, truth_len=0):
             ahead.cancel()
 
 
-def round_losses(cfg, run, model, anchor, n):
-    """The loss terms of one step, as a function (compiled on GPU): the consistency and AR losses on the
-    packed rows under the noise-aware mask (forcing.forcing_loss; with --ar_target anchor the AR term is
-    the KL divergence from the frozen `anchor` model on the same rows), the replay loss on corpus text
-    (cross-entropy, or KL from `anchor`), and the ground-truth loss (cross-entropy on the real code after
-    each prompt). Their weights are applied outside, so that changing one recompiles nothing."""
-    real_pos = torch.arange(model.cfg.seq_len, device=run.device)
+def round_objective(cfg, run, model, anchor, n):
+    """forcing.objective with this run's choices (compiled on a GPU); DDP wraps the model it trains."""
     ddp_model = torch.nn.parallel.DistributedDataParallel(model) if run.ddp else model
-
-    def losses(tokens, pos, ar_targets, noisy_idx, cons_weight, mask, x, y, gx, gy):
-        with run.autocast():
-            logits = ddp_model(tokens, pos, mask)
-            with torch.no_grad():
-                ref = anchor(tokens, pos, mask) if cfg.ar_target == "anchor" else None
-        consistency, ar = forcing_loss(logits, ar_targets, noisy_idx, cons_weight, n, cfg.cons_target, ref)
-        replay = truth = torch.zeros_like(ar)
-        if gx is not None:
-            gpos = torch.arange(gx.shape[1], device=gx.device)
-            with run.autocast():
-                g = ddp_model(gx, gpos)                                        # (B, Lt, V)
-            if cfg.truth_target == "ce":
-                truth = F.cross_entropy(g.flatten(0, 1), gy.flatten(), ignore_index=-1)
-            else:                                # KL(anchor || model) on the continuation's positions only
-                with torch.no_grad(), run.autocast():
-                    ref_g = anchor(gx, gpos).float().log_softmax(-1)
-                kl = F.kl_div(g.float().log_softmax(-1), ref_g, log_target=True, reduction="none").sum(-1)  # (B, Lt)
-                on = (gy >= 0).float()
-                truth = (kl * on).sum() / on.sum().clamp(min=1)
-        if x is not None:
-            with run.autocast():
-                real = ddp_model(x, real_pos).flatten(0, 1)
-                if cfg.anchor == "ce":
-                    replay = F.cross_entropy(real, y.flatten())
-                else:
-                    with torch.no_grad():
-                        ref_real = anchor(x, real_pos).flatten(0, 1).log_softmax(-1)
-                    replay = F.kl_div(real.log_softmax(-1), ref_real, log_target=True, reduction="batchmean")
-        return consistency, ar, replay, truth
-
-    return torch.compile(losses) if run.compile else losses
+    terms = objective(ddp_model, anchor, n, cfg.cons_target, cfg.ar_target, cfg.anchor, cfg.truth_target,
+                      run.autocast)
+    return torch.compile(terms) if run.compile else terms
 
 
 def anchor_model(cfg, run, model, base_path):
@@ -659,11 +655,9 @@ def anchor_model(cfg, run, model, base_path):
     return anchor.eval().requires_grad_(False)
 
 
-def distill(cfg, run, model, traj, n, r, state_path, data_dir, base_path=None):
-    """Train: packed rows, one forward with the noise-aware mask, loss L_consistency + lambda * L_AR
-    (+ replay * the replay loss on corpus text + truth * the loss on the ground truth). Returns (steps,
-    seconds)."""
-    eot = model_tokenizer(model.cfg).eot_token
+def round_inputs(cfg, run, model, traj, r, data_dir, base_path):
+    """What a round trains on beside its trajectories: (the frozen anchor model or None, the corpus text
+    of the replay loss or None, the length of the ground-truth rows or 0 = no truth loss)."""
     B = cfg.distill_batch
     if len(traj) < B * run.world:                  # the corpus gave fewer prompts than asked for
         raise UserError(f"round {r}: {len(traj)} trajectories are fewer than one step's rows (--distill_batch {B} "
@@ -671,85 +665,58 @@ def distill(cfg, run, model, traj, n, r, state_path, data_dir, base_path=None):
     replay = cfg.replay > 0 and (data_dir / "train.bin").exists()
     if cfg.replay > 0 and not replay:
         run.log(f"round {r}: no token cache in {data_dir}, so no replay loss")
-    anchor = anchor_model(cfg, run, model, base_path if r > 1 else None)
+    anchor = anchor_model(cfg, run, model, base_path)
     truth_len = 0
     if cfg.truth > 0 and traj.truth.shape[1]:
         truth_len = math.ceil((int(np.diff(traj.prompt_offsets).max()) + traj.truth.shape[1]) / 64) * 64
     elif cfg.truth > 0:
         run.log(f"round {r}: the trajectories hold no ground truth, so no truth loss")
+    return anchor, load_split(data_dir, "train") if replay else None, truth_len
+
+
+def distill(cfg, run, model, traj, n, r, state_path, data_dir, base_path=None):
+    """Train: packed rows, one forward with the noise-aware mask, the loss forcing.objective defines.
+    Returns (steps, seconds)."""
+    eot, B = model_tokenizer(model.cfg).eot_token, cfg.distill_batch
+    anchor, real_data, truth_len = round_inputs(cfg, run, model, traj, r, data_dir, base_path if r > 1 else None)
     opt = make_optimizer(model, cfg.distill_lr, 0.0, run.cuda)
-    step = 0
     made_from = {"source_sha256": json.loads(traj.source)["sha256"], "block_len": n, "world": run.world}
-    if cfg.resume and state_path.exists():
-        _, state = load_checkpoint(state_path, kinds=("jacobi_forcing_state",))
-        check_resume(state_path, state, cfg, ROUND_FLAGS, round=r, model_config=model.cfg.to_dict(), **made_from)
-        if state["step"] > cfg.distill_steps:
-            raise UserError(f"{state_path} is at step {state['step']}, past --distill_steps {cfg.distill_steps}; "
-                            f"delete it")
-        model.load_state_dict(state["model"])
-        load_optimizer_state(opt, state["optimizer"], state_path)
-        set_rng_state(state["rng"])
-        step = state["step"]
-        run.log(f"round {r}: resuming from {state_path} at step {step}")
+    extra = {"kind": "jacobi_forcing_state", "round": r, **made_from}
+    step = resume(cfg, run, state_path, extra["kind"], f"round {r}", model, opt, cfg.distill_steps, "--distill_steps", ROUND_FLAGS,
+                  round=r, model_config=model.cfg.to_dict(), **made_from)
     L = packed_length(int(np.diff(traj.prompt_offsets).max()), n, traj.fixed.shape[1])  # one row length per round
     batches = packed_batches(cfg, run, traj, r, step, L, eot, truth_len)
-    step_losses = round_losses(cfg, run, model, anchor, n)
-    prompt_len = torch.zeros(B, dtype=torch.long, device=run.device)
-    pad_start = torch.zeros(B, dtype=torch.long, device=run.device)
+    terms_of = round_objective(cfg, run, model, anchor, n)
+    prompt_len, pad_start = (torch.zeros(B, dtype=torch.long, device=run.device) for _ in range(2))
     mask_mod = noise_aware_mask(prompt_len, pad_start, n, cfg.context)   # one mask function for every batch
-    real_data = load_split(data_dir, "train") if replay else None
     replay_rng = np.random.default_rng(cfg.seed * 104729 + r * 31 + run.rank + step)
-    model.train()
-    t_log, tok_log, t_start = time.time(), 0, time.time()
+    tokens = (B * L + (cfg.replay_batch * model.cfg.seq_len if real_data is not None else 0) + B * truth_len) * run.world
     run.log(f"round {r}: training {cfg.distill_steps} steps of {B * run.world} rows x {L} tokens (lambda {cfg.lam}, "
             f"{cfg.schedule} schedule, {'fresh' if cfg.fresh_states else 'nearest'} states, {cfg.context} context, "
             f"{cfg.cons_target} consistency target, window {cfg.cons_window or 'to the block end'}, "
             f"replay {cfg.replay} {cfg.anchor}, AR target {cfg.ar_target}, anchor {cfg.anchor_to}, truth {cfg.truth}"
             f"{' ' + cfg.truth_target if cfg.truth else ''})")
+    gpu = lambda a: torch.from_numpy(a).to(run.device, non_blocking=True)            # noqa: E731
+
+    def one_step(step):
+        p = next(batches)
+        prompt_len.copy_(torch.from_numpy(p.prompt_len))
+        pad_start.copy_(torch.from_numpy(p.pad_start))
+        mask = flex_mask(mask_mod, B, L, run.device) if run.cuda else dense_mask(mask_mod, B, L, run.device)
+        x, y = map(gpu, get_batch(real_data, cfg.replay_batch, model.cfg.seq_len, replay_rng)) \
+            if real_data is not None else (None, None)
+        gx, gy = (gpu(p.truth_tokens), gpu(p.truth_targets)) if truth_len else (None, None)
+        terms = terms_of(*(gpu(getattr(p, k)) for k in ("tokens", "pos", "ar_targets", "noisy_idx", "cons_weight")),
+                         mask, x, y, gx, gy)
+        loss = total(terms, cfg.lam, cfg.replay, cfg.truth)
+        loss.backward()
+        return loss, terms, tokens
+
+    t_start = time.time()
     try:
-        while step < cfg.distill_steps:
-            p = next(batches)
-            t = {k: torch.from_numpy(getattr(p, k)).to(run.device, non_blocking=True)
-                 for k in ("tokens", "pos", "ar_targets", "noisy_idx", "cons_weight")}
-            prompt_len.copy_(torch.from_numpy(p.prompt_len))
-            pad_start.copy_(torch.from_numpy(p.pad_start))
-            mask = flex_mask(mask_mod, B, L, run.device) if run.cuda else dense_mask(mask_mod, B, L, run.device)
-            lr = lr_at(step, cfg.distill_steps, cfg.distill_lr, min(50, cfg.distill_steps // 10))
-            for g in opt.param_groups:
-                g["lr"] = lr
-            x = y = None
-            if replay:
-                x, y = (torch.from_numpy(v).to(run.device)
-                        for v in get_batch(real_data, cfg.replay_batch, model.cfg.seq_len, replay_rng))
-            gx = gy = None
-            if truth_len:
-                gx, gy = (torch.from_numpy(v).to(run.device) for v in (p.truth_tokens, p.truth_targets))
-            pc, ar, real, truth = step_losses(t["tokens"], t["pos"], t["ar_targets"], t["noisy_idx"],
-                                              t["cons_weight"], mask, x, y, gx, gy)
-            loss = pc + cfg.lam * ar + cfg.replay * real + cfg.truth * truth
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            tok_log += (B * L + (cfg.replay_batch * model.cfg.seq_len if replay else 0) + B * truth_len) * run.world
-            saving = step % cfg.ckpt_every == 0 or step == cfg.distill_steps
-            if step % 20 == 0 or step == cfg.distill_steps or step == 1 or saving:
-                lv = loss.item()
-                if not math.isfinite(lv):
-                    nonfinite(run, f"round {r}", step, state_path)
-            if step % 20 == 0 or step == cfg.distill_steps or step == 1:
-                dt = time.time() - t_log
-                run.log(f"round {r} step {step}/{cfg.distill_steps}: loss {lv:.3f} (consistency {pc.item():.3f}, "
-                        f"AR {ar.item():.3f}, replay {real.item():.3f}, truth {truth.item():.3f}), lr {lr:.2e}, "
-                        f"{tok_log / dt:,.0f} tokens/s")
-                t_log, tok_log = time.time(), 0
-            if run.master and saving:
-                save_state(state_path, model, opt, step, cfg, {"kind": "jacobi_forcing_state", "round": r, **made_from})
-    except KeyboardInterrupt as e:                  # Ctrl-C, SIGTERM, SIGHUP: save, then exit 130, 143, 129
-        if run.master:
-            save_state(state_path, model, opt, step, cfg, {"kind": "jacobi_forcing_state", "round": r, **made_from})
-        raise interrupted(e, f"interrupted at step {step}: saved {state_path}; continue with --resume") from None
+        step = train_loop(run, model, opt, f"round {r}", f"round {r}", step, cfg.distill_steps, cfg.distill_lr,
+                          min(50, cfg.distill_steps // 10), one_step,
+                          lambda s: save_state(state_path, model, opt, s, cfg, extra), cfg.ckpt_every, state_path)
     finally:
         batches.close()
     return step, time.time() - t_start

@@ -142,12 +142,48 @@ def generate_ar(model, prompt, max_new_tokens, eot=None):
     return out, Stats(len(out), forwards, t1 - t0, time.perf_counter() - t1)
 
 
+def guesses(text, m, it, slots):
+    """Initial guesses for draft slots: tokens 'sampled' from the text so far (prompt + committed) by an
+    integer hash of the iteration, the slot and the length: deterministic and graph-safe.
+    text (B, C), m (B,) committed lengths, it (B,) iterations so far, slots (W,) -> (B, W)."""
+    h = (it[:, None] + 1) * 1000003 + (slots + 1) * 7919 + m[:, None] * 31
+    h = (h * 2654435761) % 2147483647
+    return text.gather(1, h % m[:, None])
+
+
+@torch.no_grad()
+def jacobi_reference(model, prompt, block_len, max_new_tokens, eot=None):
+    """The paper's Jacobi decoding, batch 1, eager, no cache: the plain loop the fast Jacobi class runs in
+    fixed shapes. A block is the verified next token v and n-1 guesses. Each iteration is one parallel
+    forward over prompt + committed + block; the greedy prediction after every position is the Jacobi
+    update. The block's leading tokens that equal the prediction before them are verified (v always is)
+    and committed; the rest of the block becomes the predictions after them. A block fully committed
+    starts the next one. Returns (new tokens, forwards); the tokens are exactly greedy AR's."""
+    dev, n = model.embed.weight.device, block_len
+    text = list(prompt)
+    def predict(tokens):                                         # greedy next token after every position
+        return model(torch.tensor([tokens], device=dev), torch.arange(len(tokens), device=dev))[0].argmax(-1).tolist()
+    def new_block(v, it):                                        # v + n-1 guesses, as the fast decoder draws them
+        t, m = torch.tensor([text]), torch.tensor([len(text)])
+        return [v] + guesses(t, m, torch.tensor([it]), torch.arange(n))[0, 1:].tolist()
+    block, forwards = new_block(predict(text)[-1], 0), 0
+    while len(text) - len(prompt) < max_new_tokens and (eot is None or eot not in text[len(prompt):]):
+        pred = predict(text + block)[len(text):]                # pred[i]: the prediction after block[i]
+        forwards += 1
+        a = 1                                                    # verified: block[0], then each match
+        while a < len(block) and block[a] == pred[a - 1]:
+            a += 1
+        text += block[:a]
+        block = pred[a - 1:len(block) - 1] if a < len(block) else new_block(pred[a - 1], forwards - 1)
+    return finish(text[len(prompt):], max_new_tokens, eot), forwards
+
+
 class Jacobi:
     """Batched greedy Jacobi decoding in fixed shapes; block_len=1 is plain AR.
 
     block_len n, num_blocks K (multi-block: a new pseudo-active block is appended once the newest block
-    has converged activation_ratio*n tokens), pool_size P (rejection recycling: rejected drafts that
-    contain the verified next token, verified in the same forward), ngram G (context n-gram candidates:
+    has converged activation_ratio*n tokens), pool_size (rejection recycling: rejected drafts that
+    contain the verified next token, verified in the same forward), ngram (context n-gram candidates:
     prompt lookup), cand_len c (tokens per candidate row, at most n). Rows of the batch are independent
     sequences (trajectory collection decodes many prompts at once); decode.py and bench.py use batch=1.
     """
@@ -157,11 +193,11 @@ class Jacobi:
                  pre_step=None):
         check_args(block_len, num_blocks, pool_size, ngram, cand_len, activation_ratio)
         self.model, self.n, self.K, self.B = model, block_len, num_blocks, batch
-        self.P, self.G = (pool_size, ngram) if block_len > 1 else (0, 0)  # a 1-token block has nothing to add
-        self.R = self.P + self.G                          # candidate rows
+        self.pool_size, self.ngram = (pool_size, ngram) if block_len > 1 else (0, 0)  # a 1-token block: nothing to add
+        self.rows = self.pool_size + self.ngram      # candidate rows
         self.c = min(cand_len or block_len, block_len)    # tokens per candidate row
         self.W = self.K * self.n                          # main row: drafts of all blocks
-        self.M = 2 * self.P                               # pool entries (ring buffer per sequence)
+        self.pool_slots = 2 * self.pool_size             # pool entries (ring buffer per sequence)
         self.threshold = math.ceil(activation_ratio * self.n - 1e-9)
         self.eot = -1 if eot is None else eot
         self.pre_step = pre_step     # optional hook (trajectory recording), captured in the same graph; a hook
@@ -171,7 +207,7 @@ class Jacobi:
         self._graph = None
         # Cache slots: [candidate scratch (R*c) | positions 0..C-1]. C covers the longest prompt plus new
         # tokens (max_len) and slack for tentative draft writes; a tile-aligned length keeps kernels regular.
-        self.base = self.R * self.c
+        self.base = self.rows * self.c
         self.S = -(-(self.base + (max_len or model.cfg.seq_len) + 2 * self.W) // KV_TILE) * KV_TILE
         self.C = self.S - self.base
         # inductor fuses the small tensor ops of an iteration before the graph is captured. Each decoder
@@ -184,7 +220,7 @@ class Jacobi:
         self.cache = model.new_cache(B, self.S)          # this decoder owns its cache buffer
         ar = lambda k: torch.arange(k, device=dev)
         self.ar_n, self.ar_W, self.ar_c, self.ar_C, self.bidx = ar(n), ar(W), ar(c), ar(self.C), ar(B)
-        cand = ar(self.R * c)
+        cand = ar(self.rows * c)
         self.offs = torch.cat([ar(W), cand % c])            # position offsets of the T = W + R*c tokens
         self.cand_slots = cand                              # scratch slots of candidate rows
         self.cand_seg = (cand // c) * c                     # first scratch slot of each candidate row
@@ -198,9 +234,9 @@ class Jacobi:
         self.valid = z(B)              # drafts in flight: L0 + (nb - 1) * n
         self.L0 = z(B)                 # uncommitted tokens of block 0
         self.nb = z(B)                 # active blocks
-        self.pool = z(B, max(self.M, 1), n) - 1  # rejected tails, -1 = empty
+        self.pool = z(B, max(self.pool_slots, 1), n) - 1  # rejected tails, -1 = empty
         self.ptr = z(B)                # next pool entry to overwrite
-        self.cand = z(B, max(self.R, 1), c)
+        self.cand = z(B, max(self.rows, 1), c)
         self.done = torch.zeros(B, dtype=torch.bool, device=dev)
         self.iters = z(B)              # forwards that did work, per row
         self.it = z(B)                 # iteration counter (seeds the initial guesses)
@@ -247,26 +283,23 @@ class Jacobi:
         self.cand.copy_(draft[:, None, :self.c].expand_as(self.cand))
 
     def _guesses(self, m):
-        """Initial guesses for fresh draft slots: tokens 'sampled' from the prompt and text so far,
-        by an integer hash (deterministic, graph-safe). (B, W)"""
-        h = (self.it[:, None] + 1) * 1000003 + (self.ar_W + 1) * 7919 + m[:, None] * 31
-        h = (h * 2654435761) % 2147483647
-        return self.out.gather(1, h % m[:, None])
+        """Initial guesses for every draft slot (B, W), from the text so far."""
+        return guesses(self.out, m, self.it, self.ar_W)
 
     # ------------------------------------------------------------------ one iteration, in the paper's order
     @torch.no_grad()
     def _step(self):
         if self.pre_step is not None:
             self.pre_step(self)
-        g = self._verify()                                   # 1. draft + verify: one forward over every row
-        a, a_main, chosen, G = self._accept(g)               # 2. the longest verified run; the best row wins
-        a, m_new, ended = self._commit(a, chosen)            # 3. commit it
-        draft, L0, nb, V, reset = self._update(a, G, m_new)  # 4. Jacobi update of the drafts
-        if self.K > 1:                                       # 5. multi-block: grow a pseudo-active block
-            draft, nb, V = self._grow(a, G, draft, L0, nb, V, reset)
-        if self.R:                                           # 6. candidates for the next iteration
+        preds = self._verify()                                # 1. draft + verify: one forward over every row
+        a, a_main, chosen, pred = self._accept(preds)         # 2. the longest verified run; the best row wins
+        a, m_new, ended = self._commit(a, chosen)             # 3. commit it
+        draft, L0, nb, V, reset = self._update(a, pred, m_new)  # 4. Jacobi update of the drafts
+        if self.K > 1:                                        # 5. multi-block: grow a pseudo-active block
+            draft, nb, V = self._grow(a, pred, draft, L0, nb, V, reset)
+        if self.rows:                                         # 6. candidates for the next iteration
             self._recycle(a_main, draft, m_new)
-        self._store(a, m_new, ended, draft, L0, nb, V)       # 7. the new state, in place
+        self._store(a, m_new, ended, draft, L0, nb, V)        # 7. the new state, in place
 
     def _store(self, a, m_new, ended, draft, L0, nb, V):
         """Write the iteration's results into the state tensors (in place: a captured graph replays on the
@@ -287,42 +320,42 @@ class Jacobi:
         new length pointer), candidate rows into their scratch slots. Returns the model's greedy
         prediction after every token (B, T)."""
         B, W = self.B, self.W
-        tokens = torch.cat([self.draft, self.cand[:, :self.R].reshape(B, -1)], 1)     # (B, T)
+        tokens = torch.cat([self.draft, self.cand[:, :self.rows].reshape(B, -1)], 1)     # (B, T)
         pos = self.m[:, None] + self.offs                                              # (B, T)
         slots = torch.cat([self.base + pos[:, :W], self.cand_slots.expand(B, -1)], 1)  # (B, T)
         seg = torch.cat([(self.base + self.m)[:, None].expand(B, W), self.cand_seg.expand(B, -1)], 1)
         mask = cache_mask(self.base + self.m, seg, slots, self.S, self.base)
         return self.model(tokens, pos, mask, slots).argmax(-1)
 
-    def _run(self, x, g, limit):
+    def _run(self, x, preds, limit):
         """1 + the longest run of tokens equal to the prediction before them, within `limit` tokens.
-        x, g (B, rows, L); limit (B,). Returns (B, rows)."""
+        x, preds (B, rows, L); limit (B,). Returns (B, rows)."""
         L = x.shape[-1]
-        ok = (x[..., 1:] == g[..., :-1]) & (torch.arange(L - 1, device=self.dev) < limit[:, None, None] - 1)
+        ok = (x[..., 1:] == preds[..., :-1]) & (torch.arange(L - 1, device=self.dev) < limit[:, None, None] - 1)
         return 1 + ok.long().cumprod(-1).sum(-1)
 
-    def _accept(self, g):
+    def _accept(self, preds):
         """Accepted tokens of every row (its first token is the verified one, so always >= 1); the longest
         run wins, ties go to the main row. Returns (a, a of the main row, the winner's tokens and predictions
         laid over the main row, each (B, W))."""
-        B, W, R, c = self.B, self.W, self.R, self.c
-        g_main = g[:, :W]
-        a_main = self._run(self.draft[:, None], g_main[:, None], self.valid)[:, 0]
+        B, W, R, c = self.B, self.W, self.rows, self.c
+        pred_main = preds[:, :W]
+        a_main = self._run(self.draft[:, None], pred_main[:, None], self.valid)[:, 0]
         if not R:
-            return a_main, a_main, self.draft, g_main
-        cand, g_cand = self.cand[:, :R], g[:, W:].view(B, R, c)
+            return a_main, a_main, self.draft, pred_main
+        cand, pred_cand = self.cand[:, :R], preds[:, W:].view(B, R, c)
         # a candidate is verified on its own c tokens, so it may commit past block 0's end (the blocks it
         # completes retire in _update); capping it at the drafts in flight would only cost forwards
         whole = torch.full_like(self.valid, c)
-        a_all = torch.cat([a_main[:, None], self._run(cand, g_cand, whole)], 1)          # (B, 1 + R)
+        a_all = torch.cat([a_main[:, None], self._run(cand, pred_cand, whole)], 1)          # (B, 1 + R)
         win = a_all.argmax(1)
         use, cw = (win > 0)[:, None], (win - 1).clamp(min=0)
         chosen = torch.cat([torch.where(use, cand[self.bidx, cw], self.draft[:, :c]), self.draft[:, c:]], 1)
-        G = torch.cat([torch.where(use, g_cand[self.bidx, cw], g_main[:, :c]), g_main[:, c:]], 1)
+        pred = torch.cat([torch.where(use, pred_cand[self.bidx, cw], pred_main[:, :c]), pred_main[:, c:]], 1)
         # a winning candidate's K/V move from its scratch slots into place (a no-op when the main row wins)
         dst = self.base + self.m[:, None] + self.ar_c
         self.cache.copy(torch.where(use, cw[:, None] * c + self.ar_c, dst), dst)
-        return a_all.gather(1, win[:, None])[:, 0], a_main, chosen, G
+        return a_all.gather(1, win[:, None])[:, 0], a_main, chosen, pred
 
     def _commit(self, a, chosen):
         """Write the accepted tokens into the output (their K/V are already in the cache)."""
@@ -332,7 +365,7 @@ class Jacobi:
         self.out.scatter_(1, dst, torch.where(commit, chosen, self.out.gather(1, dst)))
         return a, self.m + a, ((chosen == self.eot) & commit).any(1)
 
-    def _update(self, a, G, m_new):
+    def _update(self, a, pred, m_new):
         """Blocks whose n tokens are all committed retire (block 1 becomes block 0); the next drafts are
         the winner's predictions shifted past the accepted tokens (the Jacobi update; the first is the
         verified next token), and slots past the drafts in flight get fresh guesses."""
@@ -344,11 +377,11 @@ class Jacobi:
         reset = nb <= 0                        # every block done (a long candidate may pass them all): start afresh
         nb, L0 = torch.where(reset, 1, nb), torch.where(reset, n, L0)
         keep = (V - a).clamp(min=1)
-        shifted = G.gather(1, (a[:, None] - 1 + self.ar_W).clamp(0, W - 1))
+        shifted = pred.gather(1, (a[:, None] - 1 + self.ar_W).clamp(0, W - 1))
         draft = torch.where(self.ar_W < keep[:, None], shifted, self._guesses(m_new))
         return draft, L0, nb, torch.where(reset, n, V - a), reset
 
-    def _grow(self, a, G, draft, L0, nb, V, reset):
+    def _grow(self, a, pred, draft, L0, nb, V, reset):
         """Count the newest block's converged tokens (committed ones, the verified next token when it is in
         that block, plus a leading run of drafts this update left unchanged); past activation_ratio*n,
         append a pseudo-active block after it, whose first guess is the prediction after the newest block's
@@ -360,7 +393,7 @@ class Jacobi:
         lead = (unchanged | (ar_W < first[:, None])) & (ar_W < V[:, None])
         run = (lead.long().cumprod(1).sum(1) - first).clamp(min=0)
         grow = (nb < self.K) & (run + torch.where(nb == 1, n - L0, 0) >= self.threshold) & ~reset
-        draft = torch.where(grow[:, None] & (ar_W == V[:, None]), G.gather(1, (self.valid - 1)[:, None]), draft)
+        draft = torch.where(grow[:, None] & (ar_W == V[:, None]), pred.gather(1, (self.valid - 1)[:, None]), draft)
         return draft, nb + grow, V + grow * n
 
     def _recycle(self, a_main, draft, m_new):
@@ -368,7 +401,7 @@ class Jacobi:
         rejection recycling (rejected tails in the pool that contain v, from v on) and context n-grams
         (what followed the latest earlier occurrence of v and the tokens before it). Rows with nothing to
         offer repeat the main draft."""
-        B, n, c, P = self.B, self.n, self.c, self.P
+        B, n, c, P = self.B, self.n, self.c, self.pool_size
         v = draft[:, 0]
         fallback = draft[:, None, :c]                                        # (B, 1, c)
         rows = []
@@ -377,21 +410,21 @@ class Jacobi:
             tail = a_main[:, None] + self.ar_n                               # the main row's rejected tail
             tail = torch.where(tail < self.valid[:, None], self.draft.gather(1, tail.clamp(max=self.W - 1)), -1)
             self.pool.scatter_(1, ptr[:, None, None].expand(B, 1, n), tail[:, None])
-            ptr = (ptr + 1) % self.M
+            ptr = (ptr + 1) % self.pool_slots
             hit = self.pool[..., :-1] == v[:, None, None]                      # (B, M, n-1)
-            age = (ptr[:, None] - 1 - torch.arange(self.M, device=self.dev)) % self.M
-            score = torch.where(hit.any(-1), self.M - age, 0)                 # newest hits first
+            age = (ptr[:, None] - 1 - torch.arange(self.pool_slots, device=self.dev)) % self.pool_slots
+            score = torch.where(hit.any(-1), self.pool_slots - age, 0)                 # newest hits first
             top = top_k(score, P)[1]                                          # (B, P)
             at = hit.long().argmax(-1).gather(1, top)[..., None] + self.ar_c  # (B, P, c)
             entry = self.pool.gather(1, top[..., None].expand(B, P, n))
             cand = entry.gather(2, at.clamp(max=n - 1))
             ok = (at < n) & (cand >= 0) & (score.gather(1, top) > 0)[..., None]
             rows.append(torch.where(ok, cand, fallback))
-        if self.G:
+        if self.ngram:
             rows.append(self._ngrams(v, m_new, fallback))
         frozen = self.done[:, None, None]
         self.ptr.copy_(torch.where(self.done, self.ptr, ptr))
-        self.cand[:, :self.R].copy_(torch.where(frozen, self.cand[:, :self.R], torch.cat(rows, 1)))
+        self.cand[:, :self.rows].copy_(torch.where(frozen, self.cand[:, :self.rows], torch.cat(rows, 1)))
 
     def _ngrams(self, v, m, fallback):
         """Prompt lookup: positions j where the committed text holds v preceded by the same tokens as the
@@ -403,11 +436,11 @@ class Jacobi:
             key = o.gather(1, (m - i).clamp(min=0)[:, None])   # the i-th newest committed token (B, 1)
             hit = hit & (j >= i) & (o.roll(i, 1) == key) & (m - i >= 0)[:, None]
             length = length + hit.long()
-        values, indices = top_k(torch.where(length > 0, length * C + j, -1), self.G)   # (B, G)
+        values, indices = top_k(torch.where(length > 0, length * C + j, -1), self.ngram)   # (B, G)
         at = indices[..., None] + 1 + self.ar_c[:-1]                             # (B, G, c-1) text after j
-        follow = o.gather(1, at.clamp(max=C - 1).view(B, -1)).view(B, self.G, c - 1)
+        follow = o.gather(1, at.clamp(max=C - 1).view(B, -1)).view(B, self.ngram, c - 1)
         ok = (at < m[:, None, None]) & (values >= 0)[..., None]
-        return torch.cat([v[:, None, None].expand(B, self.G, 1), torch.where(ok, follow, fallback[..., 1:])], 2)
+        return torch.cat([v[:, None, None].expand(B, self.ngram, 1), torch.where(ok, follow, fallback[..., 1:])], 2)
 
     # ------------------------------------------------------------------ running it
     def step(self):

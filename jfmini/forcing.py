@@ -338,8 +338,18 @@ def pack(traj, rows, length, schedule, rng, eot, window=16, fresh=True, cons_win
     return out
 
 
+def kl(ref_logits, logits):
+    """KL(ref || model) at every position: (..., V) logits -> (...)."""
+    ref = ref_logits.float().log_softmax(-1)
+    return (ref.exp() * (ref - logits.float().log_softmax(-1))).sum(-1)
+
+
+def masked_mean(values, keep):
+    return (values * keep).sum() / keep.sum().clamp(min=1)
+
+
 def forcing_loss(logits, ar_targets, noisy_idx, cons_weight, block_len, target="soft", ref_logits=None):
-    """The two terms of L = L_pc + lambda * L_AR from one forward's logits (B, L, V); returns (L_pc, L_AR).
+    """The paper's two terms of L = L_pc + lambda * L_AR from one forward's logits (B, L, V): (L_pc, L_AR).
 
     L_pc, at the noisy positions cons_weight keeps: soft = cross-entropy from the detached clean
     distribution at l_j[t] (n positions after k_j[t]) to the noisy one at k_j[t] (the paper's);
@@ -352,10 +362,7 @@ def forcing_loss(logits, ar_targets, noisy_idx, cons_weight, block_len, target="
     if ref_logits is None:
         ar = F.cross_entropy(logits.flatten(0, 1), ar_targets.flatten(), ignore_index=-1)
     else:
-        keep = (ar_targets >= 0).float()                              # the clean stream (and the prompt)
-        ref = ref_logits.log_softmax(-1)
-        kl = (ref.exp() * (ref - logits.log_softmax(-1))).sum(-1)     # (B, L)
-        ar = (kl * keep).sum() / keep.sum().clamp(min=1)
+        ar = masked_mean(kl(ref_logits, logits), (ar_targets >= 0).float())   # the clean stream (and the prompt)
     idx = noisy_idx[..., None].expand(-1, -1, V)
     student = logits.gather(1, idx).log_softmax(-1)                  # (B, T*n, V)
     if target == "hard":
@@ -365,8 +372,48 @@ def forcing_loss(logits, ar_targets, noisy_idx, cons_weight, block_len, target="
     else:
         teacher = logits.gather(1, idx + block_len).detach().softmax(-1)
         pc = -(teacher * student).sum(-1)                            # (B, T*n)
-    pc = (pc * cons_weight).sum() / cons_weight.sum().clamp(min=1)
-    return pc, ar
+    return masked_mean(pc, cons_weight), ar
+
+
+def causal_term(model, anchor, x, y, target, autocast):
+    """jfmini's plain causal-LM term on rows x (B, L) with next tokens y (-1 = none): cross-entropy to y
+    (target 'ce'), else the KL divergence from the frozen anchor model's predictions where y >= 0."""
+    pos = torch.arange(x.shape[1], device=x.device)
+    with autocast():
+        logits = model(x, pos)                                       # (B, L, V)
+        if target == "ce":
+            return F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-1)
+        with torch.no_grad():
+            ref = anchor(x, pos)
+    return masked_mean(kl(ref, logits), (y >= 0).float())
+
+
+def objective(model, anchor, block_len, cons_target="soft", ar_target="greedy", replay="kl", truth="anchor",
+              autocast=contextlib.nullcontext):
+    """The whole objective of a round, as terms(batch) -> {term: loss}; `total` weighs and sums them:
+
+        L = consistency + lam * AR                 (the paper's, on the packed rows, noise-aware mask)
+              + w_replay * replay                  (jfmini: corpus text x, y; ce, or kl from the anchor)
+              + w_truth * truth                    (jfmini: prompt + its real code gx, gy; ce, or anchor KL)
+
+    ar_target 'anchor' makes AR the KL from the anchor on the clean stream (jfmini's; 'greedy' = the
+    paper's cross-entropy). The weights stay outside, so changing one recompiles nothing."""
+    def terms(tokens, pos, ar_targets, noisy_idx, cons_weight, mask, x=None, y=None, gx=None, gy=None):
+        with autocast():
+            logits = model(tokens, pos, mask)                        # (B, L, V)
+            with torch.no_grad():
+                ref = anchor(tokens, pos, mask) if ar_target == "anchor" else None
+        consistency, ar = forcing_loss(logits, ar_targets, noisy_idx, cons_weight, block_len, cons_target, ref)
+        zero = torch.zeros_like(ar)
+        return {"consistency": consistency, "AR": ar,
+                "replay": zero if x is None else causal_term(model, anchor, x, y, replay, autocast),
+                "truth": zero if gx is None else causal_term(model, anchor, gx, gy, truth, autocast)}
+    return terms
+
+
+def total(terms, lam, replay=0.0, truth=0.0):
+    """L = consistency + lam * AR + replay * replay term + truth * truth term."""
+    return terms["consistency"] + lam * terms["AR"] + replay * terms["replay"] + truth * terms["truth"]
 
 
 @torch.no_grad()

@@ -6,7 +6,7 @@ import torch
 
 from conftest import cuda, tiny_model
 from jfmini.common import UserError
-from jfmini.decoding import Jacobi, decode_many, generate_ar
+from jfmini.decoding import Jacobi, decode_many, generate_ar, jacobi_reference
 
 GRID = list(itertools.product([1, 2, 3, 8, 16], [0, 1, 4], [1, 2, 3], [0.5, 0.85, 1.0]))
 # candidate rows: block length x (recycled, n-gram) x candidate length (None = n) x blocks
@@ -212,3 +212,18 @@ def test_top_k_picks_what_torch_topk_picks():
         assert torch.equal(values, ref.values) and torch.equal(indices, ref.indices)
     ties = torch.tensor([[0, 5, 0, 5, 0]])
     assert top_k(ties, 3)[1].tolist() == [[1, 3, 0]]      # ties go to the lower index
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("with_eot", [False, True])
+def test_fast_jacobi_is_the_reference_loop(seed, with_eot):
+    """The batched, fixed-shape Jacobi class with one block and no candidates is the plain eager loop:
+    the same tokens (greedy AR's) in the same number of forwards, at every block length."""
+    model = tiny_model(seed=seed)
+    prompt, eot, ref = prompt_and_reference(model, seed, with_eot, N=40)
+    for n in (1, 2, 3, 8, 16):
+        tokens, forwards = jacobi_reference(model, prompt, n, 40, eot)
+        out, stats = Jacobi(model, block_len=n, eot=eot).generate(prompt, 40)
+        assert tokens == out == ref, n
+        assert forwards == stats.forwards, n
+        assert forwards <= len(ref), "every forward commits at least the verified token"
