@@ -26,12 +26,13 @@ from pathlib import Path
 
 import torch
 
-from jfmini.common import (UserError, atomic_write, check_writable, cli, default_checkpoint, field, load_checkpoint,
-                           parse_config, pick_device)
-from jfmini.data import completion_text, heldout_prompts, model_tokenizer, read_prompts
-from jfmini.files import read_sweep
-from jfmini.decoding import METHODS, Jacobi, Stats, generate_ar
-from jfmini.quality import score, summarize, truth_loss
+from jfmini.runtime.common import (UserError, atomic_write, check_writable, cli, default_checkpoint, field, load_checkpoint,
+                                   parse_config, pick_device)
+from jfmini.runtime.data import completion_text, heldout_prompts, model_tokenizer, read_prompts
+from jfmini.runtime.files import read_sweep
+from jfmini.jacobi import METHODS, Jacobi
+from jfmini.runtime.engine import Stats, generate_ar
+from jfmini.runtime.quality import score, summarize, truth_loss
 
 
 @dataclass
@@ -265,44 +266,28 @@ def read_record(path):
                     f"--sweep_file")
 
 
-@cli
-def main(argv=None):
-    cfg = parse_config(BenchConfig, argv, description=__doc__, checks=checks)
-    if cfg.chart is not None:
-        try:
-            print(charts(read_record(cfg.chart)))
-        except (KeyError, TypeError, AttributeError, ValueError) as e:
-            raise UserError(f"--chart {cfg.chart}: not a bench.py record this version can draw ({e!r}); pass "
-                            f"bench.py's log or --sweep_file") from None
-        return
-    t_start = time.time()
-    log = lambda msg: print(f"[{time.time() - t_start:6.1f}s] {msg}", file=sys.stderr, flush=True)
-    device = pick_device(cfg.device)
-    sweep_path = Path(cfg.sweep_file)
-    if cfg.sweep:
-        check_writable(cfg.sweep_file, "--sweep_file", folder=False)    # before minutes of sweeping
-    saved = read_sweep(sweep_path, "--sweep_file") if not cfg.sweep and sweep_path.exists() else None  # checked now
-    cuda = device.startswith("cuda")
-    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}.get(cfg.dtype,
-                                                                       torch.bfloat16 if cuda else torch.float32)
-    compile = cfg.compile == "auto" and cuda
-    records = read_prompts(cfg.prompts)[:cfg.limit or None] if cfg.prompts != "heldout" else None
-    jf_path = cfg.ckpt or default_checkpoint()
-    models, vals, paths, base_ck = {}, {}, {"base": cfg.base_ckpt, "jf": jf_path}, {}
+def load_models(cfg, device, dtype):
+    """The base and the Jacobi Forcing model, which must share a vocabulary: (models, val losses, paths,
+    the base's checkpoint)."""
+    paths = {"base": cfg.base_ckpt, "jf": cfg.ckpt or default_checkpoint()}
+    models, vals, base_ck = {}, {}, {}
     for key, path in paths.items():
         model, ck = load_checkpoint(path, device, flag={"base": "--base_ckpt", "jf": "--ckpt"}[key])
         models[key], vals[key] = model.to(dtype).eval(), ck.get("val_loss", float("nan"))
         base_ck = ck if key == "base" else base_ck
     if (models["base"].cfg.vocab_size, models["base"].cfg.tokenizer) != (models["jf"].cfg.vocab_size,
                                                                           models["jf"].cfg.tokenizer):
-        raise UserError(f"{cfg.base_ckpt} and {jf_path} use different vocabularies; pass the base model the "
+        raise UserError(f"{cfg.base_ckpt} and {paths['jf']} use different vocabularies; pass the base model the "
                         f"Jacobi Forcing model was distilled from")
-    enc = model_tokenizer(models["base"].cfg)
-    if cfg.prompts == "heldout":
+    return models, vals, paths, base_ck
+
+
+def bench_prompts(cfg, enc, records, base_ck, context, log):
+    """(cfg with max_new_tokens set, prompt records, their tokens): the prompts that fit the context;
+    records None = the held-out functions of the base model's corpus."""
+    if records is None:
         corpus = base_ck.get("train_config", {}).get("corpus") or "stdlib+torch+deps"
         records = heldout_prompts(corpus, enc, count=cfg.limit or 512)
-    eot = enc.eot_token
-    context = min(m.cfg.seq_len for m in models.values())
     if cfg.max_new_tokens is None:                   # leave room for prompts: a quarter of the context
         cfg = replace(cfg, max_new_tokens=min(256, max(1, context // 4)))
         if cfg.max_new_tokens < 256:
@@ -313,14 +298,13 @@ def main(argv=None):
                         f"{cfg.max_new_tokens}; lower --max_new_tokens or use shorter prompts")
     if len(fits) < len(records):
         log(f"skipping {len(records) - len(fits)} prompts longer than the context allows")
-    records = fits
-    prompts = [enc.encode(r["prompt"], allowed_special="all") for r in records]
-    max_len = max(len(p) for p in prompts) + cfg.max_new_tokens
-    gpu = torch.cuda.get_device_name(device) if cuda else "cpu"
-    log(f"{len(prompts)} prompts, {cfg.max_new_tokens} new tokens max, {gpu}, torch {torch.__version__}, {dtype}; "
-        f"base {cfg.base_ckpt}, Jacobi Forcing {jf_path}")
+    return cfg, fits, [enc.encode(r["prompt"], allowed_special="all") for r in fits]
 
-    best, sweep_results = {}, None
+
+def best_settings(cfg, models, prompts, saved, gpu, eot, compile, log, max_len):
+    """The fastest settings of each model: swept now (--sweep, kept in --sweep_file) or read from an
+    earlier sweep on the same GPU. Returns (best by model, sweep results or None)."""
+    best, sweep_results, sweep_path = {}, None, Path(cfg.sweep_file)
     if cfg.sweep:
         few = prompts[:cfg.sweep_prompts]
         log(f"sweep: {len(SWEEP)} configurations of the JF model, {len(SWEEP_BASE)} n-gram configurations of the "
@@ -336,12 +320,12 @@ def main(argv=None):
             best = {"jf": saved["best"], "base": saved["base_best"]}
             log(f"best settings from the earlier sweep in {sweep_path}: JF {describe(best['jf'])}, "
                 f"base {describe(best['base'])}")
+    return best, sweep_results
 
-    ar, jacobi, mr = METHODS["ar"], METHODS["jacobi"], METHODS["mr"]
-    rows = [("AR eager", "base", None), ("AR fast", "base", ar), ("Jacobi", "base", jacobi),
-            ("n-gram", "base", LOOKUP)] + ([("best", "base", best["base"])] if best else []) + \
-           [("AR fast", "jf", ar), ("Jacobi", "jf", jacobi), ("n-gram", "jf", LOOKUP), ("MR", "jf", mr)] + \
-           ([("best", "jf", best["jf"])] if best else [])
+
+def measure(rows, models, vals, records, prompts, cfg, enc, eot, compile, max_len, device, log):
+    """Decode every prompt with every row's decoder; speed and quality per row. Returns (results,
+    outputs, each model's AR fast outputs: the lossless reference)."""
     body_loss = {}                                    # teacher-forced loss of the true bodies, nats per token
     known = [i for i, r in enumerate(records) if r.get("body")]
     for key, model in models.items():
@@ -351,7 +335,7 @@ def main(argv=None):
     results, outputs, refs = [], [], {}
     for name, key, settings in rows:
         use = prompts[:cfg.eager_limit] if settings is None else prompts
-        sync_every = cfg.ar_sync_every if settings == ar else 1
+        sync_every = cfg.ar_sync_every if settings == METHODS["ar"] else 1
         outs, st, step = run_row(models[key], settings, use, cfg, eot, compile, sync_every, max_len)
         if name == "AR fast":
             refs[key] = outs                       # the model's own greedy output: the lossless reference
@@ -374,6 +358,12 @@ def main(argv=None):
         log(f"{name} ({key}, {results[-1]['decoder']}): TPF {st.tokens_per_forward:.2f}, "
             f"{st.tokens_per_s:,.0f} tokens/s, {results[-1]['chars_per_s']:,.0f} chars/s"
             + (f", {step:.0f} us/step" if step else ""))
+    return results, outputs, refs
+
+
+def check_lossless(results, outputs, refs, prompts, paths, device, dtype):
+    """Each row's outputs against its model's AR fast, with the float32 logit gap at every first divergence
+    (a tie of the low-precision logits is not a decoder bug); speedups against the base's AR rows."""
     ar_eager, ar_fast = results[0], results[1]
     fp32 = {}                                          # float32 copies for the tie analysis, loaded on first need
     for r, outs in zip(results, outputs):
@@ -394,6 +384,10 @@ def main(argv=None):
         r["speedup_vs_ar_eager"] = r["chars_per_s"] / ar_eager["chars_per_s"]
         r["token_speedup_vs_ar_fast"] = r["tokens_per_s"] / ar_fast["tokens_per_s"]
 
+
+def print_table(results):
+    """The results table, its legend and each row's mismatches."""
+    ar_eager, ar_fast = results[0], results[1]
     head = f"{'row':<9}{'model':<6}{'decoder':<24}{'TPF':>6}{'chars/fw':>9}{'tokens/s':>9}{'chars/s':>9}" \
            f"{'vs fast':>8}{'step us':>8}{'lossless':>9}{'parse':>7}{'loop':>7}{'blank':>7}{'edit':>6}{'body':>6}"
     print(head)
@@ -419,19 +413,60 @@ def main(argv=None):
                                      f"{max(st for _, st in gaps):.2f} rounding steps" if gaps else "-")
                   + (f" ({lengths} differ only in length)" if lengths else "")
                   + f" -> {r['lossless_ties_aside']:.1%} lossless ties aside (gap <= {TIE_ULPS} steps)")
+
+
+@cli
+def main(argv=None):
+    cfg = parse_config(BenchConfig, argv, description=__doc__, checks=checks)
+    if cfg.chart is not None:
+        try:
+            print(charts(read_record(cfg.chart)))
+        except (KeyError, TypeError, AttributeError, ValueError) as e:
+            raise UserError(f"--chart {cfg.chart}: not a bench.py record this version can draw ({e!r}); pass "
+                            f"bench.py's log or --sweep_file") from None
+        return
+    t_start = time.time()
+    log = lambda msg: print(f"[{time.time() - t_start:6.1f}s] {msg}", file=sys.stderr, flush=True)
+    device = pick_device(cfg.device)
+    sweep_path = Path(cfg.sweep_file)
+    if cfg.sweep:
+        check_writable(cfg.sweep_file, "--sweep_file", folder=False)    # before minutes of sweeping
+    saved = read_sweep(sweep_path, "--sweep_file") if not cfg.sweep and sweep_path.exists() else None  # checked now
+    cuda = device.startswith("cuda")
+    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}.get(cfg.dtype,
+                                                                       torch.bfloat16 if cuda else torch.float32)
+    compile = cfg.compile == "auto" and cuda
+    records = read_prompts(cfg.prompts)[:cfg.limit or None] if cfg.prompts != "heldout" else None
+    models, vals, paths, base_ck = load_models(cfg, device, dtype)
+    enc = model_tokenizer(models["base"].cfg)
+    eot = enc.eot_token
+    context = min(m.cfg.seq_len for m in models.values())
+    cfg, records, prompts = bench_prompts(cfg, enc, records, base_ck, context, log)
+    max_len = max(len(p) for p in prompts) + cfg.max_new_tokens
+    gpu = torch.cuda.get_device_name(device) if cuda else "cpu"
+    log(f"{len(prompts)} prompts, {cfg.max_new_tokens} new tokens max, {gpu}, torch {torch.__version__}, {dtype}; "
+        f"base {cfg.base_ckpt}, Jacobi Forcing {paths['jf']}")
+    best, sweep_results = best_settings(cfg, models, prompts, saved, gpu, eot, compile, log, max_len)
+    ar, jacobi, mr = METHODS["ar"], METHODS["jacobi"], METHODS["mr"]
+    rows = [("AR eager", "base", None), ("AR fast", "base", ar), ("Jacobi", "base", jacobi),
+            ("n-gram", "base", LOOKUP)] + ([("best", "base", best["base"])] if best else []) + \
+           [("AR fast", "jf", ar), ("Jacobi", "jf", jacobi), ("n-gram", "jf", LOOKUP), ("MR", "jf", mr)] + \
+           ([("best", "jf", best["jf"])] if best else [])
+    results, outputs, refs = measure(rows, models, vals, records, prompts, cfg, enc, eot, compile, max_len, device, log)
+    check_lossless(results, outputs, refs, prompts, paths, device, dtype)
+    print_table(results)
     try:
         print("\n" + charts({"device": gpu, "prompts": len(prompts), "rows": results, "sweep": sweep_results}))
     except UnicodeEncodeError:                        # a terminal without the block characters: no pictures
         log("charts skipped: stdout cannot encode their block characters (set PYTHONIOENCODING=utf-8)")
     print(json.dumps({"device": gpu, "torch": torch.__version__, "dtype": str(dtype).replace("torch.", ""),
-                      "prompts": len(prompts), "config": asdict(cfg), "base_ckpt": cfg.base_ckpt, "ckpt": jf_path,
+                      "prompts": len(prompts), "config": asdict(cfg), "base_ckpt": cfg.base_ckpt, "ckpt": paths["jf"],
                       "rows": results, "sweep": sweep_results, "seconds": time.time() - t_start}))
     if cfg.profile:
         print("\n" + profile_lines(results))
     if cfg.profile and cuda:
         for settings in (ar, mr):
             profile_step(models["jf"], prompts[0], settings, eot, compile, max_len, cfg.max_new_tokens)
-
 
 if __name__ == "__main__":
     main()

@@ -17,10 +17,11 @@ from pathlib import Path
 
 import torch
 
-from jfmini.common import UserError, cli, default_checkpoint, field, load_checkpoint, parse_config, pick_device
-from jfmini.data import model_tokenizer
-from jfmini.decoding import METHODS, SETTINGS, Jacobi, finish
-from jfmini.files import read_sweep
+from jfmini.runtime.common import UserError, cli, default_checkpoint, field, load_checkpoint, parse_config, pick_device
+from jfmini.runtime.data import model_tokenizer
+from jfmini.jacobi import METHODS, SETTINGS, Jacobi
+from jfmini.runtime.engine import finish
+from jfmini.runtime.files import read_sweep
 
 
 @dataclass
@@ -129,6 +130,7 @@ def render(enc, frames, final, prompt_len, color):
     lines = [f"trajectory ({legend}):"]
     prev_m = prompt_len
     for it, (m, draft) in enumerate(frames):
+        m = min(m, prompt_len + len(final))   # the last forward may commit past the cut at max_new_tokens
         new = [mark("new", piece(enc, t)) for t in final[prev_m - prompt_len:m - prompt_len]]
         guesses = []
         for i, t in enumerate(draft):

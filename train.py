@@ -30,17 +30,17 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from jfmini.common import (UserError, atomic_save, atomic_write, check_device, check_writable, cli, distributed_env,
-                           field, file_sha256, interrupted, load_checkpoint, out_dir_lock, parse_config, pick_device,
-                           quiet_stdout, signals_deferred, world_size)
-from jfmini.files import (check_npz, check_token_files, check_token_meta, check_trajectories, load_optimizer_state,
-                          gb, memory_bytes, model_config_problem, param_count, rng_state, set_rng_state)
-from jfmini.data import (TOKENIZERS, completion_text, full_vocab, get_batch, heldout_prompts, load_split,
-                         model_tokenizer, prepare_corpus, read_prompts, token_cache, tokenizer, trajectory_prompts)
-from jfmini.decoding import decode_many
-from jfmini.forcing import (Trajectories, accuracy_by_distance, collect_trajectories, objective, pack, packed_length,
-                            repetitive, total)
-from jfmini.quality import paired_difference, score, summarize, truth_loss
+from jfmini.runtime.common import (UserError, atomic_save, atomic_write, check_device, check_writable, cli, distributed_env,
+                                   field, file_sha256, interrupted, load_checkpoint, out_dir_lock, parse_config, pick_device,
+                                   quiet_stdout, signals_deferred, world_size)
+from jfmini.runtime.files import (check_npz, check_token_files, check_token_meta, check_trajectories, load_optimizer_state,
+                                  gb, memory_bytes, model_config_problem, param_count, rng_state, set_rng_state)
+from jfmini.runtime.data import (TOKENIZERS, completion_text, full_vocab, get_batch, heldout_prompts, load_split,
+                                 model_tokenizer, prepare_corpus, read_prompts, token_cache, tokenizer, trajectory_prompts)
+from jfmini.runtime.engine import decode_many
+from jfmini.forcing import collect_trajectories, objective, pack, packed_length, total
+from jfmini.runtime.trajectories import Trajectories, accuracy_by_distance, repetitive
+from jfmini.runtime.quality import paired_difference, score, summarize, truth_loss
 from jfmini.masks import dense_mask, flex_mask, noise_aware_mask
 from jfmini.model import GPT, GPTConfig
 

@@ -1,4 +1,6 @@
-"""The noise-aware causal mask of Jacobi Forcing (DESIGN section 5), written once as a pure function.
+"""Who may attend to whom: the noise-aware causal mask of training and the visibility rule of decoding.
+
+Training. The noise-aware causal mask of Jacobi Forcing, written once as a pure function.
 
 A packed training row (block length n, T blocks) and its position ids:
 
@@ -20,14 +22,19 @@ Who may look at whom (1 = may attend), P=1, n=2, T=2:
     l1b     1          1   1            1   1
 
 Clean queries see the prompt and the clean stream (plain AR). Noisy queries see the prompt, earlier
-*noisy* blocks (the noisy context the decoder really has) and their own block causally;
-context="clean" makes them see earlier clean blocks instead (the CLLM-style ablation).
+blocks and their own block causally. Which earlier blocks: context="noisy" (the paper's mask, drawn
+above) lets them see earlier *noisy* blocks; context="clean" (jfmini's default, beyond the paper) lets
+them see earlier *clean* blocks, the committed text a decoder really has when it refines a block.
+
+Decoding. Every row of a Jacobi iteration (the main draft row and each candidate row) reads the
+committed prefix from the KV cache and its own tokens causally (`may_read`, `cache_mask`), so all rows
+share one cache without copies.
 """
 import torch
 from torch.nn.attention.flex_attention import create_block_mask
 
 
-def noise_aware_mask(prompt_len, pad_start, block_len, context="noisy"):
+def noise_aware_mask(prompt_len, pad_start, block_len, context="clean"):
     """mask_mod(b, h, q, kv) -> bool for FlexAttention and the dense form alike.
 
     prompt_len, pad_start: (B,) tensors, per batch row (indexed by b, so one compiled kernel serves
@@ -63,3 +70,15 @@ def dense_mask(mask_mod, batch, length, device="cpu"):
 def flex_mask(mask_mod, batch, length, device):
     """The FlexAttention BlockMask from the same mask_mod (the fast CUDA path)."""
     return create_block_mask(mask_mod, batch, None, length, length, device=device)
+
+
+def may_read(kv, lo, hi, seg, slot):
+    """May a query read cache slot kv? Yes for the committed prefix (lo <= kv < hi) and for its own
+    row's slots from the row's first slot `seg` through its own `slot` (causal within the row)."""
+    return ((kv >= lo) & (kv < hi)) | ((kv >= seg) & (kv <= slot))
+
+
+def cache_mask(hi, seg, slots, length, lo=0):
+    """may_read as a dense bool mask (B, 1, T, S) over a cache of `length` slots; hi (B,), seg, slots (B, T)."""
+    cols = torch.arange(length, device=slots.device)
+    return may_read(cols, lo, hi[:, None, None], seg[..., None], slots[..., None])[:, None]

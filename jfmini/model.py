@@ -1,4 +1,4 @@
-"""A pre-norm GPT with rotary positions, explicit position ids and a static KV cache (DESIGN section 3).
+"""A pre-norm GPT with rotary positions, explicit position ids and a static KV cache.
 
 Positions are an input because Jacobi Forcing needs them free: during training a noisy block and its
 clean twin share position ids; during decoding, draft tokens sit at chosen positions.
@@ -31,7 +31,7 @@ class GPTConfig:
     n_head: int = 8
     d_model: int = 512
     rope_base: float = 10000.0
-    tokenizer: str = "gpt2"  # the encoding (jfmini.data.tokenizer): gpt2, or p50k with tokens for runs of spaces
+    tokenizer: str = "gpt2"  # the encoding (jfmini.runtime.data.tokenizer): gpt2, or p50k with tokens for runs of spaces
 
     def to_dict(self):
         return asdict(self)

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from conftest import ROOT
-from jfmini.common import UserError, atomic_save, atomic_write, check_writable, field, load_checkpoint, parse_config
+from jfmini.runtime.common import UserError, atomic_save, atomic_write, check_writable, field, load_checkpoint, parse_config
 from test_scripts import TINY, assert_clean_failure, no_temp_files, run, tiny_base
 
 slow = pytest.mark.slow
@@ -235,7 +235,7 @@ def test_disk_full_save_is_a_user_error_and_keeps_the_old_file(tmp_path, monkeyp
 def test_a_real_full_disk_reaches_the_save_helper_as_enospc():
     """torch.save given a file name reports a full disk as an opaque RuntimeError; atomic_save writes
     through a Python file, so the OSError(ENOSPC) that the one-line message needs comes through."""
-    from jfmini.common import _torch_save
+    from jfmini.runtime.common import _torch_save
     with pytest.raises(OSError) as e:
         _torch_save({"x": torch.zeros(1 << 16)}, "/dev/full")
     assert e.value.errno == errno.ENOSPC
@@ -318,3 +318,17 @@ def test_help_works_for_any_dataclass_field(capsys):
     assert "resolved from a table (table: 7)" in text and "in % of the total (default: 0.5)" in text
     assert "a switch (default: on)" in text and "None" not in text
     assert parse_config(Cfg, ["--new_flag", "4", "--no-on"]) == Cfg(new_flag=4, on=False)
+
+
+def test_show_counts_only_the_tokens_it_shows():
+    """--show: the last forward may commit past the cut at max_new_tokens; its line counts what it shows."""
+    import decode
+
+    class Letters:
+        def decode(self, tokens):
+            return "".join(chr(ord("a") + t) for t in tokens)
+    final = [1, 2, 3, 4, 5]                          # 5 new tokens after a 3-token prompt
+    frames = [(3 + 2, [3, 9]), (3 + 8, [0])]         # 2 committed, then 6 more of which 3 survive the cut
+    lines = decode.render(Letters(), frames, final, 3, color=False).splitlines()
+    assert lines[1].startswith("   0 +2  [b][c] | {d} j")
+    assert lines[2].startswith("   1 +3  [d][e][f] |")

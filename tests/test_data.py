@@ -3,9 +3,9 @@ import socket
 
 import pytest
 
-from jfmini.common import UserError
-from jfmini.data import (SKIP_DIRS, byte_tokenizer, corpus_files, function_prompts, gpt2_tokenizer, heldout_prompts,
-                         read_prompts, split_of, trajectory_prompts)
+from jfmini.runtime.common import UserError
+from jfmini.runtime.data import (SKIP_DIRS, byte_tokenizer, corpus_files, function_prompts, gpt2_tokenizer, heldout_prompts,
+                                 read_prompts, split_of, trajectory_prompts)
 
 
 def test_gpt2_tokenizer_offline_known_ids(monkeypatch):

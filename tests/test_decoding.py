@@ -1,12 +1,13 @@
-"""Losslessness: every decoder commits exactly the greedy AR tokens (DESIGN sections 4 and 6)."""
+"""Losslessness: every decoder commits exactly the greedy AR tokens."""
 import itertools
 
 import pytest
 import torch
 
 from conftest import cuda, tiny_model
-from jfmini.common import UserError
-from jfmini.decoding import Jacobi, decode_many, generate_ar, jacobi_reference
+from jfmini.runtime.common import UserError
+from jfmini.jacobi import Jacobi, jacobi_reference
+from jfmini.runtime.engine import decode_many, generate_ar
 
 GRID = list(itertools.product([1, 2, 3, 8, 16], [0, 1, 4], [1, 2, 3], [0.5, 0.85, 1.0]))
 # candidate rows: block length x (recycled, n-gram) x candidate length (None = n) x blocks
@@ -203,7 +204,7 @@ def test_a_candidate_row_may_commit_past_the_end_of_block_zero():
 
 
 def test_top_k_picks_what_torch_topk_picks():
-    from jfmini.decoding import top_k
+    from jfmini.runtime.engine import top_k
     g = torch.Generator().manual_seed(0)
     for k in (1, 2, 4):
         x = torch.randperm(50, generator=g)[None].repeat(3, 1) * torch.tensor([[1], [3], [-2]])

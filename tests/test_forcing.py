@@ -1,14 +1,15 @@
-"""Trajectories, the noise schedule, packing and the loss (DESIGN sections 4 and 5)."""
+"""Trajectories, the noise schedule, packing and the loss."""
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from conftest import EOT, cuda, tiny_model
-from jfmini.common import UserError
-from jfmini.decoding import Jacobi, generate_ar
-from jfmini.forcing import (Trajectories, collect_trajectories, forcing_loss, noise_ratio, pack, packed_length,
-                            target_ratios)
+from jfmini.runtime.common import UserError
+from jfmini.jacobi import Jacobi
+from jfmini.runtime.engine import generate_ar
+from jfmini.forcing import collect_trajectories, forcing_loss, noise_ratio, pack, packed_length, target_ratios
+from jfmini.runtime.trajectories import Trajectories
 from jfmini.masks import dense_mask, noise_aware_mask
 
 
@@ -79,7 +80,7 @@ def test_consistency_loss_zero_when_noisy_equals_clean_and_positive_otherwise():
     for traj, zero in ((clean_traj, True), (noisy_traj, False)):
         L = packed_length(16, n, T)
         p = pack(traj, [0], L, "progressive", np.random.default_rng(0), EOT, window=T)
-        mod = noise_aware_mask(torch.tensor(p.prompt_len), torch.tensor(p.pad_start), n)
+        mod = noise_aware_mask(torch.tensor(p.prompt_len), torch.tensor(p.pad_start), n, "noisy")
         logits = model(torch.tensor(p.tokens), torch.tensor(p.pos), dense_mask(mod, 1, L))
         for target in ("soft", "hard"):
             pc, _ = forcing_loss(logits, torch.tensor(p.ar_targets), torch.tensor(p.noisy_idx),
@@ -92,7 +93,7 @@ def test_ar_part_equals_plain_causal_lm_loss_on_the_clean_stream(traj):
     n, T = 4, 4
     L = packed_length(16, n, T)
     p = pack(traj, [0, 1], L, "progressive", np.random.default_rng(0), EOT)
-    mod = noise_aware_mask(torch.tensor(p.prompt_len), torch.tensor(p.pad_start), n)
+    mod = noise_aware_mask(torch.tensor(p.prompt_len), torch.tensor(p.pad_start), n, "noisy")
     logits = model(torch.tensor(p.tokens), torch.tensor(p.pos), dense_mask(mod, 2, L))
     _, ar = forcing_loss(logits, torch.tensor(p.ar_targets), torch.tensor(p.noisy_idx),
                          torch.tensor(p.cons_weight), n)
@@ -235,7 +236,7 @@ def test_a_few_distillation_steps_lower_the_loss():
     losses = []
     for step in range(30):
         p = pack(traj, list(range(8)), L, "progressive", rng, EOT)
-        mod = noise_aware_mask(torch.tensor(p.prompt_len), torch.tensor(p.pad_start), n)
+        mod = noise_aware_mask(torch.tensor(p.prompt_len), torch.tensor(p.pad_start), n, "noisy")
         logits = model(torch.tensor(p.tokens), torch.tensor(p.pos), dense_mask(mod, 8, L))
         pc, ar = forcing_loss(logits, torch.tensor(p.ar_targets), torch.tensor(p.noisy_idx),
                               torch.tensor(p.cons_weight), n)
@@ -301,16 +302,16 @@ def test_hard_consistency_is_cross_entropy_to_the_fixed_points_next_token():
 
 
 def test_accuracy_by_distance_counts_every_kept_noisy_position():
-    from jfmini.forcing import accuracy_by_distance
+    from jfmini.runtime.trajectories import accuracy_by_distance
     model = tiny_model(seed=2)
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, 256, int(rng.integers(3, 10))).tolist() for _ in range(6)]
     n, T = 6, 3
     traj = collect_trajectories(model, prompts, n, T, batch_size=6, eot=None, log=lambda *_: None)
-    hits, counts = accuracy_by_distance(model, traj, EOT, batch=4)
+    hits, counts = accuracy_by_distance(model, traj, EOT, "noisy", batch=4)
     assert len(hits) == n and np.all(hits <= counts) and counts[0] > 0
     assert np.all(np.diff(counts) <= 0)               # distance d needs a divergence at most n-1-d in
     # with the fixed point itself as the context nothing diverges, so the model is its own teacher:
     exact = Trajectories(traj.prompts, traj.prompt_offsets, traj.fixed, traj.fixed.reshape(-1, n)[traj.owner],
                          traj.owner)
-    assert accuracy_by_distance(model, exact, EOT)[1].sum() == 0
+    assert accuracy_by_distance(model, exact, EOT, "noisy")[1].sum() == 0

@@ -1,4 +1,4 @@
-"""The noise-aware mask: DESIGN section 5's worked example, a larger hand-checked case, Flex = dense."""
+"""The noise-aware mask: the worked example of jfmini.masks, a larger hand-checked case, Flex = dense."""
 import torch
 
 from conftest import cuda
@@ -84,7 +84,7 @@ def test_flex_block_mask_keeps_exactly_the_blocks_the_dense_mask_needs():
     B, n, L, tile = 3, 8, 256, 128
     prompt_len = torch.tensor([3, 17, 64], device="cuda")
     pad_start = prompt_len + 2 * n * torch.tensor([4, 6, 2], device="cuda")
-    mod = noise_aware_mask(prompt_len, pad_start, n)
+    mod = noise_aware_mask(prompt_len, pad_start, n, "noisy")
     dense = dense_mask(mod, B, L, "cuda")[:, 0]
     kept = flex_mask(mod, B, L, "cuda").to_dense()[:, 0].bool()           # (B, L/tile, L/tile)
     needed = dense.view(B, L // tile, tile, L // tile, tile).any(2).any(-1)

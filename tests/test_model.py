@@ -3,8 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import cuda, tiny_model
-from jfmini.decoding import cache_mask
-from jfmini.masks import dense_mask, flex_mask, noise_aware_mask
+from jfmini.masks import cache_mask, dense_mask, flex_mask, noise_aware_mask
 from jfmini.model import GPT, GPTConfig
 
 
@@ -41,7 +40,7 @@ def test_flex_attention_equals_sdpa_for_the_same_mask():
     B, n, T, L = 2, 4, 3, 128
     prompt_len = torch.tensor([5, 9], device="cuda")
     pad_start = prompt_len + 2 * n * T
-    mod = noise_aware_mask(prompt_len, pad_start, n)
+    mod = noise_aware_mask(prompt_len, pad_start, n, "noisy")
     x = torch.randint(0, 257, (B, L), device="cuda")
     pos = torch.arange(L, device="cuda")
     dense = model(x, pos, dense_mask(mod, B, L, "cuda"))

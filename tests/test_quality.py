@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from jfmini.common import UserError
-from jfmini.data import P50K_SHA256, byte_tokenizer, p50k_table, token_cache, tokenizer
-from jfmini.forcing import Trajectories, forcing_loss, longest_run, pack, repetitive, truth_rows
-from jfmini.quality import (edit_similarity, first_line, function_body, paired_difference, parses, score, summarize,
-                            truth_loss)
+from jfmini.runtime.common import UserError
+from jfmini.runtime.data import P50K_SHA256, byte_tokenizer, p50k_table, token_cache, tokenizer
+from jfmini.forcing import forcing_loss, pack, truth_rows
+from jfmini.runtime.trajectories import Trajectories, longest_run, repetitive
+from jfmini.runtime.quality import (edit_similarity, first_line, function_body, paired_difference, parses, score, summarize,
+                                    truth_loss)
 from tests.conftest import tiny_model
 
 
@@ -180,6 +181,6 @@ def test_byte_tokenizer_still_serves_the_tests():
 def test_the_gpu_preset_config_passes_its_own_checks():
     """The gpu preset's model (p50k's 50,281 tokens) is accepted: the size check must know the tokenizer."""
     import train
-    from jfmini.common import parse_config
+    from jfmini.runtime.common import parse_config
     cfg = train.with_preset(parse_config(train.TrainConfig, ["--preset", "gpu"], checks=train.checks), True)
     assert cfg.vocab_size == 50281 and cfg.tokenizer == "p50k"

@@ -6,7 +6,6 @@ on stderr (no traceback), run no code from any file (the crafted pickles would c
 touch no file outside the case's out_dir, and keep every file already in out_dir (the last good
 checkpoint included) byte for byte.
 """
-import functools
 import importlib
 import io
 import json
@@ -24,7 +23,7 @@ import pytest
 import torch
 
 from conftest import ROOT
-from jfmini.common import file_sha256, load_checkpoint, parse_config
+from jfmini.runtime.common import file_sha256, load_checkpoint, parse_config
 from test_scripts import LONG, PY, TINY, fake_token_cache, no_temp_files, tiny_base
 
 sys.path.insert(0, str(ROOT))
@@ -534,7 +533,7 @@ def test_an_ignored_signal_stays_ignored():
     """`nohup` starts a run with SIGHUP ignored, a script's background job with SIGINT ignored: cli()'s
     handlers leave those alone, and put every handler back afterwards."""
     import signal
-    from jfmini.common import _on_stop_signal, stop_signals_raise
+    from jfmini.runtime.common import _on_stop_signal, stop_signals_raise
     before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
@@ -551,7 +550,7 @@ def test_an_ignored_signal_stays_ignored():
 def test_the_sweep_file_bench_writes_passes_the_check(tmp_path):
     """read_sweep refuses what bench.py --sweep could never write, and takes all it does write."""
     import bench
-    from jfmini.files import read_sweep
+    from jfmini.runtime.files import read_sweep
     row = {"tokens_per_forward": 1.5, "tokens_per_s": 900.0}
     saved = {"device": "cpu", "best": bench.SWEEP[-1], "base_best": bench.SWEEP_BASE[0],
              "results": {"jf": [{**s, **row, "compiled_tokens_per_s": 1000.0} for s in bench.SWEEP],
@@ -561,7 +560,7 @@ def test_the_sweep_file_bench_writes_passes_the_check(tmp_path):
 
 
 def test_rng_state_round_trips_as_plain_types():
-    from jfmini.files import rng_ok, rng_state, set_rng_state
+    from jfmini.runtime.files import rng_ok, rng_state, set_rng_state
     np.random.seed(5)
     torch.manual_seed(5)
     state = rng_state()
@@ -598,7 +597,7 @@ def test_file_size_limit_in_the_save_helper(tmp_path):
     """The same real failure at the helper: EFBIG under RuntimeError('unexpected pos') becomes the
     one-line UserError."""
     code = ("import resource, signal, sys, torch; sys.path.insert(0, sys.argv[2]); "
-            "from jfmini.common import atomic_save, UserError; atomic_save({'x': torch.zeros(10)}, sys.argv[1]); "
+            "from jfmini.runtime.common import atomic_save, UserError; atomic_save({'x': torch.zeros(10)}, sys.argv[1]); "
             "signal.signal(signal.SIGXFSZ, signal.SIG_IGN); resource.setrlimit(resource.RLIMIT_FSIZE, (50000, 50000))\n"
             "try:\n    atomic_save({'x': torch.zeros(100000)}, sys.argv[1])\n"
             "except UserError as e:\n    print(e)")
@@ -610,7 +609,7 @@ def test_file_size_limit_in_the_save_helper(tmp_path):
 
 
 def test_the_lock_never_writes_through_a_link(tmp_path):
-    from jfmini.common import UserError, out_dir_lock
+    from jfmini.runtime.common import UserError, out_dir_lock
     victim = tmp_path / "victim.txt"
     victim.write_text("keep me\n")
     out = tmp_path / "out"
@@ -629,7 +628,7 @@ def test_the_lock_never_writes_through_a_link(tmp_path):
 def test_a_write_probe_never_follows_a_planted_link(tmp_path):
     """check_writable makes a new file of a random name (O_EXCL): a link planted under a guessable name is
     never written through."""
-    from jfmini.common import check_writable
+    from jfmini.runtime.common import check_writable
     victim = tmp_path / "victim.txt"
     victim.write_text("keep me\n")
     out = tmp_path / "out"

@@ -7,8 +7,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 import torch
 import bench
 import jfmini.model as M
-from jfmini.data import read_prompts, tokenizer
-from jfmini.decoding import Jacobi
+from jfmini.runtime.data import read_prompts, tokenizer
+from jfmini.jacobi import Jacobi
 
 t0 = time.time()
 log = lambda *a: print(f"[{time.time() - t0:6.1f}s]", *a, flush=True)

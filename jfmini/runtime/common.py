@@ -350,8 +350,8 @@ def load_checkpoint(path, device="cpu", flag=None, kinds=("base", "jacobi_forcin
     what is wrong with the file and what to do. `flag` is the option that named the file ("--ckpt"),
     so the message says what to pass instead; None for a file a script finds itself (train.py's own).
     `kinds`: the kinds of file the caller takes (a *_state.pt holds a model too: decode.py runs it; train.py
-    asks for the kind it continues). The file is read without running code and checked whole (jfmini.files)."""
-    from jfmini.files import read_checkpoint
+    asks for the kind it continues). The file is read without running code and checked whole (jfmini.runtime.files)."""
+    from jfmini.runtime.files import read_checkpoint
     path = Path(path)
     instead = f"pass {flag} with a .pt file written by train.py" if flag else \
         "delete it and run the stage again without --resume" if all(k.endswith("_state") for k in kinds) else \
@@ -387,7 +387,7 @@ def out_dir_lock(out, master=True, who="train.py"):
         yield
         return
     path = Path(out) / "train.lock"
-    fix = f"remove it (no jfmini run uses it), or pass another --out_dir"
+    fix = "remove it (no jfmini run uses it), or pass another --out_dir"
     while True:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)

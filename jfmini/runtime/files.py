@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from jfmini.common import UserError
+from jfmini.runtime.common import UserError
 
 # Sane bounds of a model config (this project's models are far inside them). The largest vocabulary is
 # the p50k-style code tokenizer's (GPT-2's 50,257 tokens plus 24 whitespace runs); token files are uint16.
@@ -68,7 +68,7 @@ def model_config_problem(c, prefix="model_config "):
     quietly become the default and load a different model. Sizes are refused before anything is
     allocated. `prefix` names a key in the message: "model_config " for a file, "--" for train.py's flags."""
     from jfmini.model import GPTConfig
-    from jfmini.data import TOKENIZERS, full_vocab
+    from jfmini.runtime.data import TOKENIZERS, full_vocab
     fields = [f.name for f in dataclasses.fields(GPTConfig)]
     if not isinstance(c, dict):
         return f"model_config is a {type(c).__name__}, not a dict"
@@ -226,7 +226,7 @@ def metadata_problem(ckpt):
 
 def train_config_ok(tc):
     """train.py's flags: a dict of flag names to plain values (a corpus jfmini knows)."""
-    from jfmini.data import CORPORA
+    from jfmini.runtime.data import CORPORA
     if not isinstance(tc, dict) or len(tc) > 500:
         return False
     for k, v in tc.items():
@@ -429,7 +429,7 @@ def check_token_files(data_dir, vocab, seq_len, splits=("train", "val")):
 
 # ----------------------------------------------------------------------------- sweep file
 
-# A decoder setting: (type check, range), as jfmini.decoding.check_args and bench.py's grid use them.
+# A decoder setting: (type check, range), as jfmini.jacobi.check_args and bench.py's grid use them.
 SETTING_RANGES = {"block_len": (1, 4096), "num_blocks": (1, 64), "pool_size": (0, 256), "ngram": (0, 256),
                   "cand_len": (1, 4096)}
 SWEEP_KEYS = {"device", "best", "base_best", "results"}

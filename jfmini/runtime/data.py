@@ -26,9 +26,9 @@ from pathlib import Path
 import numpy as np
 import tiktoken
 
-from jfmini.common import UserError, atomic_write
+from jfmini.runtime.common import UserError, atomic_write
 
-GPT2_RANKS = Path(__file__).parent / "assets" / "gpt2.tiktoken"
+GPT2_RANKS = Path(__file__).parent.parent / "assets" / "gpt2.tiktoken"
 GPT2_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
 # GPT-2's split pattern (tiktoken's r50k_base), with possessive quantifiers for speed.
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""

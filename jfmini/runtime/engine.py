@@ -1,0 +1,213 @@
+"""Running a decoder fast: the machinery under jfmini.jacobi.
+
+- `Engine`, the base of `jfmini.jacobi.Jacobi`: one iteration replayed as a CUDA graph (`step`), warm-up
+  steps that leave no trace (`undone`), and the host loop that decodes one prompt (`generate`).
+- `decode_many`: many prompts in fixed-shape batches, finished rows frozen.
+- `generate_ar`: the AR oracle with a KV cache, plain eager PyTorch (the 'AR eager' baseline of bench.py).
+- `Stats`, `check_args`, `finish`, `top_k`: counters, the settings' checks, the end-of-text cut, a
+  fusable top-k.
+"""
+import contextlib
+import gc
+import time
+from dataclasses import dataclass
+
+import torch
+
+from jfmini.masks import cache_mask
+from jfmini.runtime.common import UserError
+
+
+@dataclass
+class Stats:
+    new_tokens: int = 0   # committed new tokens (capped at max_new_tokens, up to and including end-of-text)
+    forwards: int = 0     # decoding forwards, prefill excluded
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+
+    @property
+    def tokens_per_forward(self):
+        return self.new_tokens / max(self.forwards, 1)
+
+    @property
+    def tokens_per_s(self):
+        return self.new_tokens / max(self.decode_s, 1e-9)
+
+    def __iadd__(self, o):
+        for k in ("new_tokens", "forwards", "prefill_s", "decode_s"):
+            setattr(self, k, getattr(self, k) + getattr(o, k))
+        return self
+
+
+def sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def check_args(block_len=1, num_blocks=1, pool_size=0, ngram=0, cand_len=None, activation_ratio=0.85,
+               max_new_tokens=1):
+    for name, v in (("block_len", block_len), ("num_blocks", num_blocks), ("max_new_tokens", max_new_tokens)):
+        if v < 1:
+            raise UserError(f"{name} must be at least 1 (got {v})")
+    for name, v in (("pool_size", pool_size), ("ngram", ngram)):
+        if v < 0:
+            raise UserError(f"{name} must be 0 or more (got {v})")
+    if cand_len is not None and cand_len < 1:
+        raise UserError(f"cand_len must be at least 1 (got {cand_len})")
+    if not 0 < activation_ratio <= 1:
+        raise UserError(f"activation_ratio must be in (0, 1] (got {activation_ratio})")
+
+
+def check_prompts(prompts, batch, max_new_tokens, context, capacity):
+    """The prompts' lengths, once they are known to fit: `batch` non-empty prompts, each with
+    max_new_tokens within the model's context and the decoder's capacity."""
+    if len(prompts) != batch:
+        raise ValueError(f"expected {batch} prompts, got {len(prompts)}")
+    lens = [len(p) for p in prompts]
+    if min(lens) < 1:
+        raise UserError("empty prompt: give at least one token of text")
+    if max(lens) + max_new_tokens > context:
+        raise UserError(f"prompt of {max(lens)} tokens + max_new_tokens {max_new_tokens} exceeds the model's "
+                        f"context of {context}; shorten the prompt or lower --max_new_tokens")
+    if max(lens) + max_new_tokens > capacity:
+        raise ValueError(f"this decoder was built for max_len {capacity} tokens")
+    return lens
+
+
+def top_k(x, k):
+    """(values, indices) of the k largest entries of each row of x (B, L), largest first, ties to the lower
+    index: k argmax reductions, which inductor fuses. A topk kernel costs more for the small k used here
+    (pool and n-gram candidates: ~30 us of a 440 us multi-block step on an H200)."""
+    values, indices = [], []
+    for _ in range(k):
+        i = x.argmax(1, keepdim=True)
+        values.append(x.gather(1, i))
+        indices.append(i)
+        x = x.scatter(1, i, torch.iinfo(x.dtype).min)
+    return torch.cat(values, 1), torch.cat(indices, 1)
+
+
+def finish(tokens, max_new_tokens, eot):
+    """Cut a committed stream at max_new_tokens and just after the first end-of-text."""
+    tokens = tokens[:max_new_tokens]
+    return tokens[:tokens.index(eot) + 1] if eot is not None and eot in tokens else tokens
+
+
+@torch.no_grad()
+def generate_ar(model, prompt, max_new_tokens, eot=None):
+    """The oracle: prefill, then one token per forward through the KV cache, plain eager PyTorch.
+    Returns (new tokens, Stats). This is also the 'AR eager' baseline of bench.py."""
+    check_args(max_new_tokens=max_new_tokens)
+    dev = model.embed.weight.device
+    P = len(prompt)
+    S = P + max_new_tokens
+    model.new_cache(1, S)
+    t0 = time.perf_counter()
+    idx = torch.tensor([prompt], device=dev)
+    slots = torch.arange(P, device=dev)[None]
+    zero = torch.zeros(1, dtype=torch.long, device=dev)
+    logits = model(idx, slots, cache_mask(zero, zero[:, None], slots, S), slots)
+    tok = int(logits[0, -1].argmax())
+    sync(dev)
+    t1 = time.perf_counter()
+    out, forwards = [], 0
+    while True:
+        out.append(tok)
+        m = torch.tensor([[P + len(out) - 1]], device=dev)  # the slot of the token being committed
+        logits = model(torch.tensor([[tok]], device=dev), m, cache_mask(m[0], m, m, S), m)
+        forwards += 1
+        if tok == eot or len(out) == max_new_tokens:
+            break
+        tok = int(logits[0, -1].argmax())
+    sync(dev)
+    return out, Stats(len(out), forwards, t1 - t0, time.perf_counter() - t1)
+
+
+class Engine:
+    """How a Jacobi decoder runs: the subclass defines `_fn` (one iteration), its state tensors, `prefill`
+    and `done`; this class replays the iteration as a CUDA graph and drives the host loop."""
+
+    def step(self):
+        """One iteration: replays the captured CUDA graph, or runs eagerly (CPU)."""
+        if not self.graph_enabled:
+            return self._fn()
+        if self._graph is None:
+            self._capture()
+        self._graph.replay()
+
+    def _capture(self):
+        """Warm up on a side stream, then capture one iteration. The state tensors and the cache are
+        the same memory at every replay, so the graph reads and writes the live state."""
+        with self.undone(), torch.cuda.device(self.dev):   # real steps, undone afterwards; on our GPU
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                for _ in range(3):
+                    self._fn()
+            torch.cuda.current_stream().wait_stream(s)
+            self._graph = torch.cuda.CUDAGraph()
+            gc.collect()
+            gc.disable()  # a finalizer of an unreachable older graph must not run in the middle of this capture
+            try:
+                with torch.cuda.graph(self._graph):
+                    self._fn()
+            finally:
+                gc.enable()
+
+    @contextlib.contextmanager
+    def undone(self):
+        """Steps run inside this block leave no trace: every state tensor, the cache and the tensors of a
+        pre_step hook (its `tensors()`, e.g. a trajectory recorder's counts) are put back afterwards."""
+        hook = list(self.pre_step.tensors()) if hasattr(self.pre_step, "tensors") else []
+        tensors = [self.out, self.m, self.draft, self.valid, self.L0, self.nb, self.pool, self.ptr, self.cand,
+                   self.done, self.iters, self.it, self.accepted, *self.cache.buffers(), *hook]
+        saved = [t.clone() for t in tensors]
+        try:
+            yield
+        finally:
+            for t, v in zip(tensors, saved):
+                t.copy_(v)
+
+    @torch.no_grad()
+    def generate(self, prompt, max_new_tokens, sync_every=1, on_step=None):
+        """Decode one prompt (batch=1). on_step(self) is called after each host sync (streaming, the
+        trajectory view). Returns (new tokens, Stats)."""
+        check_args(max_new_tokens=max_new_tokens)
+        t0 = time.perf_counter()
+        self.prefill([prompt], max_new_tokens)
+        sync(self.dev)
+        t1 = time.perf_counter()
+        while True:
+            for _ in range(sync_every):
+                self.step()
+            if on_step is not None:
+                on_step(self)
+            if bool(self.done[0]):  # the one host sync per `sync_every` iterations
+                break
+        sync(self.dev)
+        t2 = time.perf_counter()
+        P, m = int(self.start[0]), int(self.m[0])
+        tokens = finish(self.out[0, P:m].tolist(), max_new_tokens, self.eot)
+        return tokens, Stats(len(tokens), int(self.iters[0]), t1 - t0, t2 - t1)
+
+
+@torch.no_grad()
+def decode_many(model, prompts, max_new_tokens, eot=None, batch=64, **settings):
+    """Decode many prompts, `batch` at a time (rows that finish early stay frozen). Returns (outputs,
+    forwards per prompt, histogram of tokens committed per forward). train.py checks a model with it;
+    bench.py decodes one prompt at a time, with timing."""
+    outs, forwards, hist = [], [], 0
+    from jfmini.jacobi import Jacobi
+    jac = Jacobi(model, batch=min(batch, len(prompts)), eot=eot,
+                 max_len=max(len(p) for p in prompts) + max_new_tokens, **settings)
+    for lo in range(0, len(prompts), jac.B):
+        chunk = prompts[lo:lo + jac.B]
+        jac.prefill(chunk + [chunk[-1]] * (jac.B - len(chunk)), max_new_tokens)  # fixed shape; extras dropped
+        while not bool(jac.done.all()):
+            for _ in range(8):                                   # one host sync per 8 iterations
+                jac.step()
+        for b in range(len(chunk)):
+            outs.append(finish(jac.out[b, int(jac.start[b]):int(jac.m[b])].tolist(), max_new_tokens, jac.eot))
+            forwards.append(int(jac.iters[b]))
+        hist = hist + jac.accepted[:len(chunk)].sum(0).cpu()
+    return outs, forwards, hist
