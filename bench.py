@@ -30,8 +30,8 @@ from jfmini.runtime.common import (UserError, atomic_write, check_writable, cli,
                                    parse_config, pick_device)
 from jfmini.runtime.data import completion_text, heldout_prompts, model_tokenizer, read_prompts
 from jfmini.runtime.files import read_sweep
-from jfmini.jacobi import METHODS, Jacobi
-from jfmini.runtime.engine import Stats, generate_ar
+from jfmini.jacobi import Jacobi
+from jfmini.runtime.engine import METHODS, Stats, generate_ar
 from jfmini.runtime.quality import score, summarize, truth_loss
 
 
@@ -41,7 +41,8 @@ class BenchConfig:
     base_ckpt: str = field("out/base.pt", "the AR base model it was distilled from")
     prompts: str = field(None, "JSONL of {task_id, prompt} records, with an optional true 'body' (default: "
                                "HumanEval's 164); 'heldout' = 512 documented functions from files no model trained on")
-    limit: int = field(0, "use only the first N prompts (0 = all)")
+    limit: int = field(None, "use only the first N prompts (0 = all); default: all on a GPU, the first 20 on a "
+                             "CPU (where the whole set takes many minutes)")
     max_new_tokens: int = field(None, "new tokens per prompt at most (greedy, stops at end-of-text); default 256, "
                                       "or a quarter of the models' context if that is less")
     eager_limit: int = field(16, "prompts for the AR eager row (a slow plain loop; its tokens/s needs few)")
@@ -63,7 +64,7 @@ def checks(c):
     for name in ("max_new_tokens", "eager_limit", "sweep_prompts", "ar_sync_every"):
         v = getattr(c, name)
         yield v is None or v >= 1, f"--{name} must be at least 1 (got {v})"
-    yield c.limit >= 0, f"--limit must be 0 (all) or more (got {c.limit})"
+    yield c.limit is None or c.limit >= 0, f"--limit must be 0 (all) or more (got {c.limit})"
 
 
 # A greedy flip is a floating-point tie, not a decoder error, when the float32 model's two candidates are
@@ -78,6 +79,7 @@ SWEEP = [dict(block_len=n, num_blocks=k, pool_size=p, ngram=g, cand_len=c, activ
          for n, k in ((16, 1), (32, 1), (32, 2), (64, 1), (64, 2)) for p, g, c in CANDIDATES]
 SWEEP_BASE = [dict(block_len=n, ngram=g, cand_len=c) for n in (16, 32) for g, c in ((1, 16), (2, 8))]
 LOOKUP = dict(block_len=32, ngram=2, cand_len=16)     # the n-gram rows when no sweep chose settings
+CPU_LIMIT = 20                                        # prompts when --limit is not given, on a CPU
 
 
 def describe(settings):
@@ -117,8 +119,8 @@ def step_us(jac, prompt, max_new_tokens, iters=100):
     its average step: with half the new tokens already in the cache (the live length sets the attention
     cost). The state is scratch afterwards; the next generate() prefills anew."""
     jac.prefill([prompt], max_new_tokens)
-    jac.m.add_(max_new_tokens // 2)
-    jac.done.fill_(True)          # frozen: every kernel still runs, nothing moves past the cache
+    jac.state.length.add_(max_new_tokens // 2)
+    jac.state.done.fill_(True)          # frozen: every kernel still runs, nothing moves past the cache
     jac.step()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
@@ -171,8 +173,8 @@ def profile_step(model, prompt, settings, eot, compile, max_len, max_new_tokens)
     so the profiler sees each kernel, with half the new tokens in the cache; the biggest first."""
     jac = Jacobi(model, eot=eot, graph=False, compile=compile, max_len=max_len, **settings)
     jac.prefill([prompt], max_new_tokens)
-    jac.m.add_(max_new_tokens // 2)
-    jac.done.fill_(True)          # frozen: every kernel still runs, nothing moves past the cache
+    jac.state.length.add_(max_new_tokens // 2)
+    jac.state.done.fill_(True)          # frozen: every kernel still runs, nothing moves past the cache
     for _ in range(3):
         jac.step()
     torch.cuda.synchronize()
@@ -436,6 +438,10 @@ def main(argv=None):
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}.get(cfg.dtype,
                                                                        torch.bfloat16 if cuda else torch.float32)
     compile = cfg.compile == "auto" and cuda
+    if cfg.limit is None:
+        cfg = replace(cfg, limit=0 if cuda else CPU_LIMIT)
+        if not cuda:
+            log(f"--limit {CPU_LIMIT}: the first {CPU_LIMIT} prompts on a CPU (pass --limit 0 for all)")
     records = read_prompts(cfg.prompts)[:cfg.limit or None] if cfg.prompts != "heldout" else None
     models, vals, paths, base_ck = load_models(cfg, device, dtype)
     enc = model_tokenizer(models["base"].cfg)

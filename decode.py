@@ -19,8 +19,8 @@ import torch
 
 from jfmini.runtime.common import UserError, cli, default_checkpoint, field, load_checkpoint, parse_config, pick_device
 from jfmini.runtime.data import model_tokenizer
-from jfmini.jacobi import METHODS, SETTINGS, Jacobi
-from jfmini.runtime.engine import finish
+from jfmini.jacobi import Jacobi
+from jfmini.runtime.engine import METHODS, SETTINGS, finish
 from jfmini.runtime.files import read_sweep
 
 
@@ -164,10 +164,10 @@ def main(argv=None):
     def on_step(j):
         if not frames and shown[0] is None:  # the first iteration: the prompt was accepted
             print(f"# {ckpt_path} ({ckpt.get('kind', '?')}), {cfg.method} {settings}, {device}", file=sys.stderr)
-        m = int(j.m[0])
-        tokens = j.out[0, len(prompt):m].tolist()
+        m = int(j.state.length[0])
+        tokens = j.state.text[0, len(prompt):m].tolist()
         if cfg.show:
-            frames.append((m, j.draft[0, :int(j.valid[0])].tolist()))
+            frames.append((m, j.state.draft[0, :int(j.state.in_flight[0])].tolist()))
         else:
             if shown[0] is None:  # the prompt was accepted: echo it, then stream
                 sys.stdout.write(cfg.prompt)

@@ -4,8 +4,8 @@
     Trajectories --noise schedule: pick a noisy state k_j per block--> packed rows     target_ratios, pack
     packed rows --one forward with the noise-aware mask--> L = L_pc + lambda * L_AR    objective, total
 
-The Jacobi iteration used to collect trajectories is the decoder's own (jfmini.jacobi.Jacobi); this file
-only adds a hook that records each block's state before every iteration. Beyond the paper, marked
+The Jacobi iteration used to collect trajectories is the decoder's own (jfmini.jacobi.Jacobi), with a
+hook that records each block's state before every iteration (jfmini.runtime.trajectories.Recorder). Beyond the paper, marked
 "jfmini" where they appear: a consistency window (pack's cons_window), the KL anchor (AR and replay terms
 as a KL divergence from the frozen model the round starts from) and ground-truth AR targets (truth rows).
 Storage and checks of trajectories live in jfmini.runtime.trajectories.
@@ -19,36 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from jfmini.jacobi import Jacobi
-from jfmini.runtime.trajectories import Trajectories
-
-
-class _Recorder:
-    """pre_step hook: store the current block's n-token state (committed part + drafts) of each row."""
-
-    def __init__(self, jac, num_blocks):
-        B, n = jac.B, jac.n
-        self.T = num_blocks
-        self.states = torch.zeros(B, num_blocks, n, n, dtype=torch.long, device=jac.dev)
-        self.count = torch.zeros(B, num_blocks, dtype=torch.long, device=jac.dev)
-
-    def tensors(self):
-        """The recorder's state: the decoder puts it back after the warm-up steps of a CUDA graph capture
-        (without that, the first batch's block 0 counted 4 extra iterations and the states of every later
-        block were filed under the wrong block)."""
-        return [self.states, self.count]
-
-    def __call__(self, jac):
-        n, ar_n, bidx = jac.n, jac.ar_n, jac.bidx
-        committed = n - jac.L0                                     # (B,) tokens of the block already committed
-        first = jac.m - committed                                  # block start position
-        blk = ((first - jac.start) // n).clamp(max=self.T - 1)
-        from_out = jac.out.gather(1, (first[:, None] + ar_n).clamp(max=jac.C - 1))
-        from_draft = jac.draft.gather(1, (ar_n - committed[:, None]).clamp(0, jac.W - 1))
-        state = torch.where(ar_n < committed[:, None], from_out, from_draft)   # (B, n)
-        k = self.count[bidx, blk].clamp(max=n - 1)
-        ok = ~jac.done
-        self.states[bidx, blk, k] = torch.where(ok[:, None], state, self.states[bidx, blk, k])
-        self.count[bidx, blk] += ok.long()
+from jfmini.runtime.trajectories import Recorder, Trajectories
 
 
 @torch.no_grad()
@@ -65,17 +36,17 @@ def collect_trajectories(model, prompts, block_len, num_blocks, batch_size, eot,
         if jac is None:
             jac = Jacobi(model, block_len=n, batch=batch_size, eot=None, compile=compile, graph=graph,
                          max_len=max(len(p) for p in prompts) + n * T)
-            rec = _Recorder(jac, T)
+            rec = Recorder(jac, T)
             jac.pre_step = rec
         rec.states.zero_()
         rec.count.zero_()
         jac.prefill(chunk, n * T)
         for _ in range(n * T):                                       # at most n iterations per block
             jac.step()
-            if bool(jac.done.all()):
+            if bool(jac.state.done.all()):
                 break
-        start = jac.start[:, None] + torch.arange(n * T, device=jac.dev)
-        fx = jac.out.gather(1, start).view(batch_size, T, n).cpu().numpy().copy()  # own memory: buffers are reused
+        start = jac.state.prompt_len[:, None] + torch.arange(n * T, device=jac.dev)
+        fx = jac.state.text.gather(1, start).view(batch_size, T, n).cpu().numpy().copy()  # own memory: buffers are reused
         st, cnt = rec.states.cpu().numpy().copy(), rec.count.cpu().numpy().copy()
         for b in range(min(batch_size, len(prompts) - lo)):
             fixed.append(fx[b])
@@ -139,9 +110,22 @@ def pick_state(cands, ratios, wanted, rng, fresh, tolerance):
     return int(near[rng.integers(len(near))])
 
 
+def choose_states(traj, i, by_owner, ratios, wanted, rng, fresh, tolerance):
+    """The noisy state k_j of every block j of prompt i: among its recorded states and the fixed point
+    itself (ratio 0), the one whose noise ratio is nearest the schedule's wanted[j]. Returns (T, n)."""
+    T, fixed = traj.fixed.shape[1], traj.fixed[i].astype(np.int64)
+    noisy = []
+    for j in range(T):
+        lo, hi = by_owner[i * T + j], by_owner[i * T + j + 1]
+        cands = np.concatenate([traj.states[lo:hi], fixed[j][None]]).astype(np.int64)   # (S + 1, n)
+        noisy.append(cands[pick_state(cands, np.append(ratios[lo:hi], 0.0), wanted[j], rng, fresh, tolerance)])
+    return np.stack(noisy)
+
+
 def truth_rows(traj, rows, length):
-    """jfmini, beyond the paper: rows [prompt | its true continuation] for an AR loss on real code: (tokens, targets), (B, length)
-    each; the targets are the continuation's tokens (the prompt's last token predicts the first)."""
+    """jfmini, beyond the paper: rows [prompt | its true continuation] for an AR loss on real code:
+    (tokens, targets), (B, length) each; the targets are the continuation's tokens (the prompt's last
+    token predicts the first)."""
     tokens, targets = np.zeros((len(rows), length), np.int64), np.full((len(rows), length), -1, np.int64)
     for r, i in enumerate(rows):
         prompt, truth = traj.prompt(i).astype(np.int64), traj.truth[i].astype(np.int64)
@@ -178,12 +162,10 @@ def pack(traj, rows, length, schedule, rng, eot, window=16, fresh=True, cons_win
         valid_until = cut[0] if len(cut) else len(clean)            # stream index of the first end-of-text
         phase = int(rng.integers(window)) if fresh and schedule != "random" else 0
         wanted = target_ratios(T, schedule, rng, window=window, phase=phase)
+        noisy = choose_states(traj, i, by_owner, ratios, wanted, rng, fresh, tolerance)   # (T, n)
         toks, pos = [prompt], [np.arange(P)]
         ar = [np.append(prompt[1:], clean[0])]                     # prompt predicts its next token, then l_0[0]
-        for j in range(T):
-            lo, hi = by_owner[i * T + j], by_owner[i * T + j + 1]
-            cands = np.concatenate([traj.states[lo:hi], fixed[j][None]]).astype(np.int64)  # + the fixed point
-            k = cands[pick_state(cands, np.append(ratios[lo:hi], 0.0), wanted[j], rng, fresh, tolerance)]
+        for j, k in enumerate(noisy):
             diff = np.flatnonzero(k != fixed[j])
             stream = j * n + np.arange(n)                            # stream index of l_j[t]
             nxt = np.append(clean[stream[1:]], clean[stream[-1] + 1] if j + 1 < T else -1)

@@ -86,10 +86,10 @@ def test_lossless_with_batched_rows_of_different_prompt_lengths():
     prompts = [[1, 2, 3], list(range(40, 51)), [7], list(range(100, 106))]
     jac = Jacobi(model, block_len=6, batch=4)
     jac.prefill(prompts, 30)
-    while not bool(jac.done.all()):
+    while not bool(jac.state.done.all()):
         jac.step()
     for b, p in enumerate(prompts):
-        assert jac.out[b, len(p):len(p) + 30].tolist() == generate_ar(model, p, 30)[0]
+        assert jac.state.text[b, len(p):len(p) + 30].tolist() == generate_ar(model, p, 30)[0]
 
 
 def test_block_len_one_is_exactly_ar():
@@ -169,7 +169,7 @@ def test_batched_decoding_counts_what_one_prompt_decoding_counts(block_len):
 def converging_update(jac, run):
     """A Jacobi update of a fresh block after one committed token: the verified next token is new, the next
     `run` drafts equal the guesses they replace (converged), the one after them changed."""
-    old = jac.draft.clone()
+    old = jac.state.draft.clone()
     new = torch.cat([old[:, 1:], old[:, -1:]], 1)        # every draft as its predecessor guessed it
     new[:, 0] = (old[:, 1] + 1) % 256                     # the verified token differs from the guess
     new[:, run + 1] = (old[:, run + 2] + 1) % 256         # the first draft that moved
@@ -184,7 +184,8 @@ def test_a_block_whose_drafts_converged_grows_a_pseudo_active_block(run, grows):
     jac.prefill([[1, 2, 3]], 40)
     one = torch.ones(1, dtype=torch.long)
     draft = converging_update(jac, run)
-    _, nb, V = jac._grow(one, torch.zeros_like(draft), draft, jac.L0 - 1, jac.nb, jac.valid - 1, one < 0)
+    s = jac.state
+    _, nb, V = jac._grow(one, torch.zeros_like(draft), draft, s.block0_left - 1, s.blocks, s.in_flight - 1, one < 0)
     assert int(nb) == (2 if grows else 1) and int(V) == (7 + 8 if grows else 7)
 
 
@@ -192,13 +193,13 @@ def test_a_candidate_row_may_commit_past_the_end_of_block_zero():
     """A context n-gram of 8 tokens, all verified, commits all 8 even when block 0 has 3 tokens left."""
     jac = Jacobi(tiny_model(seed=0), block_len=8, ngram=1, cand_len=8)
     jac.prefill([[1, 2, 3]], 40)
-    jac.valid.fill_(3)
-    jac.L0.fill_(3)
+    jac.state.in_flight.fill_(3)
+    jac.state.block0_left.fill_(3)
     cand = torch.arange(10, 18)[None]
-    jac.cand[:, 0] = cand
+    jac.state.cand[:, 0] = cand
     g = torch.zeros(1, jac.W + 8, dtype=torch.long)
     g[:, jac.W:jac.W + 7] = cand[:, 1:]                 # the model's prediction after each candidate token
-    g[:, 0] = (jac.draft[:, 1] + 1) % 256                # the main row fails at its first draft
+    g[:, 0] = (jac.state.draft[:, 1] + 1) % 256                # the main row fails at its first draft
     a, a_main, chosen, _ = jac._accept(g)
     assert int(a_main) == 1 and int(a) == 8 and chosen[0, :8].tolist() == cand[0].tolist()
 

@@ -187,8 +187,8 @@ def test_undone_puts_back_the_hook_tensors():
     with jac.undone():
         for _ in range(3):
             jac.step()
-        assert int(hook.calls) == 3 and int(jac.iters[0]) == 3
-    assert int(hook.calls) == 0 and int(jac.iters[0]) == 0
+        assert int(hook.calls) == 3 and int(jac.state.forwards[0]) == 3
+    assert int(hook.calls) == 0 and int(jac.state.forwards[0]) == 0
 
 
 @cuda

@@ -4,8 +4,8 @@
   steps that leave no trace (`undone`), and the host loop that decodes one prompt (`generate`).
 - `decode_many`: many prompts in fixed-shape batches, finished rows frozen.
 - `generate_ar`: the AR oracle with a KV cache, plain eager PyTorch (the 'AR eager' baseline of bench.py).
-- `Stats`, `check_args`, `finish`, `top_k`: counters, the settings' checks, the end-of-text cut, a
-  fusable top-k.
+- `METHODS`, `SETTINGS`: decoder settings by name; `Stats`, `check_args`, `finish`, `top_k`: counters,
+  the settings' checks, the end-of-text cut, a fusable top-k.
 """
 import contextlib
 import gc
@@ -37,6 +37,16 @@ class Stats:
         for k in ("new_tokens", "forwards", "prefill_s", "decode_s"):
             setattr(self, k, getattr(self, k) + getattr(o, k))
         return self
+
+
+# Decoder settings by name. "mr" = rejection recycling + multi-block with the paper's defaults (n=64,
+# K=2 blocks in flight, pool of 4 candidates, activation ratio 0.85); its candidates are 16 tokens long.
+METHODS = {
+    "ar": dict(block_len=1),
+    "jacobi": dict(block_len=32),
+    "mr": dict(block_len=64, num_blocks=2, pool_size=4, cand_len=16, activation_ratio=0.85),
+}
+SETTINGS = ("block_len", "num_blocks", "pool_size", "ngram", "cand_len", "activation_ratio")
 
 
 def sync(device):
@@ -124,8 +134,19 @@ def generate_ar(model, prompt, max_new_tokens, eot=None):
 
 
 class Engine:
-    """How a Jacobi decoder runs: the subclass defines `_fn` (one iteration), its state tensors, `prefill`
-    and `done`; this class replays the iteration as a CUDA graph and drives the host loop."""
+    """How a Jacobi decoder runs: the subclass defines `_step` (one iteration), `state` (its tensors) and
+    `prefill`; this class compiles the iteration, replays it as a CUDA graph and drives the host loop."""
+
+    def setup_engine(self, graph=None, compile=False):
+        """graph: capture the iteration as a CUDA graph (default: on CUDA). compile: fuse its small tensor
+        ops with inductor first. Each decoder configuration compiles the same method anew; past dynamo's
+        default limit of 8 it would silently run eagerly (bench.py --sweep compiles many), hence the
+        higher limit."""
+        self.graph_enabled = (self.dev.type == "cuda") if graph is None else graph
+        self._graph = None
+        if compile:
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
+        self._fn = torch.compile(self._step, dynamic=False) if compile else self._step
 
     def step(self):
         """One iteration: replays the captured CUDA graph, or runs eagerly (CPU)."""
@@ -159,8 +180,7 @@ class Engine:
         """Steps run inside this block leave no trace: every state tensor, the cache and the tensors of a
         pre_step hook (its `tensors()`, e.g. a trajectory recorder's counts) are put back afterwards."""
         hook = list(self.pre_step.tensors()) if hasattr(self.pre_step, "tensors") else []
-        tensors = [self.out, self.m, self.draft, self.valid, self.L0, self.nb, self.pool, self.ptr, self.cand,
-                   self.done, self.iters, self.it, self.accepted, *self.cache.buffers(), *hook]
+        tensors = [*self.state.tensors(), *self.cache.buffers(), *hook]
         saved = [t.clone() for t in tensors]
         try:
             yield
@@ -182,13 +202,13 @@ class Engine:
                 self.step()
             if on_step is not None:
                 on_step(self)
-            if bool(self.done[0]):  # the one host sync per `sync_every` iterations
+            if bool(self.state.done[0]):  # the one host sync per `sync_every` iterations
                 break
         sync(self.dev)
         t2 = time.perf_counter()
-        P, m = int(self.start[0]), int(self.m[0])
-        tokens = finish(self.out[0, P:m].tolist(), max_new_tokens, self.eot)
-        return tokens, Stats(len(tokens), int(self.iters[0]), t1 - t0, t2 - t1)
+        s = self.state
+        tokens = finish(s.text[0, int(s.prompt_len[0]):int(s.length[0])].tolist(), max_new_tokens, self.eot)
+        return tokens, Stats(len(tokens), int(s.forwards[0]), t1 - t0, t2 - t1)
 
 
 @torch.no_grad()
@@ -203,11 +223,12 @@ def decode_many(model, prompts, max_new_tokens, eot=None, batch=64, **settings):
     for lo in range(0, len(prompts), jac.B):
         chunk = prompts[lo:lo + jac.B]
         jac.prefill(chunk + [chunk[-1]] * (jac.B - len(chunk)), max_new_tokens)  # fixed shape; extras dropped
-        while not bool(jac.done.all()):
+        s = jac.state
+        while not bool(s.done.all()):
             for _ in range(8):                                   # one host sync per 8 iterations
                 jac.step()
         for b in range(len(chunk)):
-            outs.append(finish(jac.out[b, int(jac.start[b]):int(jac.m[b])].tolist(), max_new_tokens, jac.eot))
-            forwards.append(int(jac.iters[b]))
-        hist = hist + jac.accepted[:len(chunk)].sum(0).cpu()
+            outs.append(finish(s.text[b, int(s.prompt_len[b]):int(s.length[b])].tolist(), max_new_tokens, jac.eot))
+            forwards.append(int(s.forwards[b]))
+        hist = hist + s.accepted[:len(chunk)].sum(0).cpu()
     return outs, forwards, hist

@@ -4,6 +4,7 @@ jfmini.forcing.
 - `Trajectories`: N prompts' fixed points and every recorded Jacobi state, stored compactly, saved and
   loaded as plain arrays (no code), checked whole.
 - `longest_run`, `repetitive`: which fixed points are greedy loops.
+- `Recorder`: the decoder hook that records every block's state before each iteration, graph-safe.
 - `accuracy_by_distance`: on held-out trajectories, how often the model predicts a noisy position's
   next clean token, by distance from the block's first divergence.
 """
@@ -181,3 +182,33 @@ def accuracy_by_distance(model, traj, eot, context="clean", batch=16, seed=0, au
         np.add.at(hits, dist[keep], (guess == label)[keep])
         np.add.at(counts, dist[keep], 1)
     return hits, counts
+
+
+class Recorder:
+    """The Jacobi decoder's pre_step hook behind jfmini.forcing.collect_trajectories: before every
+    iteration it stores each row's current block as n tokens (committed part + drafts), graph-safe."""
+
+    def __init__(self, jac, num_blocks):
+        B, n = jac.B, jac.n
+        self.T = num_blocks
+        self.states = torch.zeros(B, num_blocks, n, n, dtype=torch.long, device=jac.dev)
+        self.count = torch.zeros(B, num_blocks, dtype=torch.long, device=jac.dev)
+
+    def tensors(self):
+        """The recorder's state: the decoder puts it back after the warm-up steps of a CUDA graph capture
+        (without that, the first batch's block 0 counted 4 extra iterations and the states of every later
+        block were filed under the wrong block)."""
+        return [self.states, self.count]
+
+    def __call__(self, jac):
+        n, ar_n, bidx, s = jac.n, jac.ar_n, jac.bidx, jac.state
+        committed = n - s.block0_left                              # (B,) tokens of the block already committed
+        first = s.length - committed                               # block start position
+        blk = ((first - s.prompt_len) // n).clamp(max=self.T - 1)
+        from_text = s.text.gather(1, (first[:, None] + ar_n).clamp(max=jac.C - 1))
+        from_draft = s.draft.gather(1, (ar_n - committed[:, None]).clamp(0, jac.W - 1))
+        state = torch.where(ar_n < committed[:, None], from_text, from_draft)   # (B, n)
+        k = self.count[bidx, blk].clamp(max=n - 1)
+        ok = ~s.done
+        self.states[bidx, blk, k] = torch.where(ok[:, None], state, self.states[bidx, blk, k])
+        self.count[bidx, blk] += ok.long()
