@@ -438,10 +438,9 @@ def main(argv=None):
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}.get(cfg.dtype,
                                                                        torch.bfloat16 if cuda else torch.float32)
     compile = cfg.compile == "auto" and cuda
+    cpu_limit = cfg.limit is None and not cuda
     if cfg.limit is None:
         cfg = replace(cfg, limit=0 if cuda else CPU_LIMIT)
-        if not cuda:
-            log(f"--limit {CPU_LIMIT}: the first {CPU_LIMIT} prompts on a CPU (pass --limit 0 for all)")
     records = read_prompts(cfg.prompts)[:cfg.limit or None] if cfg.prompts != "heldout" else None
     models, vals, paths, base_ck = load_models(cfg, device, dtype)
     enc = model_tokenizer(models["base"].cfg)
@@ -450,6 +449,8 @@ def main(argv=None):
     cfg, records, prompts = bench_prompts(cfg, enc, records, base_ck, context, log)
     max_len = max(len(p) for p in prompts) + cfg.max_new_tokens
     gpu = torch.cuda.get_device_name(device) if cuda else "cpu"
+    if cpu_limit:
+        log(f"--limit {CPU_LIMIT}: the first {CPU_LIMIT} prompts on a CPU (pass --limit 0 for all)")
     log(f"{len(prompts)} prompts, {cfg.max_new_tokens} new tokens max, {gpu}, torch {torch.__version__}, {dtype}; "
         f"base {cfg.base_ckpt}, Jacobi Forcing {paths['jf']}")
     best, sweep_results = best_settings(cfg, models, prompts, saved, gpu, eot, compile, log, max_len)
