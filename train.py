@@ -116,7 +116,7 @@ class TrainConfig:
                                "distilled model's validation loss near the base; 0 = off, the paper's loss)")
     replay_batch: int = field(None, "corpus sequences per step for the replay loss")
     anchor: str = field("kl", "the replay loss: ce = cross-entropy on the corpus text; kl = KL divergence from the "
-                              "round's starting model on that text (keeps its predictions, not just its loss)",
+                              "anchor model (--anchor_to) on that text (keeps its predictions, not just its loss)",
                         ["ce", "kl"])
     noise_window: int = field(16, "blocks per ramp of the progressive schedule (capped at the blocks per "
                                   "trajectory, so every trajectory sees the whole ramp)")

@@ -5,9 +5,11 @@
     packed rows --one forward with the noise-aware mask--> L = L_pc + lambda * L_AR    objective, total
 
 The Jacobi iteration used to collect trajectories is the decoder's own (jfmini.jacobi.Jacobi), with a
-hook that records each block's state before every iteration (jfmini.runtime.trajectories.Recorder). Beyond the paper, marked
-"jfmini" where they appear: a consistency window (pack's cons_window), the KL anchor (AR and replay terms
-as a KL divergence from the frozen model the round starts from) and ground-truth AR targets (truth rows).
+hook that records each block's state before every iteration (jfmini.runtime.trajectories.Recorder).
+Beyond the paper, marked "jfmini" where they appear: a consistency window (pack's cons_window); the KL
+anchor (the AR term as a KL divergence from a frozen anchor model, train.py's base model by default,
+instead of cross-entropy to the greedy tokens); a replay term on corpus text; and a term on the real
+code after each trajectory prompt (truth rows: cross-entropy to it, or the anchor's KL there).
 Storage and checks of trajectories live in jfmini.runtime.trajectories.
 """
 import contextlib

@@ -97,8 +97,8 @@ class Jacobi(Engine):
     """Batched greedy Jacobi decoding in fixed shapes; block_len=1 is plain AR.
 
     block_len n, num_blocks K (multi-block: a new pseudo-active block is appended once the newest block
-    has converged activation_ratio*n tokens), pool_size (rejection recycling: rejected drafts that
-    contain the verified next token, verified in the same forward), ngram (jfmini, beyond the paper:
+    has converged activation_ratio*n tokens), pool_size (rejection recycling: candidate rows per forward,
+    drawn from a pool of the 2*pool_size latest rejected drafts that contain the verified next token), ngram (jfmini, beyond the paper:
     context n-gram candidates, i.e. prompt lookup), cand_len c (tokens per candidate row, at most n).
     Rows of the batch are independent sequences (trajectory collection decodes many prompts at once);
     decode.py and bench.py use batch=1.
@@ -218,8 +218,8 @@ class Jacobi(Engine):
 
     def _accept(self, preds):
         """Accepted tokens of every row (its first token is the verified one, so always >= 1); the longest
-        run wins, ties go to the main row. Returns (a, a of the main row, the winner's tokens and predictions
-        laid over the main row, each (B, W))."""
+        run wins, ties go to the main row; a winning candidate's K/V are moved into the main row's slots.
+        Returns (a, a of the main row, the winner's tokens and predictions laid over the main row, (B, W))."""
         B, W, R, c, s = self.B, self.W, self.rows, self.c, self.state
         pred_main = preds[:, :W]
         a_main = self._run(s.draft[:, None], pred_main[:, None], s.in_flight)[:, 0]
@@ -258,7 +258,7 @@ class Jacobi(Engine):
         retired = torch.where(over >= 0, 1 + over.clamp(min=0) // n, 0)
         left0 = torch.where(over >= 0, n - over.clamp(min=0) % n, s.block0_left - a)
         blocks = s.blocks - retired
-        reset = blocks <= 0                    # every block done (a long candidate may pass them all): start afresh
+        reset = blocks <= 0                    # every block retired (K=1: at each block's end): start a fresh one
         blocks, left0 = torch.where(reset, 1, blocks), torch.where(reset, n, left0)
         keep = (s.in_flight - a).clamp(min=1)
         shifted = pred.gather(1, (a[:, None] - 1 + self.ar_W).clamp(0, W - 1))
