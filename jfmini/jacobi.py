@@ -31,6 +31,29 @@ NGRAM_KEY = 4     # a context n-gram matches up to the verified next token and t
 KV_TILE = 128     # the cache length is a multiple of this (regular kernel shapes)
 
 
+def distribution(logits, temperature, top_k=0, top_p=1.0):
+    """AR sampling's next-token distribution after every position: softmax(logits / temperature) over the
+    top_k most likely tokens (0 = all), then over the smallest set of most likely tokens whose mass reaches
+    top_p (1 = all), renormalised. (..., V) -> (..., V) probabilities, in float32 at least."""
+    z = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
+    if top_k:
+        z = z.masked_fill(z < z.topk(min(top_k, z.shape[-1]), -1).values[..., -1:], float("-inf"))
+    p = z.softmax(-1)
+    if top_p < 1:
+        sorted_p, order = p.sort(-1, descending=True)
+        drop = sorted_p.cumsum(-1) - sorted_p >= top_p        # the mass before this token already reaches top_p
+        p = p.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), 0)
+        p = p / p.sum(-1, keepdim=True)
+    return p
+
+
+def draw(p, noise):
+    """One sample from each distribution p (..., V), given Exp(1) noise of the same shape: the token with
+    the largest p / noise is token i with probability exactly p_i (the first of independent exponential
+    clocks of rates p_i to ring). Rows that share their noise and their p draw the same token."""
+    return (p / noise.clamp(min=1e-30)).argmax(-1)
+
+
 def guesses(text, m, it, slots):
     """Initial guesses for draft slots: tokens 'sampled' from the text so far (prompt + committed) by an
     integer hash of the iteration, the slot and the length: deterministic and graph-safe.
@@ -100,14 +123,26 @@ class Jacobi(Engine):
     has converged activation_ratio*n tokens), pool_size (rejection recycling: candidate rows per forward,
     drawn from a pool of the 2*pool_size latest rejected drafts that contain the verified next token), ngram (jfmini, beyond the paper:
     context n-gram candidates, i.e. prompt lookup), cand_len c (tokens per candidate row, at most n).
-    Rows of the batch are independent sequences (trajectory collection decodes many prompts at once);
-    decode.py and bench.py use batch=1.
+    Rows of the batch are independent sequences (trajectory collection decodes many prompts at once;
+    bench.py --batch decodes B prompts together).
+
+    temperature > 0 samples instead (with top_k, top_p as in `distribution`), exactly as AR sampling does:
+    every iteration draws, after every position of every row, one token from the model's distribution there,
+    with the same fresh noise for the same depth in every row (speculative sampling with point-mass
+    drafts: a draft x is kept with probability p(x); on rejection the drawn token comes from p with x
+    removed; with several rows, the rows that share the drawn token stay). A row's token is accepted when
+    it equals the token drawn after the tokens before it, so the committed text is a draw from p token by
+    token, whatever the drafts were. The drafts themselves stay greedy guesses (the most likely token),
+    made before the noise that judges them is drawn. temperature 0 is greedy, bit for bit.
     """
 
     def __init__(self, model, block_len=16, num_blocks=1, pool_size=0, ngram=0, cand_len=None,
                  activation_ratio=0.85, batch=1, eot=None, graph=None, compile=False, max_len=None,
-                 pre_step=None):
-        check_args(block_len, num_blocks, pool_size, ngram, cand_len, activation_ratio)
+                 pre_step=None, temperature=0.0, top_k=0, top_p=1.0):
+        check_args(block_len, num_blocks, pool_size, ngram, cand_len, activation_ratio, temperature=temperature,
+                   top_k=top_k, top_p=top_p)
+        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
+        self.sampling = temperature > 0
         self.model, self.n, self.K, self.B = model, block_len, num_blocks, batch
         self.pool_size, self.ngram = (pool_size, ngram) if block_len > 1 else (0, 0)  # a 1-token block: nothing to add
         self.rows = self.pool_size + self.ngram           # candidate rows
@@ -159,9 +194,16 @@ class Jacobi(Engine):
         s.blocks.fill_(1)
         s.block0_left.fill_(n)
         s.in_flight.fill_(n)
-        v = logits[self.bidx, start - 1].argmax(-1)                    # greedy next token after each prompt (B,)
+        v = self._next(logits[self.bidx, start - 1])                   # the next token after each prompt (B,)
         s.draft.copy_(torch.where(self.ar_W == 0, v[:, None], self._guesses(start)))
         s.cand.copy_(s.draft[:, None, :self.c].expand_as(s.cand))
+
+    def _next(self, logits):
+        """The next token after each row's last position (B, V) -> (B,): greedy, or one draw from p."""
+        if not self.sampling:
+            return logits.argmax(-1)
+        p = distribution(logits, self.temperature, self.top_k, self.top_p)
+        return draw(p, torch.empty_like(p).exponential_())
 
     def _guesses(self, length):
         """Initial guesses for every draft slot (B, W), from the text so far."""
@@ -172,12 +214,12 @@ class Jacobi(Engine):
     def _step(self):
         if self.pre_step is not None:
             self.pre_step(self)
-        preds = self._verify()                               # 1. draft + verify: one forward over every row
-        a, a_main, chosen, pred = self._accept(preds)        # 2. the longest verified run; the best row wins
+        drawn, guess = self._verify()                        # 1. draft + verify: one forward over every row
+        a, a_main, chosen, drawn, guess = self._accept(drawn, guess)  # 2. the longest verified run; the best row wins
         a, length, ended = self._commit(a, chosen)           # 3. commit it
-        draft, left0, blocks, in_flight, reset = self._update(a, pred, length)  # 4. the Jacobi update
+        draft, left0, blocks, in_flight, reset = self._update(a, drawn, guess, length)  # 4. the Jacobi update
         if self.K > 1:                                       # 5. multi-block: grow a pseudo-active block
-            draft, blocks, in_flight = self._grow(a, pred, draft, left0, blocks, in_flight, reset)
+            draft, blocks, in_flight = self._grow(a, guess, draft, left0, blocks, in_flight, reset)
         if self.rows:                                        # 6. candidates for the next iteration
             self._recycle(a_main, draft, length)
         self._store(a, length, ended, draft, left0, blocks, in_flight)  # 7. the new state, in place
@@ -199,15 +241,21 @@ class Jacobi(Engine):
 
     def _verify(self):
         """One forward: the main row writes its K/V right after the committed prefix (kept only up to the
-        new length), candidate rows into their scratch slots. Returns the model's greedy prediction after
-        every token (B, T)."""
+        new length), candidate rows into their scratch slots. Returns (the token drawn after every token,
+        the greedy guess after every token), each (B, T); greedy decoding draws the guess."""
         B, W, s = self.B, self.W, self.state
         tokens = torch.cat([s.draft, s.cand[:, :self.rows].reshape(B, -1)], 1)         # (B, T)
         pos = s.length[:, None] + self.offs                                            # (B, T)
         slots = torch.cat([self.base + pos[:, :W], self.cand_slots.expand(B, -1)], 1)  # (B, T)
         seg = torch.cat([(self.base + s.length)[:, None].expand(B, W), self.cand_seg.expand(B, -1)], 1)
         mask = cache_mask(self.base + s.length, seg, slots, self.S, self.base)         # (B, 1, T, S)
-        return self.model(tokens, pos, mask, slots).argmax(-1)
+        logits = self.model(tokens, pos, mask, slots)                                  # (B, T, V)
+        guess = logits.argmax(-1)
+        if not self.sampling:
+            return guess, guess
+        p = distribution(logits, self.temperature, self.top_k, self.top_p)
+        noise = torch.empty(B, W, p.shape[-1], device=self.dev).exponential_()         # fresh: one per depth
+        return draw(p, noise[:, self.offs]), guess                                     # every row, same depth: same noise
 
     def _run(self, x, preds, limit):
         """1 + the longest run of tokens equal to the prediction before them, within `limit` tokens.
@@ -216,15 +264,17 @@ class Jacobi(Engine):
         ok = (x[..., 1:] == preds[..., :-1]) & (torch.arange(L - 1, device=self.dev) < limit[:, None, None] - 1)
         return 1 + ok.long().cumprod(-1).sum(-1)
 
-    def _accept(self, preds):
-        """Accepted tokens of every row (its first token is the verified one, so always >= 1); the longest
-        run wins, ties go to the main row; a winning candidate's K/V are moved into the main row's slots.
-        Returns (a, a of the main row, the winner's tokens and predictions laid over the main row, (B, W))."""
+    def _accept(self, preds, guess=None):
+        """Accepted tokens of every row (its first token is the verified one, so always >= 1): those equal
+        to the token drawn after the tokens before them (preds). The longest run wins, ties go to the main
+        row; a winning candidate's K/V are moved into the main row's slots. Returns (a, a of the main row,
+        and laid over the main row (B, W): the winner's tokens, its drawn tokens, its guesses)."""
         B, W, R, c, s = self.B, self.W, self.rows, self.c, self.state
+        guess = preds if guess is None else guess
         pred_main = preds[:, :W]
         a_main = self._run(s.draft[:, None], pred_main[:, None], s.in_flight)[:, 0]
         if not R:
-            return a_main, a_main, s.draft, pred_main
+            return a_main, a_main, s.draft, pred_main, guess[:, :W]
         cand, pred_cand = s.cand[:, :R], preds[:, W:].view(B, R, c)
         # a candidate is verified on its own c tokens, so it may commit past block 0's end (the blocks it
         # completes retire in _update); capping it at the drafts in flight would only cost forwards
@@ -232,12 +282,15 @@ class Jacobi(Engine):
         a_all = torch.cat([a_main[:, None], self._run(cand, pred_cand, whole)], 1)       # (B, 1 + R)
         win = a_all.argmax(1)
         use, cw = (win > 0)[:, None], (win - 1).clamp(min=0)
+        winner = lambda x: torch.cat([torch.where(use, x[:, W:].view(B, R, c)[self.bidx, cw], x[:, :c]),
+                                      x[:, c:W]], 1)                       # the winning row over the main row
         chosen = torch.cat([torch.where(use, cand[self.bidx, cw], s.draft[:, :c]), s.draft[:, c:]], 1)
-        pred = torch.cat([torch.where(use, pred_cand[self.bidx, cw], pred_main[:, :c]), pred_main[:, c:]], 1)
+        pred = winner(preds)
+        guess = pred if guess is preds else winner(guess)
         # a winning candidate's K/V move from its scratch slots into place (a no-op when the main row wins)
         dst = self.base + s.length[:, None] + self.ar_c
         self.cache.copy(torch.where(use, cw[:, None] * c + self.ar_c, dst), dst)
-        return a_all.gather(1, win[:, None])[:, 0], a_main, chosen, pred
+        return a_all.gather(1, win[:, None])[:, 0], a_main, chosen, pred, guess
 
     def _commit(self, a, chosen):
         """Write the accepted tokens into the text (their K/V are already in the cache). Returns (a, the
@@ -249,10 +302,11 @@ class Jacobi(Engine):
         s.text.scatter_(1, dst, torch.where(commit, chosen, s.text.gather(1, dst)))
         return a, s.length + a, ((chosen == self.eot) & commit).any(1)
 
-    def _update(self, a, pred, length):
+    def _update(self, a, drawn, guess, length):
         """Blocks whose n tokens are all committed retire (block 1 becomes block 0); the next drafts are
-        the winner's predictions shifted past the accepted tokens (the Jacobi update; the first is the
-        verified next token), and slots past the drafts in flight get fresh guesses."""
+        the winner's guesses shifted past the accepted tokens (the Jacobi update), the first being the
+        verified next token (the token drawn after the last accepted one), and slots past the drafts in
+        flight get fresh guesses."""
         n, W, s = self.n, self.W, self.state
         over = a - s.block0_left
         retired = torch.where(over >= 0, 1 + over.clamp(min=0) // n, 0)
@@ -261,7 +315,9 @@ class Jacobi(Engine):
         reset = blocks <= 0                    # every block retired (K=1: at each block's end): start a fresh one
         blocks, left0 = torch.where(reset, 1, blocks), torch.where(reset, n, left0)
         keep = (s.in_flight - a).clamp(min=1)
-        shifted = pred.gather(1, (a[:, None] - 1 + self.ar_W).clamp(0, W - 1))
+        shifted = guess.gather(1, (a[:, None] - 1 + self.ar_W).clamp(0, W - 1))
+        if self.sampling:
+            shifted = torch.where(self.ar_W == 0, drawn.gather(1, a[:, None] - 1), shifted)
         draft = torch.where(self.ar_W < keep[:, None], shifted, self._guesses(length))
         return draft, left0, blocks, torch.where(reset, n, s.in_flight - a), reset
 

@@ -200,7 +200,7 @@ def test_a_candidate_row_may_commit_past_the_end_of_block_zero():
     g = torch.zeros(1, jac.W + 8, dtype=torch.long)
     g[:, jac.W:jac.W + 7] = cand[:, 1:]                 # the model's prediction after each candidate token
     g[:, 0] = (jac.state.draft[:, 1] + 1) % 256                # the main row fails at its first draft
-    a, a_main, chosen, _ = jac._accept(g)
+    a, a_main, chosen, _, _ = jac._accept(g)
     assert int(a_main) == 1 and int(a) == 8 and chosen[0, :8].tolist() == cand[0].tolist()
 
 

@@ -9,6 +9,7 @@
 """
 import contextlib
 import gc
+import math
 import time
 from dataclasses import dataclass
 
@@ -55,7 +56,7 @@ def sync(device):
 
 
 def check_args(block_len=1, num_blocks=1, pool_size=0, ngram=0, cand_len=None, activation_ratio=0.85,
-               max_new_tokens=1):
+               max_new_tokens=1, temperature=0.0, top_k=0, top_p=1.0):
     for name, v in (("block_len", block_len), ("num_blocks", num_blocks), ("max_new_tokens", max_new_tokens)):
         if v < 1:
             raise UserError(f"{name} must be at least 1 (got {v})")
@@ -66,6 +67,14 @@ def check_args(block_len=1, num_blocks=1, pool_size=0, ngram=0, cand_len=None, a
         raise UserError(f"cand_len must be at least 1 (got {cand_len})")
     if not 0 < activation_ratio <= 1:
         raise UserError(f"activation_ratio must be in (0, 1] (got {activation_ratio})")
+    if not (temperature >= 0 and math.isfinite(temperature)):
+        raise UserError(f"temperature must be 0 (greedy) or more (got {temperature})")
+    if top_k < 0:
+        raise UserError(f"top_k must be 0 (all tokens) or more (got {top_k})")
+    if not 0 < top_p <= 1:
+        raise UserError(f"top_p must be in (0, 1] (got {top_p})")
+    if temperature == 0 and (top_k or top_p < 1):
+        raise UserError("top_k and top_p apply to sampling: give a temperature above 0 too")
 
 
 def check_prompts(prompts, batch, max_new_tokens, context, capacity):
@@ -104,10 +113,17 @@ def finish(tokens, max_new_tokens, eot):
 
 
 @torch.no_grad()
-def generate_ar(model, prompt, max_new_tokens, eot=None):
-    """The oracle: prefill, then one token per forward through the KV cache, plain eager PyTorch.
-    Returns (new tokens, Stats). This is also the 'AR eager' baseline of bench.py."""
-    check_args(max_new_tokens=max_new_tokens)
+def generate_ar(model, prompt, max_new_tokens, eot=None, temperature=0.0, top_k=0, top_p=1.0):
+    """The oracle: prefill, then one token per forward through the KV cache, plain eager PyTorch; greedy,
+    or sampled at temperature > 0 (top_k, top_p: jfmini.jacobi.distribution). Returns (new tokens, Stats).
+    This is also the 'AR eager' baseline of bench.py."""
+    check_args(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
+    from jfmini.jacobi import distribution, draw
+    def next_token(logits):                               # logits (V,)
+        if not temperature:
+            return int(logits.argmax())
+        p = distribution(logits, temperature, top_k, top_p)
+        return int(draw(p, torch.empty_like(p).exponential_()))
     dev = model.embed.weight.device
     P = len(prompt)
     S = P + max_new_tokens
@@ -117,7 +133,7 @@ def generate_ar(model, prompt, max_new_tokens, eot=None):
     slots = torch.arange(P, device=dev)[None]
     zero = torch.zeros(1, dtype=torch.long, device=dev)
     logits = model(idx, slots, cache_mask(zero, zero[:, None], slots, S), slots)
-    tok = int(logits[0, -1].argmax())
+    tok = next_token(logits[0, -1])
     sync(dev)
     t1 = time.perf_counter()
     out, forwards = [], 0
@@ -128,7 +144,7 @@ def generate_ar(model, prompt, max_new_tokens, eot=None):
         forwards += 1
         if tok == eot or len(out) == max_new_tokens:
             break
-        tok = int(logits[0, -1].argmax())
+        tok = next_token(logits[0, -1])
     sync(dev)
     return out, Stats(len(out), forwards, t1 - t0, time.perf_counter() - t1)
 
