@@ -4,6 +4,8 @@
     python bench.py --sweep                  # first search the decoder settings for this GPU
     python bench.py --prompts my.jsonl --limit 20
     python bench.py --chart results/h200/bench.log   # redraw the charts of an earlier run
+    python bench.py --temperature 0.7 --limit 64     # every row samples (exact AR sampling in distribution)
+    python bench.py --batch 1,4,16,64                # throughput as B prompts decode together
 
 Rows: AR eager and AR fast (base model); the base model with vanilla Jacobi and with context n-gram
 candidates (prompt lookup: the training-free baseline, no distillation); the Jacobi Forcing (JF) model
@@ -11,7 +13,9 @@ with vanilla Jacobi, with MR (rejection recycling + multi-block, the paper's def
 in flight, pool 4) and with the fastest settings the sweep found on this device ('JF best'; the base
 model's fastest n-gram settings likewise become 'base best'). TPF = tokens per forward. Speedups are
 against the base model's AR rows of the same run.
-Greedy decoding, stop at end-of-text; prefill is timed apart; warm-up and graph capture excluded.
+Greedy decoding unless --temperature > 0, stop at end-of-text; prefill is timed apart; warm-up and graph
+capture excluded. Sampled rows cannot be compared with AR token for token (their 'lossless' is '-'): that
+they sample exactly as AR does is what tests/test_sampling.py checks, statistically, on a CPU.
 Outputs that differ from AR fast are checked for floating-point ties: the float32 model's logit gap
 between the two tokens at the first divergence, in rounding steps of the decoding dtype (at most
 TIE_ULPS = 2 steps counts as a tie).
@@ -31,7 +35,7 @@ from jfmini.runtime.common import (UserError, atomic_write, check_writable, cli,
 from jfmini.runtime.data import completion_text, heldout_prompts, model_tokenizer, read_prompts
 from jfmini.runtime.files import read_sweep
 from jfmini.jacobi import Jacobi
-from jfmini.runtime.engine import METHODS, Stats, generate_ar
+from jfmini.runtime.engine import METHODS, Stats, finish, generate_ar, sync
 from jfmini.runtime.quality import score, summarize, truth_loss
 
 
@@ -58,10 +62,39 @@ class BenchConfig:
     profile: bool = field(False, "print one line per decoder (tokens verified per step, us per step, tokens "
                                  "committed per us), then where one AR and one MR iteration's time goes (CUDA kernels)")
     chart: str = field(None, "only draw the charts of an earlier run: its JSON line (a bench log) or a --sweep_file")
+    temperature: float = field(0.0, "0 = greedy; above 0 every row samples at this temperature, exactly as AR "
+                                    "sampling does (in distribution, not token for token)")
+    top_k: int = field(0, "sampling: only the k most likely tokens (0 = all)")
+    top_p: float = field(1.0, "sampling: only the most likely tokens that make up this much probability (1 = all)")
+    seed: int = field(0, "seed of the sampling noise (each row starts from it)")
+    batch: str = field(None, "instead of the table: decode --batch_prompts prompts B at a time for each B of this "
+                             "list (e.g. 1,4,16,64) with AR fast, Jacobi and the best decoder on the JF model: total "
+                             "tokens/s, TPF per row, latency per token")
+    batch_prompts: int = field(64, "prompts per --batch measurement")
+
+
+def batch_sizes(text):
+    """'1,4,16,64' -> [1, 4, 16, 64]; None if it is not a list of positive integers."""
+    try:
+        sizes = [int(x) for x in text.split(",")]
+    except ValueError:
+        return None
+    return sizes if sizes and min(sizes) >= 1 else None
+
+
+def sampling(cfg):
+    """The decoders' sampling settings from the flags (temperature 0: greedy)."""
+    return dict(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
 
 
 def checks(c):
-    for name in ("max_new_tokens", "eager_limit", "sweep_prompts", "ar_sync_every"):
+    yield c.temperature >= 0 and math.isfinite(c.temperature), f"--temperature must be 0 (greedy) or more (got {c.temperature})"
+    yield c.top_k >= 0, f"--top_k must be 0 (all tokens) or more (got {c.top_k})"
+    yield 0 < c.top_p <= 1, f"--top_p must be in (0, 1] (got {c.top_p})"
+    yield c.temperature > 0 or (c.top_k == 0 and c.top_p == 1), "--top_k and --top_p apply to sampling: give " \
+                                                                 "--temperature above 0 too"
+    yield c.batch is None or batch_sizes(c.batch) is not None, f"--batch takes batch sizes like 1,4,16,64 (got {c.batch!r})"
+    for name in ("max_new_tokens", "eager_limit", "sweep_prompts", "ar_sync_every", "batch_prompts"):
         v = getattr(c, name)
         yield v is None or v >= 1, f"--{name} must be at least 1 (got {v})"
     yield c.limit is None or c.limit >= 0, f"--limit must be 0 (all) or more (got {c.limit})"
@@ -96,15 +129,16 @@ def describe(settings):
 def run_row(model, settings, prompts, cfg, eot, compile, sync_every=1, max_len=None):
     """Decode every prompt; returns (outputs, Stats). settings None = the AR eager loop. max_len sizes
     the static cache (longest prompt + new tokens): attention reads every slot of it each step."""
+    torch.manual_seed(cfg.seed)
     if settings is None:
-        generate_ar(model, prompts[0], cfg.max_new_tokens, eot)          # warm-up
+        generate_ar(model, prompts[0], cfg.max_new_tokens, eot, **sampling(cfg))          # warm-up
         outs, total = [], Stats()
         for p in prompts:
-            toks, st = generate_ar(model, p, cfg.max_new_tokens, eot)
+            toks, st = generate_ar(model, p, cfg.max_new_tokens, eot, **sampling(cfg))
             outs.append(toks)
             total += st
         return outs, total, None
-    jac = Jacobi(model, eot=eot, compile=compile, max_len=max_len, **settings)
+    jac = Jacobi(model, eot=eot, compile=compile, max_len=max_len, **settings, **sampling(cfg))
     jac.generate(prompts[0], cfg.max_new_tokens, sync_every)              # warm-up, capture
     outs, total = [], Stats()
     for p in prompts:
@@ -363,12 +397,20 @@ def measure(rows, models, vals, records, prompts, cfg, enc, eot, compile, max_le
     return results, outputs, refs
 
 
-def check_lossless(results, outputs, refs, prompts, paths, device, dtype):
+def check_lossless(results, outputs, refs, prompts, paths, device, dtype, sampled=False):
     """Each row's outputs against its model's AR fast, with the float32 logit gap at every first divergence
     (a tie of the low-precision logits is not a decoder bug); speedups against the base's AR rows."""
     ar_eager, ar_fast = results[0], results[1]
+    own_ar = {r["model"]: r for r in results if r["row"] == "AR fast"}
     fp32 = {}                                          # float32 copies for the tie analysis, loaded on first need
     for r, outs in zip(results, outputs):
+        r["speedup_vs_ar_fast"] = r["chars_per_s"] / ar_fast["chars_per_s"]      # characters: tokenizer-neutral
+        r["speedup_vs_ar_eager"] = r["chars_per_s"] / ar_eager["chars_per_s"]
+        r["token_speedup_vs_ar_fast"] = r["tokens_per_s"] / ar_fast["tokens_per_s"]
+        r["token_speedup_vs_own_ar_fast"] = r["tokens_per_s"] / own_ar[r["model"]]["tokens_per_s"]
+        if sampled:                       # samples differ from AR's token for token by design
+            r.update(lossless=None, mismatches=0, tie_gaps=[], lossless_ties_aside=None)
+            continue
         key, gaps = r["model"], []       # (gap, rounding step) per mismatch; None = differs only in length
         for p, ref, out in zip(prompts, refs[key], outs):
             if out != ref:
@@ -382,27 +424,25 @@ def check_lossless(results, outputs, refs, prompts, paths, device, dtype):
         r["tie_gaps"] = sorted([round(g, 4), round(abs(g) / st, 2)] for g, st in filter(None, gaps)) \
             + [None] * gaps.count(None)    # [gap in nats, gap in rounding steps]
         r["lossless_ties_aside"] = (len(outs) - len(gaps) + ties) / len(outs)
-        r["speedup_vs_ar_fast"] = r["chars_per_s"] / ar_fast["chars_per_s"]      # characters: tokenizer-neutral
-        r["speedup_vs_ar_eager"] = r["chars_per_s"] / ar_eager["chars_per_s"]
-        r["token_speedup_vs_ar_fast"] = r["tokens_per_s"] / ar_fast["tokens_per_s"]
 
 
 def print_table(results):
     """The results table, its legend and each row's mismatches."""
     ar_eager, ar_fast = results[0], results[1]
     head = f"{'row':<9}{'model':<6}{'decoder':<24}{'TPF':>6}{'chars/fw':>9}{'tokens/s':>9}{'chars/s':>9}" \
-           f"{'vs fast':>8}{'step us':>8}{'lossless':>9}{'parse':>7}{'loop':>7}{'blank':>7}{'edit':>6}{'body':>6}"
+           f"{'vs fast':>8}{'vs own':>7}{'step us':>8}{'lossless':>9}{'parse':>7}{'loop':>7}{'blank':>7}{'edit':>6}{'body':>6}"
     print(head)
     print("-" * len(head))
     for r in results:
         step = f"{r['step_us']:.0f}" if r["step_us"] else "-"
         edit = f"{r['edit_sim']:.3f}" if "edit_sim" in r else "-"
         body = f"{r['body_loss']:.3f}" if r["body_loss"] is not None else "-"
+        lossless = f"{r['lossless_ties_aside']:.1%}" if r["lossless_ties_aside"] is not None else "-"
         print(f"{r['row']:<9}{r['model']:<6}{r['decoder']:<24}{r['tokens_per_forward']:>6.2f}"
               f"{r['chars_per_forward']:>9.2f}{r['tokens_per_s']:>9,.0f}{r['chars_per_s']:>9,.0f}"
-              f"{r['speedup_vs_ar_fast']:>7.2f}x{step:>8}{r['lossless_ties_aside']:>9.1%}{r['parse']:>7.1%}"
+              f"{r['speedup_vs_ar_fast']:>7.2f}x{r['token_speedup_vs_own_ar_fast']:>6.2f}x{step:>8}{lossless:>9}{r['parse']:>7.1%}"
               f"{r['loop']:>7.1%}{r['blank']:>7.1%}{edit:>6}{body:>6}")
-    print(f"vs fast: characters/s over the base model's AR fast. lossless: outputs equal to the model's AR fast, "
+    print(f"vs fast: characters/s over the base model's AR fast; vs own: tokens/s over the same model's AR fast. lossless: outputs equal to the model's AR fast, "
           f"floating-point ties aside. parse/loop/blank: rates over {ar_fast['prompts']} prompts (AR eager: "
           f"{ar_eager['prompts']}; the standard error of the base's parse rate is {100 * ar_fast['parse_se']:.1f} points); "
           f"edit: edit similarity of the body to the true one; body: the true body's teacher-forced loss (nats/token).")
@@ -415,6 +455,84 @@ def print_table(results):
                                      f"{max(st for _, st in gaps):.2f} rounding steps" if gaps else "-")
                   + (f" ({lengths} differ only in length)" if lengths else "")
                   + f" -> {r['lossless_ties_aside']:.1%} lossless ties aside (gap <= {TIE_ULPS} steps)")
+
+
+@torch.no_grad()
+def batch_run(jac, prompts, max_new_tokens, eot, sync_every=4):
+    """Decode the prompts jac.B at a time (the last batch padded with repeats, which are dropped).
+    Returns (outputs, forwards per prompt, decode seconds, latency per token of each prompt: the decode time
+    of its batch over its tokens)."""
+    outs, forwards, seconds, latency = [], [], 0.0, []
+    for lo in range(0, len(prompts), jac.B):
+        chunk = prompts[lo:lo + jac.B]
+        jac.prefill(chunk + [chunk[-1]] * (jac.B - len(chunk)), max_new_tokens)
+        sync(jac.dev)
+        t0 = time.perf_counter()
+        while not bool(jac.state.done.all()):              # one host sync per sync_every iterations
+            for _ in range(sync_every):
+                jac.step()
+        sync(jac.dev)
+        t = time.perf_counter() - t0
+        s = jac.state
+        for b in range(len(chunk)):
+            outs.append(finish(s.text[b, int(s.prompt_len[b]):int(s.length[b])].tolist(), max_new_tokens, eot))
+            forwards.append(int(s.forwards[b]))
+            latency.append(t / max(len(outs[-1]), 1))
+        seconds += t
+    return outs, forwards, seconds, latency
+
+
+def batch_table(cfg, model, prompts, best, eot, compile, max_len, log):
+    """Throughput as B prompts decode together, for AR fast, Jacobi and the best decoder of the JF model:
+    one row per (decoder, B) with total tokens/s, TPF per row, latency per token and the outputs' agreement
+    with the same decoder at B = 1 (greedy)."""
+    decoders = [("AR fast", METHODS["ar"]), ("Jacobi", METHODS["jacobi"]),
+                ("best" if best else "n-gram", best.get("jf") or LOOKUP)]
+    use, results = prompts[:cfg.batch_prompts], []
+    for name, settings in decoders:
+        first = None
+        for B in batch_sizes(cfg.batch):
+            torch.manual_seed(cfg.seed)
+            jac = Jacobi(model, batch=B, eot=eot, compile=compile, max_len=max_len, **settings, **sampling(cfg))
+            batch_run(jac, use[:B], cfg.max_new_tokens, eot)                     # warm-up, capture
+            outs, forwards, seconds, latency = batch_run(jac, use, cfg.max_new_tokens, eot)
+            first = first or outs
+            tokens = sum(map(len, outs))
+            results.append({"row": name, "decoder": describe(settings), "batch": B, "prompts": len(use),
+                            "tokens": tokens, "tokens_per_s": tokens / max(seconds, 1e-9),
+                            "tokens_per_forward": tokens / max(sum(forwards), 1),
+                            "ms_per_token": 1e3 * sum(latency) / len(latency),
+                            "same_as_b1": sum(a == b for a, b in zip(outs, first)) / len(outs)})
+            log(f"batch {B:>3} {name} ({describe(settings)}): {results[-1]['tokens_per_s']:,.0f} tokens/s, TPF "
+                f"{results[-1]['tokens_per_forward']:.2f}, {results[-1]['ms_per_token']:.2f} ms/token per row")
+            del jac
+            gc.collect()
+    return results
+
+
+def print_batch_table(results, sampled):
+    """The batch table, the batch size where a parallel decoder stops paying, and a chart."""
+    head = f"{'row':<9}{'decoder':<24}{'B':>4}{'tokens/s':>10}{'vs AR':>7}{'TPF/row':>8}{'ms/token':>9}{'same as B=1':>12}"
+    print(head + "\n" + "-" * len(head))
+    ar = {r["batch"]: r for r in results if r["row"] == "AR fast"}
+    for r in results:
+        same = "-" if sampled else f"{r['same_as_b1']:.0%}"
+        print(f"{r['row']:<9}{r['decoder']:<24}{r['batch']:>4}{r['tokens_per_s']:>10,.0f}"
+              f"{r['tokens_per_s'] / ar[r['batch']]['tokens_per_s']:>6.2f}x{r['tokens_per_forward']:>8.2f}"
+              f"{r['ms_per_token']:>9.2f}{same:>12}")
+    print("tokens/s: all rows' committed tokens over the decode time (prefill apart); vs AR: over AR fast at the "
+          "same B; TPF/row: tokens per forward of each row; ms/token: a row's wait per token (its batch's decode "
+          "time over its tokens); same as B=1: outputs equal to that decoder's at B=1 (bfloat16 kernels round "
+          "differently by batch size).")
+    for name in dict.fromkeys(r["row"] for r in results if r["row"] != "AR fast"):
+        below = [r["batch"] for r in results if r["row"] == name and r["tokens_per_s"] < ar[r["batch"]]["tokens_per_s"]]
+        print(f"{name}: " + (f"total throughput falls below AR fast's from B = {min(below)}" if below
+                             else "total throughput stays above AR fast's at every B measured"))
+    try:
+        print("\n" + bars([(f"{r['row']} B={r['batch']}", r["tokens_per_s"], f"{r['tokens_per_s']:>9,.0f}/s  TPF "
+                            f"{r['tokens_per_forward']:.2f}") for r in results]))
+    except UnicodeEncodeError:
+        pass
 
 
 @cli
@@ -454,13 +572,20 @@ def main(argv=None):
     log(f"{len(prompts)} prompts, {cfg.max_new_tokens} new tokens max, {gpu}, torch {torch.__version__}, {dtype}; "
         f"base {cfg.base_ckpt}, Jacobi Forcing {paths['jf']}")
     best, sweep_results = best_settings(cfg, models, prompts, saved, gpu, eot, compile, log, max_len)
+    if cfg.batch:
+        results = batch_table(cfg, models["jf"], prompts, best, eot, compile, max_len, log)
+        print_batch_table(results, cfg.temperature > 0)
+        print(json.dumps({"device": gpu, "torch": torch.__version__, "dtype": str(dtype).replace("torch.", ""),
+                          "config": asdict(cfg), "ckpt": paths["jf"], "batch_rows": results,
+                          "seconds": time.time() - t_start}))
+        return
     ar, jacobi, mr = METHODS["ar"], METHODS["jacobi"], METHODS["mr"]
     rows = [("AR eager", "base", None), ("AR fast", "base", ar), ("Jacobi", "base", jacobi),
             ("n-gram", "base", LOOKUP)] + ([("best", "base", best["base"])] if best else []) + \
            [("AR fast", "jf", ar), ("Jacobi", "jf", jacobi), ("n-gram", "jf", LOOKUP), ("MR", "jf", mr)] + \
            ([("best", "jf", best["jf"])] if best else [])
     results, outputs, refs = measure(rows, models, vals, records, prompts, cfg, enc, eot, compile, max_len, device, log)
-    check_lossless(results, outputs, refs, prompts, paths, device, dtype)
+    check_lossless(results, outputs, refs, prompts, paths, device, dtype, sampled=cfg.temperature > 0)
     print_table(results)
     try:
         print("\n" + charts({"device": gpu, "prompts": len(prompts), "rows": results, "sweep": sweep_results}))

@@ -254,8 +254,13 @@ class Jacobi(Engine):
         if not self.sampling:
             return guess, guess
         p = distribution(logits, self.temperature, self.top_k, self.top_p)
-        noise = torch.empty(B, W, p.shape[-1], device=self.dev).exponential_()         # fresh: one per depth
-        return draw(p, noise[:, self.offs]), guess                                     # every row, same depth: same noise
+        return draw(p, self._noise(p.shape[-1])), guess
+
+    def _noise(self, V):
+        """Exp(1) noise for drawing after every token (B, T, V): fresh at each iteration, and the same for
+        the same depth in every row, so that rows agreeing so far draw the same next token (independent
+        noise per row would let the longest run win a race among independent draws: not AR sampling)."""
+        return torch.empty(self.B, self.W, V, device=self.dev).exponential_()[:, self.offs]
 
     def _run(self, x, preds, limit):
         """1 + the longest run of tokens equal to the prediction before them, within `limit` tokens.
@@ -317,7 +322,7 @@ class Jacobi(Engine):
         keep = (s.in_flight - a).clamp(min=1)
         shifted = guess.gather(1, (a[:, None] - 1 + self.ar_W).clamp(0, W - 1))
         if self.sampling:
-            shifted = torch.where(self.ar_W == 0, drawn.gather(1, a[:, None] - 1), shifted)
+            shifted = torch.where(self.ar_W == 0, drawn.gather(1, (a[:, None] - 1).clamp(min=0)), shifted)
         draft = torch.where(self.ar_W < keep[:, None], shifted, self._guesses(length))
         return draft, left0, blocks, torch.where(reset, n, s.in_flight - a), reset
 
