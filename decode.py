@@ -1,4 +1,4 @@
-"""Stream a greedy completion with a Jacobi Forcing model and report TPF (tokens per forward pass).
+"""Stream a completion (greedy, or sampled with --temperature) from a Jacobi Forcing model and report TPF (tokens per forward pass).
 
     python decode.py --prompt "def fib(n):"                     # MR decoding (n=64, K=2, pool 4, r=0.85)
     python decode.py --prompt "def fib(n):" --method jacobi     # vanilla Jacobi, block length 32
@@ -42,6 +42,10 @@ class DecodeConfig:
     sweep_file: str = field("out/sweep.json", "where --method best finds the sweep's choice")
     device: str = field("auto", "auto, cpu, cuda, cuda:N")
     graph: str = field("auto", "capture each iteration as a CUDA graph: auto (on CUDA), no", ["auto", "no"])
+    temperature: float = field(0.0, "0 = greedy; above 0: sample, exactly as AR sampling at this temperature would")
+    top_k: int = field(0, "sampling: only the k most likely tokens (0 = all)")
+    top_p: float = field(1.0, "sampling: only the most likely tokens that make up this much probability (1 = all)")
+    seed: int = field(0, "seed of the sampling noise")
 
 
 def checks(c):
@@ -60,6 +64,11 @@ def checks(c):
         yield v is None or v >= 0, f"--{name} must be 0 or more (got {v})"
     r = c.activation_ratio
     yield r is None or 0 < r <= 1, f"--activation_ratio must be in (0, 1] (got {r})"
+    yield c.temperature >= 0, f"--temperature must be 0 (greedy) or more (got {c.temperature})"
+    yield c.top_k >= 0, f"--top_k must be 0 (all tokens) or more (got {c.top_k})"
+    yield 0 < c.top_p <= 1, f"--top_p must be in (0, 1] (got {c.top_p})"
+    yield c.temperature > 0 or (c.top_k == 0 and c.top_p == 1), "--top_k and --top_p apply to sampling: give " \
+                                                                 "--temperature above 0 too"
 
 
 # One iteration verifies the drafts of all blocks and the candidate rows: at most this many model contexts
@@ -158,7 +167,9 @@ def main(argv=None):
         print(f"# {note}", file=sys.stderr)
     cfg = dataclasses.replace(cfg, max_new_tokens=max_new)
     jac = Jacobi(model, eot=enc.eot_token, graph=None if cfg.graph == "auto" else False,
-                 max_len=len(prompt) + cfg.max_new_tokens, **settings)  # a cache just long enough
+                 max_len=len(prompt) + cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
+                 top_p=cfg.top_p, **settings)  # a cache just long enough
+    torch.manual_seed(cfg.seed)
     frames, shown = [], [None]
 
     def on_step(j):
