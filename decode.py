@@ -1,4 +1,4 @@
-"""Stream a completion (greedy, or sampled with --temperature) from a Jacobi Forcing model and report TPF (tokens per forward pass).
+"""Stream a completion (greedy, or sampled with --temperature) and report TPF (tokens per forward pass).
 
     python decode.py --prompt "def fib(n):"                     # MR decoding (n=64, K=2, pool 4, r=0.85)
     python decode.py --prompt "def fib(n):" --method jacobi     # vanilla Jacobi, block length 32
