@@ -125,6 +125,9 @@ def test_decode_works_with_a_base_checkpoint(files):
 BENCH_BAD = [
     (["--bogus"], ["unrecognized"]),
     (["--limit", "-1"], ["limit"]),
+    (["--batch", "0,4"], ["--batch", "1,4,16,64"]),
+    (["--top_k", "3"], ["--temperature"]),
+    (["--temperature", "-1"], ["--temperature"]),
     (["--max_new_tokens", "x"], ["invalid int"]),
     (["--ckpt", "{d}/missing.pt"], ["not found"]),
     (["--ckpt", "{d}/truncated.pt"], ["truncated"]),
