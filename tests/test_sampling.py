@@ -17,7 +17,7 @@ import math
 import pytest
 import torch
 
-from conftest import tiny_model
+from conftest import cuda, tiny_model
 from jfmini.jacobi import Jacobi
 from jfmini.runtime.common import UserError
 from jfmini.runtime.engine import generate_ar
@@ -91,17 +91,17 @@ def exact_probs(model, length, temperature, top_k=0, top_p=1.0):
 
 
 @torch.no_grad()
-def sample(model, decoder, samples, temperature, top_k=0, top_p=1.0, **settings):
+def sample(model, decoder, samples, temperature, top_k=0, top_p=1.0, graph=False, **settings):
     """Decode PROMPT `samples` times in one batch: (counts of each continuation of L tokens (V**L,),
     forwards that committed a tokens, a = 0..W, summed over the rows)."""
     torch.manual_seed(0)
     jac = decoder(model, batch=samples, temperature=temperature, top_k=top_k, top_p=top_p,
-                  max_len=len(PROMPT) + L, graph=False, **settings)
+                  max_len=len(PROMPT) + L, graph=graph, **settings)
     jac.prefill([PROMPT] * samples, L)
     while not bool(jac.state.done.all()):
         jac.step()
-    tokens = jac.state.text[:, len(PROMPT):len(PROMPT) + L]
-    return torch.bincount(codes(tokens), minlength=V ** L).double(), jac.state.accepted.sum(0)
+    tokens = jac.state.text[:, len(PROMPT):len(PROMPT) + L].cpu()
+    return torch.bincount(codes(tokens), minlength=V ** L).double(), jac.state.accepted.sum(0).cpu()
 
 
 def chi_square_z(counts, probs):
@@ -128,6 +128,17 @@ def test_decoder_samples_exactly(model, name, temperature, top_k, top_p):
     if name != "ar":      # drafts were both kept and rejected often: the acceptance rule had work to do
         assert accepted[2:].sum() > 0.1 * forwards, accepted.tolist()
         assert accepted[1] > 0.1 * forwards, accepted.tolist()
+
+
+@cuda
+@pytest.mark.parametrize("name, compile", [("multiblock", False), ("multiblock", True), ("ngrams", True)])
+def test_sampling_is_exact_in_cuda_graphs(model, name, compile):
+    """The captured (and inductor-fused) step draws fresh noise at every replay: the same test on the GPU."""
+    gpu = tiny_model(seed=1, vocab=V, seq_len=64, n_layer=1, n_head=2, d_model=16, spread=4.0).cuda()
+    counts, _ = sample(gpu, lambda *a, **k: Jacobi(*a, compile=compile, **k), SAMPLES, 1.0, graph=True,
+                       **DECODERS[name])
+    z = chi_square_z(counts, exact_probs(model, L, 1.0))
+    assert z < Z_MAX, f"{name} in a CUDA graph (compile={compile}): not distributed as AR sampling (z = {z:.2f})"
 
 
 class LooseAcceptance(Jacobi):
