@@ -81,10 +81,13 @@ def test_context_ngrams_raise_tokens_per_forward_on_repetitive_text(seed):
     assert lookup[1].forwards < plain[1].forwards
 
 
-def test_lossless_with_batched_rows_of_different_prompt_lengths():
+@pytest.mark.parametrize("settings", [dict(block_len=6), dict(block_len=8, ngram=2, cand_len=4),
+                                      dict(block_len=8, pool_size=3, cand_len=4),
+                                      dict(block_len=6, num_blocks=2, pool_size=2, ngram=1, cand_len=4)])
+def test_lossless_with_batched_rows_of_different_prompt_lengths(settings):
     model = tiny_model(seed=5)
     prompts = [[1, 2, 3], list(range(40, 51)), [7], list(range(100, 106))]
-    jac = Jacobi(model, block_len=6, batch=4)
+    jac = Jacobi(model, batch=4, **settings)
     jac.prefill(prompts, 30)
     while not bool(jac.state.done.all()):
         jac.step()
