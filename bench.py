@@ -535,16 +535,20 @@ def print_batch_table(results, sampled):
         pass
 
 
+def redraw(path):
+    """--chart: print the charts of an earlier run's record."""
+    try:
+        print(charts(read_record(path)))
+    except (KeyError, TypeError, AttributeError, ValueError) as e:
+        raise UserError(f"--chart {path}: not a bench.py record this version can draw ({e!r}); pass "
+                        f"bench.py's log or --sweep_file") from None
+
+
 @cli
 def main(argv=None):
     cfg = parse_config(BenchConfig, argv, description=__doc__, checks=checks)
     if cfg.chart is not None:
-        try:
-            print(charts(read_record(cfg.chart)))
-        except (KeyError, TypeError, AttributeError, ValueError) as e:
-            raise UserError(f"--chart {cfg.chart}: not a bench.py record this version can draw ({e!r}); pass "
-                            f"bench.py's log or --sweep_file") from None
-        return
+        return redraw(cfg.chart)
     t_start = time.time()
     log = lambda msg: print(f"[{time.time() - t_start:6.1f}s] {msg}", file=sys.stderr, flush=True)
     device = pick_device(cfg.device)

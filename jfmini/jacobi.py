@@ -24,27 +24,11 @@ import math
 import torch
 
 from jfmini.masks import cache_mask
-from jfmini.runtime.engine import Engine, check_args, check_prompts, finish, top_k
+from jfmini.runtime.engine import Engine, check_args, check_prompts, distribution, finish, top_k
 
 
 NGRAM_KEY = 4     # a context n-gram matches up to the verified next token and the 3 tokens before it
 KV_TILE = 128     # the cache length is a multiple of this (regular kernel shapes)
-
-
-def distribution(logits, temperature, top_k=0, top_p=1.0):
-    """AR sampling's next-token distribution after every position: softmax(logits / temperature) over the
-    top_k most likely tokens (0 = all), then over the smallest set of most likely tokens whose mass reaches
-    top_p (1 = all), renormalised. (..., V) -> (..., V) probabilities, in float32 at least."""
-    z = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
-    if top_k:
-        z = z.masked_fill(z < z.topk(min(top_k, z.shape[-1]), -1).values[..., -1:], float("-inf"))
-    p = z.softmax(-1)
-    if top_p < 1:
-        sorted_p, order = p.sort(-1, descending=True)
-        drop = sorted_p.cumsum(-1) - sorted_p >= top_p        # the mass before this token already reaches top_p
-        p = p.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), 0)
-        p = p / p.sum(-1, keepdim=True)
-    return p
 
 
 def draw(p, noise):
@@ -126,14 +110,11 @@ class Jacobi(Engine):
     Rows of the batch are independent sequences (trajectory collection decodes many prompts at once;
     bench.py --batch decodes B prompts together).
 
-    temperature > 0 samples instead (with top_k, top_p as in `distribution`), exactly as AR sampling does:
-    every iteration draws, after every position of every row, one token from the model's distribution there,
-    with the same fresh noise for the same depth in every row (speculative sampling with point-mass
-    drafts: a draft x is kept with probability p(x); on rejection the drawn token comes from p with x
-    removed; with several rows, the rows that share the drawn token stay). A row's token is accepted when
-    it equals the token drawn after the tokens before it, so the committed text is a draw from p token by
-    token, whatever the drafts were. The drafts themselves stay greedy guesses (the most likely token),
-    made before the noise that judges them is drawn. temperature 0 is greedy, bit for bit.
+    temperature > 0 (with top_k, top_p) samples exactly as AR sampling does (jfmini, beyond the paper):
+    each iteration draws one token after every position, with fresh noise shared by every row at the same
+    depth, and a token is accepted when it equals the token drawn before it. This is speculative sampling
+    with point-mass drafts (x kept with probability p(x), else a draw from p without x; rows sharing the
+    drawn token stay). The drafts stay greedy guesses, made before the noise that judges them.
     """
 
     def __init__(self, model, block_len=16, num_blocks=1, pool_size=0, ngram=0, cand_len=None,

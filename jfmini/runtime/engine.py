@@ -112,13 +112,29 @@ def finish(tokens, max_new_tokens, eot):
     return tokens[:tokens.index(eot) + 1] if eot is not None and eot in tokens else tokens
 
 
+def distribution(logits, temperature, top_k=0, top_p=1.0):
+    """AR sampling's next-token distribution after every position: softmax(logits / temperature) over the
+    top_k most likely tokens (0 = all), then over the smallest set of most likely tokens whose mass reaches
+    top_p (1 = all), renormalised. (..., V) -> (..., V) probabilities, in float32 at least."""
+    z = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
+    if top_k:
+        z = z.masked_fill(z < z.topk(min(top_k, z.shape[-1]), -1).values[..., -1:], float("-inf"))
+    p = z.softmax(-1)
+    if top_p < 1:
+        sorted_p, order = p.sort(-1, descending=True)
+        drop = sorted_p.cumsum(-1) - sorted_p >= top_p        # the mass before this token already reaches top_p
+        p = p.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), 0)
+        p = p / p.sum(-1, keepdim=True)
+    return p
+
+
 @torch.no_grad()
 def generate_ar(model, prompt, max_new_tokens, eot=None, temperature=0.0, top_k=0, top_p=1.0):
     """The oracle: prefill, then one token per forward through the KV cache, plain eager PyTorch; greedy,
-    or sampled at temperature > 0 (top_k, top_p: jfmini.jacobi.distribution). Returns (new tokens, Stats).
+    or sampled at temperature > 0 (top_k, top_p: see distribution). Returns (new tokens, Stats).
     This is also the 'AR eager' baseline of bench.py."""
     check_args(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
-    from jfmini.jacobi import distribution, draw
+    from jfmini.jacobi import draw
     def next_token(logits):                               # logits (V,)
         if not temperature:
             return int(logits.argmax())
