@@ -101,7 +101,7 @@ class State:
 
 
 class Jacobi(Engine):
-    """Batched greedy Jacobi decoding in fixed shapes; block_len=1 is plain AR.
+    """Batched Jacobi decoding in fixed shapes, greedy or sampled; block_len=1 is plain AR.
 
     block_len n, num_blocks K (multi-block: a new pseudo-active block is appended once the newest block
     has converged activation_ratio*n tokens), pool_size (rejection recycling: candidate rows per forward,
@@ -307,7 +307,7 @@ class Jacobi(Engine):
         draft = torch.where(self.ar_W < keep[:, None], shifted, self._guesses(length))
         return draft, left0, blocks, torch.where(reset, n, s.in_flight - a), reset
 
-    def _grow(self, a, pred, draft, left0, blocks, in_flight, reset):
+    def _grow(self, a, guess, draft, left0, blocks, in_flight, reset):
         """Count the newest block's converged tokens (committed ones, the verified next token when it is in
         that block, plus a leading run of drafts this update left unchanged); past activation_ratio*n,
         append a pseudo-active block after it, whose first guess is the prediction after the newest block's
@@ -320,7 +320,7 @@ class Jacobi(Engine):
         run = (lead.long().cumprod(1).sum(1) - first).clamp(min=0)
         converged = run + torch.where(blocks == 1, n - left0, 0)
         grow = (blocks < self.K) & (converged >= self.threshold) & ~reset
-        after = pred.gather(1, (s.in_flight - 1)[:, None])            # the prediction after the last draft
+        after = guess.gather(1, (s.in_flight - 1)[:, None])           # the prediction after the last draft
         draft = torch.where(grow[:, None] & (ar_W == in_flight[:, None]), after, draft)
         return draft, blocks + grow, in_flight + grow * n
 
