@@ -147,6 +147,22 @@ def test_cuda_graph_decoders_are_lossless(compile):
             assert out == ref, (n, P, K)
 
 
+@cuda
+def test_cuda_graph_batches_are_lossless():
+    """Batched rows of different prompt lengths, finished rows frozen, replayed as one fused CUDA graph in
+    float32: every row commits the AR tokens, at every batch size bench.py --batch measures."""
+    model = tiny_model(seed=5).cuda()
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 256, (int(torch.randint(1, 24, (1,), generator=g)),), generator=g).tolist()
+               for _ in range(64)]
+    eot = generate_ar(model, prompts[0], 48)[0][20]          # some rows end early and must stay frozen
+    refs = [generate_ar(model, p, 48, eot=eot)[0] for p in prompts]
+    for settings in (dict(block_len=32), dict(block_len=32, ngram=2, cand_len=16)):
+        for B in (4, 16, 64):
+            outs, _, _ = decode_many(model, prompts, 48, eot=eot, batch=B, compile=True, **settings)
+            assert outs == refs, (settings, B)
+
+
 @pytest.mark.parametrize("block_len", [1, 4, 16])
 def test_batched_decoding_counts_what_one_prompt_decoding_counts(block_len):
     """train.py's batched TPF check (rows of different prompt lengths, some stopping at end-of-text, a
