@@ -95,6 +95,7 @@ class State:
         self.forwards = z(B)                     # forwards that did work
         self.iteration = z(B)                    # iterations so far (seeds the initial guesses)
         self.accepted = z(B, W + 1)              # forwards that committed a tokens, a = 0..W
+        self.committed_by = z(B, C)              # the forward (1, 2, ...) that committed each text position
 
     def tensors(self):
         return list(vars(self).values())
@@ -165,7 +166,7 @@ class Jacobi(Engine):
         mask = cache_mask(first, first[:, None].expand(B, longest), slots, self.S, lo=self.base)
         logits = self.model(idx, pos, mask, slots)                     # (B, longest, V)
         start = torch.tensor(lens, device=self.dev)
-        for t in (s.text, s.iteration, s.forwards, s.done, s.pool_next, s.accepted):
+        for t in (s.text, s.iteration, s.forwards, s.done, s.pool_next, s.accepted, s.committed_by):
             t.zero_()
         s.text[:, :longest] = idx
         s.length.copy_(start)
@@ -286,6 +287,7 @@ class Jacobi(Engine):
         commit = self.ar_W < a[:, None]
         dst = s.length[:, None] + self.ar_W
         s.text.scatter_(1, dst, torch.where(commit, chosen, s.text.gather(1, dst)))
+        s.committed_by.scatter_(1, dst, torch.where(commit, s.forwards[:, None] + 1, s.committed_by.gather(1, dst)))
         return a, s.length + a, ((chosen == self.eot) & commit).any(1)
 
     def _update(self, a, drawn, guess, length):

