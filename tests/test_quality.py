@@ -73,7 +73,7 @@ def test_edit_similarity_equals_the_textbook_levenshtein():
 def test_function_body_stops_where_the_function_ends():
     prompt = 'class A:\n    def f(self):\n        """Doc."""\n'
     source, body = function_body(prompt, "        return 1\n\n    def g(self):\n        pass\n")
-    assert body == "        return 1\n"
+    assert body == "        return 1\n\n"         # the kept text: up to the next method
     assert source.startswith("def f(self):") and parses(prompt, "        return 1\n")
     assert not parses(prompt, "        return (1\n")
     assert first_line("\n\n   x = 1  \ny") == "x = 1"

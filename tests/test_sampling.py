@@ -21,6 +21,7 @@ from conftest import cuda, tiny_model
 from jfmini.jacobi import Jacobi
 from jfmini.runtime.common import UserError
 from jfmini.runtime.engine import generate_ar
+from jfmini.runtime.stop import StopAtFunctionEnd
 
 V, L = 3, 5                           # vocabulary and continuation length: V**L = 243 cells
 PROMPT = [0, 1, 2, 0, 1, 2, 0, 1]     # repetitive, so context n-grams find matches
@@ -193,3 +194,51 @@ def test_generate_ar_samples_exactly(model, temperature, top_k, top_p):
 def test_bad_sampling_settings_are_refused(settings):
     with pytest.raises(UserError):
         Jacobi(tiny_model(), **settings)
+
+
+# ----------------------------------------------------------------------------- sampling with the stop rule
+
+# The stop rule reads token 0 as a line end, 1 as a space, 2 as a def line: PROMPT reads "\n def f():\n def
+# f():\n " (a def indented by 1, an unfinished line), so a continuation ends before its first new line that
+# is not blank and indented by at most 1 space.
+STOP_PIECES = {0: b"\n", 1: b" ", 2: b"def f():"}
+
+
+class KeepsOneMore(StopAtFunctionEnd):
+    """Planted bug: a stop rule that keeps the first token of the line that ends the function."""
+
+    def kept(self, tokens):
+        k = super().kept(tokens)
+        return None if k is None else min(k + 1, len(tokens))
+
+
+def kept_continuation(seq):
+    k = StopAtFunctionEnd(PROMPT, STOP_PIECES.__getitem__).kept(list(seq))
+    return tuple(seq if k is None else seq[:k])
+
+
+def kept_counts(model, name, rule=StopAtFunctionEnd):
+    """(counts of every kept text, its exact probability under AR sampling at temperature 1, with a last
+    cell for kept texts AR sampling never keeps): the decoder samples SAMPLES rows with the stop rule."""
+    exact = {}
+    for seq, p in zip(continuations(L).tolist(), exact_probs(model, L, 1.0).tolist()):
+        exact[kept_continuation(seq)] = exact.get(kept_continuation(seq), 0.0) + p
+    index = {k: i for i, k in enumerate(exact)}
+    torch.manual_seed(0)
+    jac = Jacobi(model, batch=SAMPLES, temperature=1.0, max_len=len(PROMPT) + L, **DECODERS[name])
+    outs = jac.decode_batch([PROMPT] * SAMPLES, L, [rule(PROMPT, STOP_PIECES.__getitem__) for _ in range(SAMPLES)])[0]
+    cells = torch.tensor([index.get(tuple(o), len(index)) for o in outs])
+    return torch.bincount(cells, minlength=len(index) + 1).double(), torch.tensor([*exact.values(), 0.0]), outs
+
+
+@pytest.mark.parametrize("name", ["ar", "jacobi", "ngrams", "multiblock"])
+def test_sampling_with_the_stop_keeps_text_distributed_as_ar_sampling_kept_text(model, name):
+    counts, probs, outs = kept_counts(model, name)
+    z = chi_square_z(counts, probs)
+    assert z < Z_MAX, f"{name} with the stop rule: kept text not distributed as AR sampling's (z = {z:.2f})"
+    assert sum(len(o) < L for o in outs) > 0.1 * SAMPLES       # the rule really ended many completions early
+
+
+def test_planted_stop_bug_is_caught(model):
+    counts, probs, _ = kept_counts(model, "jacobi", KeepsOneMore)
+    assert chi_square_z(counts, probs) > Z_MAX

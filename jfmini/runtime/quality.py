@@ -3,36 +3,28 @@ first-line match, teacher-forced loss of the true body), with standard errors.
 
 Jacobi decoding is lossless, so a model's quality is that of its own greedy AR output: these metrics
 compare a distilled model with its base on the same prompts. Each prompt ends inside a function (after
-its docstring, HumanEval style); the completion's *body* is its lines up to the first one that returns to
-the def's indentation, and that is what is compared with the true body.
+its docstring, HumanEval style); the completion's *body* is what a user keeps of it, up to the function's
+end (jfmini.runtime.stop), and that is what is compared with the true body.
 """
 import ast
 import math
-import re
 import textwrap
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from jfmini.runtime.stop import FunctionEnd, kept_text
+
 LOOP_DISTINCT4 = 0.3     # a completion whose distinct 4-gram ratio is below this is a repetition loop
 
 
 def function_body(prompt, completion):
     """(source of the prompt's last function, completed; the completion's part of it). The function runs
-    from the prompt's last `def` line through the completion's lines until one comes back to the def's
-    indentation; it is dedented, so methods of held-out classes count like top-level functions."""
-    head_lines = prompt.split("\n")
-    defs = [i for i, line in enumerate(head_lines) if re.match(r"\s*(async\s+)?def\s", line)]
-    first = defs[-1] if defs else 0
-    indent = len(head_lines[first]) - len(head_lines[first].lstrip())
-    lines = completion.split("\n")
-    body = [head_lines[-1] + lines[0]]
-    for line in lines[1:]:
-        if line.strip() and len(line) - len(line.lstrip()) <= indent:
-            break
-        body.append(line)
-    return textwrap.dedent("\n".join(head_lines[first:-1] + body)), "\n".join(body)
+    from the prompt's last `def` line through the completion up to the function's end (the stop rule of
+    jfmini.runtime.stop); it is dedented, so methods of held-out classes count like top-level functions."""
+    body = kept_text(prompt, completion)
+    return textwrap.dedent(prompt[FunctionEnd(prompt).def_start:] + body), body
 
 
 def parses(prompt, completion):

@@ -82,9 +82,10 @@ class FunctionEnd:
     def __init__(self, prompt):
         starts, code, quote = lex(prompt, 0, None, len(prompt))
         self.indent = None                            # the last def's indentation; None: no function to end
+        self.def_start = 0                            # where the last def line starts in the prompt
         for s in [0] + [s for s, c in zip(starts, code) if c]:
             if DEF.match(prompt, s):
-                self.indent = width(prompt, s, len(prompt))[0]
+                self.indent, self.def_start = width(prompt, s, len(prompt))[0], s
         self.quote = quote                            # the string state where the completion begins
         # the completion opens a new line when the prompt ended with a line end of code
         self.pending = [0] if starts and starts[-1] == len(prompt) and code[-1] else []
