@@ -30,10 +30,13 @@ TINY = ["--n_layer", "1", "--n_head", "2", "--d_model", "16", "--seq_len", "32",
         "--eval_batches", "1", "--eval_every", "1000", "--corpus", "stdlib", "--device", "cpu"]
 
 
-def run(script, *args, cwd=None, timeout=LONG):
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    return subprocess.run([PY, str(ROOT / script), *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, timeout=timeout, env=env)
+def run(script, *args, cwd=None, timeout=LONG, stdin=None, **env):
+    """Run a script; stdin: bytes for its standard input (else none); env: extra environment variables."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **env)
+    res = subprocess.run([PY, str(ROOT / script), *map(str, args)], capture_output=True, input=stdin or b"",
+                         cwd=cwd, timeout=timeout, env=env)
+    return subprocess.CompletedProcess(res.args, res.returncode, res.stdout.decode("utf-8", "replace"),
+                                       res.stderr.decode("utf-8", "replace"))
 
 
 def tiny_base(path):
@@ -69,6 +72,8 @@ def files(tmp_path_factory):
     (d / "good.jsonl").write_text('{"task_id": "t", "prompt": "def f(x):\\n"}\n')
     (d / "badline.jsonl").write_text('{"task_id": "t", "prompt": "def f(x):\\n"}\nnot json\n')
     (d / "empty.jsonl").write_text("\n")
+    (d / "empty.py").write_text("")
+    (d / "prompt.py").write_text("import os\n\ndef f(root):\n")
     return d
 
 
@@ -113,6 +118,41 @@ def test_decode_bad_input(files, args, words):
         args += ["--ckpt", files / "base.pt"]
     assert_clean_failure(run("decode.py", *args, "--device", "cpu"), *words)
     assert no_temp_files(files)
+
+
+STOP_PROMPT_BAD = [
+    (["--prompt_file", "{d}/missing.py"], None, ["does not exist"]),
+    (["--prompt_file", "{d}"], None, ["is a directory"]),
+    (["--prompt_file", "{d}/random.pt"], None, ["not utf-8"]),
+    (["--prompt_file", "{d}/empty.py"], None, ["empty prompt"]),
+    (["--prompt", "-"], b"", ["empty prompt"]),
+    (["--prompt", "-"], b"def f(\x00):", ["not utf-8", "offset 6"]),
+    (["--prompt", "-"], b"def \xff():", ["not utf-8"]),
+    (["--prompt", "x", "--prompt_file", "{d}/prompt.py"], None, ["not both"]),
+    (["--prompt", "x", "--stop", "never"], None, ["invalid choice"]),
+]
+
+
+@pytest.mark.parametrize("args, stdin, words", STOP_PROMPT_BAD)
+def test_decode_stop_prompt_file_and_stdin_bad_input(files, args, stdin, words):
+    args = [a.replace("{d}", str(files)) for a in args]
+    assert_clean_failure(run("decode.py", *args, "--ckpt", files / "base.pt", "--device", "cpu", stdin=stdin), *words)
+
+
+@pytest.mark.parametrize("how", ["file", "stdin"])
+def test_decode_stop_reads_a_multiline_prompt_from_a_file_or_stdin(files, how):
+    args = ["--prompt_file", files / "prompt.py"] if how == "file" else ["--prompt", "-"]
+    res = run("decode.py", *args, "--ckpt", files / "base.pt", "--max_new_tokens", "8", "--device", "cpu",
+              stdin=(files / "prompt.py").read_bytes())
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("import os\n\ndef f(root):\n") and "tokens per forward" in res.stderr
+
+
+def test_decode_stop_prints_any_prompt_under_an_ascii_terminal(files):
+    res = run("decode.py", "--prompt", "def gr\u00fc\u00dfe(x):  # \u03bb", "--ckpt", files / "base.pt",
+              "--max_new_tokens", "4", "--device", "cpu", PYTHONIOENCODING="ascii")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("def gr\\xfc\\xdfe(x):  # \\u03bb")
 
 
 def test_decode_works_with_a_base_checkpoint(files):

@@ -168,3 +168,13 @@ def test_kept_text_of_batched_rows_equals_ar_kept_text(settings):
     jac = Jacobi(model, batch=3, eot=EOT, **settings)
     outs, needed, ran, _ = jac.decode_batch(prompts[:2], 48, [stops[0](), None], sync_every=2)
     assert outs == [refs[0], generate_ar(model, prompts[1], 48, eot=EOT)[0]] and needed[0] <= ran[0]
+
+
+def test_decode_stop_streams_only_text_that_will_be_kept():
+    """decode.py streams while decoding: never a last line of spaces (the function may end there) nor an
+    unfinished UTF-8 character, until the text is final."""
+    import decode
+    assert decode.streamable("    x = 1\n    ", final=False) == "    x = 1\n"
+    assert decode.streamable("    x = 1\n    y", final=False) == "    x = 1\n    y"
+    assert decode.streamable("    s = '\ufffd", final=False) == "    s = '"
+    assert decode.streamable("    x = 1\n    ", final=True) == "    x = 1\n    "

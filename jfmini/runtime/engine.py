@@ -230,8 +230,9 @@ class Engine:
     def generate(self, prompt, max_new_tokens, sync_every=1, on_step=None, stop=None):
         """Decode one prompt (batch=1) until end-of-text, max_new_tokens or, with `stop` (a
         jfmini.runtime.stop rule), the end it finds in the committed tokens. The host looks once per
-        `sync_every` iterations (one sync); tokens committed past the end are trimmed. on_step(self) is
-        called after each host sync (streaming, the trajectory view). Returns (new tokens, Stats)."""
+        `sync_every` iterations (one sync); tokens committed past the end are trimmed. on_step(self, kept)
+        is called after each host sync (streaming, the trajectory view), kept being the stop rule's count of
+        kept tokens once it found the end, else None. Returns (new tokens, Stats)."""
         check_args(max_new_tokens=max_new_tokens)
         t0 = time.perf_counter()
         self.prefill([prompt], max_new_tokens)
@@ -241,12 +242,12 @@ class Engine:
         while kept is None:
             for _ in range(sync_every):
                 self.step()
-            if on_step is not None:
-                on_step(self)
             done = bool(s.done[0])                  # the one host sync per `sync_every` iterations
             if stop is not None:
                 committed += s.text[0, P + len(committed):int(s.length[0])].tolist()
                 kept = stop.kept(committed)
+            if on_step is not None:
+                on_step(self, kept)
             if done:
                 break
         sync(self.dev)
