@@ -103,9 +103,9 @@ def table(rows, block_lens):
     """One line per run: TPF per prompt set and block length, validation loss, and the quality of the greedy
     output on the held-out functions (parse, loop and blank rates, edit similarity and loss of the true
     body), each with its change from the base model, paired prompt by prompt."""
-    keys = [f"tpf_{s}_n{n}" for s in ("humaneval", "heldout") for n in block_lens]
+    keys = [f"kept_tpf_{s}_n{n}" for s in ("humaneval", "heldout") for n in block_lens]
     quality = ("parse", "loop", "blank", "edit_sim", "body_loss")
-    head = f"{'variant':<22}{'seed':>6}" + "".join(f"{k[4:].replace('humaneval', 'HE').replace('heldout', 'HO'):>10}"
+    head = f"{'variant':<22}{'seed':>6}" + "".join(f"{k[9:].replace('humaneval', 'HE').replace('heldout', 'HO'):>10}"
                                                    for k in keys) + f"{'val':>8}" + \
         "".join(f"{q.replace('_sim', '').replace('body_loss', 'body'):>15}" for q in quality) + f"{'train s':>9}"
     lines = [head, "-" * len(head)]

@@ -36,7 +36,8 @@ from jfmini.runtime.data import completion_text, heldout_prompts, model_tokenize
 from jfmini.runtime.files import read_sweep
 from jfmini.jacobi import Jacobi
 from jfmini.runtime.engine import METHODS, Stats, finish, generate_ar, sync
-from jfmini.runtime.quality import score, summarize, truth_loss
+from jfmini.runtime.quality import LOOP_DISTINCT4, distinct4, score, summarize, truth_loss
+from jfmini.runtime.stop import function_stops
 
 
 @dataclass
@@ -55,7 +56,12 @@ class BenchConfig:
     sweep_prompts: int = field(12, "prompts per sweep configuration")
     sweep_file: str = field("out/sweep.json", "where the sweep's choice is kept for later runs on this device")
     compile: str = field("auto", "inductor-fuse each captured step: auto (on CUDA), no", ["auto", "no"])
+    stop: str = field("function", "function: every row decodes each prompt twice, to what a user keeps (up to the "
+                                  "function's end) and to full length, and reports both; none: full length only",
+                      ["function", "none"])
     ar_sync_every: int = field(16, "AR fast checks end-of-text every k tokens (no host sync per token)")
+    ar_stop_every: int = field(4, "AR fast checks for the function's end every k tokens (the overshoot past it "
+                                  "is trimmed but its time counts)")
     device: str = field("auto", "auto, cpu, cuda, cuda:N")
     dtype: str = field("auto", "decode in bfloat16 (auto on CUDA) or float32 (auto on CPU; bit-exact greedy "
                                "choices, slower)", ["auto", "bfloat16", "float32"])
@@ -94,7 +100,7 @@ def checks(c):
     yield c.temperature > 0 or (c.top_k == 0 and c.top_p == 1), "--top_k and --top_p apply to sampling: give " \
                                                                  "--temperature above 0 too"
     yield c.batch is None or batch_sizes(c.batch) is not None, f"--batch takes batch sizes like 1,4,16,64 (got {c.batch!r})"
-    for name in ("max_new_tokens", "eager_limit", "sweep_prompts", "ar_sync_every", "batch_prompts"):
+    for name in ("max_new_tokens", "eager_limit", "sweep_prompts", "ar_sync_every", "ar_stop_every", "batch_prompts"):
         v = getattr(c, name)
         yield v is None or v >= 1, f"--{name} must be at least 1 (got {v})"
     yield c.limit is None or c.limit >= 0, f"--limit must be 0 (all) or more (got {c.limit})"
@@ -111,7 +117,6 @@ CANDIDATES = [(0, 0, None), (0, 1, 16), (0, 2, 8), (4, 0, 16), (4, 2, 16)]
 SWEEP = [dict(block_len=n, num_blocks=k, pool_size=p, ngram=g, cand_len=c, activation_ratio=0.85)
          for n, k in ((16, 1), (32, 1), (32, 2), (64, 1), (64, 2)) for p, g, c in CANDIDATES]
 SWEEP_BASE = [dict(block_len=n, ngram=g, cand_len=c) for n in (16, 32) for g, c in ((1, 16), (2, 8))]
-LOOKUP = dict(block_len=32, ngram=2, cand_len=16)     # the n-gram rows when no sweep chose settings
 CPU_LIMIT = 20                                        # prompts when --limit is not given, on a CPU
 
 
@@ -126,26 +131,28 @@ def describe(settings):
 
 
 @torch.no_grad()
-def run_row(model, settings, prompts, cfg, eot, compile, sync_every=1, max_len=None):
-    """Decode every prompt; returns (outputs, Stats). settings None = the AR eager loop. max_len sizes
-    the static cache (longest prompt + new tokens): attention reads every slot of it each step."""
+def run_row(model, settings, prompts, cfg, eot, compile, sync_every=1, max_len=None, stops=None):
+    """Decode every prompt, to its stop rule's end where `stops` gives one per prompt; returns (outputs,
+    Stats per prompt, us per captured step or None). settings None = the AR eager loop. max_len sizes the
+    static cache (longest prompt + new tokens): attention reads every slot of it each step."""
     torch.manual_seed(cfg.seed)
+    stops = stops or [None] * len(prompts)
     if settings is None:
         generate_ar(model, prompts[0], cfg.max_new_tokens, eot, **sampling(cfg))          # warm-up
-        outs, total = [], Stats()
-        for p in prompts:
-            toks, st = generate_ar(model, p, cfg.max_new_tokens, eot, **sampling(cfg))
-            outs.append(toks)
-            total += st
-        return outs, total, None
+        outs, stats = zip(*(generate_ar(model, p, cfg.max_new_tokens, eot, **sampling(cfg), stop=stop)
+                            for p, stop in zip(prompts, stops)))
+        return list(outs), list(stats), None
     jac = Jacobi(model, eot=eot, compile=compile, max_len=max_len, **settings, **sampling(cfg))
     jac.generate(prompts[0], cfg.max_new_tokens, sync_every)              # warm-up, capture
-    outs, total = [], Stats()
-    for p in prompts:
-        toks, st = jac.generate(p, cfg.max_new_tokens, sync_every)
-        outs.append(toks)
-        total += st
-    return outs, total, step_us(jac, prompts[0], cfg.max_new_tokens) if jac.graph_enabled else None
+    outs, stats = zip(*(jac.generate(p, cfg.max_new_tokens, sync_every, stop=stop) for p, stop in zip(prompts, stops)))
+    return list(outs), list(stats), step_us(jac, prompts[0], cfg.max_new_tokens) if jac.graph_enabled else None
+
+
+def total(stats):
+    out = Stats()
+    for st in stats:
+        out += st
+    return out
 
 
 def step_us(jac, prompt, max_new_tokens, iters=100):
@@ -224,20 +231,22 @@ def profile_step(model, prompt, settings, eot, compile, max_len, max_new_tokens)
         print(f"  {e.self_device_time_total / 10:7.1f} us  {e.count / 10:4.0f}x  {e.key[:100]}")
 
 
-def sweep(model, grid, prompts, cfg, eot, compile, log, max_len, finalists=3):
+def sweep(model, grid, prompts, cfg, eot, compile, log, max_len, stops, finalists=3):
     """Every configuration with graph capture only (cheap to set up), then the fastest few again with
-    inductor too (as the table rows run); returns all results and the fastest settings."""
+    inductor too (as the table rows run), on the text the table measures (stops(prompts): the stop rules,
+    or None); returns all results and the fastest settings."""
     results = []
     for s in grid:
-        _, st, _ = run_row(model, s, prompts, cfg, eot, compile=False, max_len=max_len)
+        _, st, _ = run_row(model, s, prompts, cfg, eot, compile=False, max_len=max_len, stops=stops(prompts))
+        st = total(st)
         results.append({**s, "tokens_per_forward": st.tokens_per_forward, "tokens_per_s": st.tokens_per_s})
         log(f"  sweep {describe(s):<28}: TPF {st.tokens_per_forward:5.2f}, {st.tokens_per_s:8,.0f} tokens/s")
         gc.collect()
     top = sorted(results, key=lambda r: -r["tokens_per_s"])[:finalists if compile else 1]
     for r in top if compile else []:
         s = {k: r[k] for k in grid[0]}
-        _, st, _ = run_row(model, s, prompts, cfg, eot, compile=True, max_len=max_len)
-        r["compiled_tokens_per_s"] = st.tokens_per_s
+        _, st, _ = run_row(model, s, prompts, cfg, eot, compile=True, max_len=max_len, stops=stops(prompts))
+        r["compiled_tokens_per_s"] = total(st).tokens_per_s
         log(f"  finalist {describe(s)}: {st.tokens_per_s:,.0f} tokens/s compiled")
         gc.collect()
     best = max(top, key=lambda r: r.get("compiled_tokens_per_s", r["tokens_per_s"]))
@@ -262,9 +271,12 @@ def charts(record):
     --sweep_file."""
     out = []
     if record.get("rows"):
-        out.append(f"tokens/s by row ({record['device']}, {record['prompts']} prompts; TPF after the bar)")
-        out.append(bars([(f"{r['row']} ({r['model']}, {r['decoder']})", r["tokens_per_s"],
-                          f"{r['tokens_per_s']:>7,.0f}/s  TPF {r['tokens_per_forward']:.2f}") for r in record["rows"]]))
+        p = "kept_" if "kept_tokens_per_s" in record["rows"][0] else ""
+        out.append(f"{'kept ' if p else ''}tokens/s by row ({record['device']}, {record['prompts']} prompts; TPF "
+                   f"after the bar)")
+        out.append(bars([(f"{r['row']} ({r['model']}, {r['decoder']})", r[f"{p}tokens_per_s"],
+                          f"{r[f'{p}tokens_per_s']:>7,.0f}/s  TPF {r[f'{p}tokens_per_forward']:.2f}")
+                         for r in record["rows"]]))
     jf = (record.get("sweep") or record.get("results") or {}).get("jf")
     if jf:
         order = sorted(jf, key=lambda s: (s["pool_size"], s["ngram"], s["cand_len"] or 0, s["num_blocks"],
@@ -337,7 +349,7 @@ def bench_prompts(cfg, enc, records, base_ck, context, log):
     return cfg, fits, [enc.encode(r["prompt"], allowed_special="all") for r in fits]
 
 
-def best_settings(cfg, models, prompts, saved, gpu, eot, compile, log, max_len):
+def best_settings(cfg, models, prompts, saved, gpu, eot, compile, log, max_len, stops):
     """The fastest settings of each model: swept now (--sweep, kept in --sweep_file) or read from an
     earlier sweep on the same GPU. Returns (best by model, sweep results or None)."""
     best, sweep_results, sweep_path = {}, None, Path(cfg.sweep_file)
@@ -345,8 +357,8 @@ def best_settings(cfg, models, prompts, saved, gpu, eot, compile, log, max_len):
         few = prompts[:cfg.sweep_prompts]
         log(f"sweep: {len(SWEEP)} configurations of the JF model, {len(SWEEP_BASE)} n-gram configurations of the "
             f"base model, on {len(few)} prompts")
-        jf_results, best["jf"] = sweep(models["jf"], SWEEP, few, cfg, eot, compile, log, max_len)
-        base_results, best["base"] = sweep(models["base"], SWEEP_BASE, few, cfg, eot, compile, log, max_len, 2)
+        jf_results, best["jf"] = sweep(models["jf"], SWEEP, few, cfg, eot, compile, log, max_len, stops)
+        base_results, best["base"] = sweep(models["base"], SWEEP_BASE, few, cfg, eot, compile, log, max_len, stops, 2)
         sweep_results = {"jf": jf_results, "base": base_results}
         saved = {"device": gpu, "best": best["jf"], "base_best": best["base"], "results": sweep_results}
         atomic_write(sweep_path, json.dumps(saved).encode())
@@ -359,143 +371,208 @@ def best_settings(cfg, models, prompts, saved, gpu, eot, compile, log, max_len):
     return best, sweep_results
 
 
-def measure(rows, models, vals, records, prompts, cfg, enc, eot, compile, max_len, device, log):
-    """Decode every prompt with every row's decoder; speed and quality per row. Returns (results,
-    outputs, each model's AR fast outputs: the lossless reference)."""
+def measure(rows, models, vals, records, prompts, cfg, enc, eot, compile, max_len, device, log, stops):
+    """Decode every prompt with every row's decoder: to what a user keeps (stops(prompts): a stop rule per
+    prompt, or None with --stop none) and to full length. Speed and quality per row; quality is that of the
+    kept text. Returns (results, {'kept': outputs per row, 'full': ...}, each model's AR fast outputs: the
+    lossless references)."""
     body_loss = {}                                    # teacher-forced loss of the true bodies, nats per token
     known = [i for i, r in enumerate(records) if r.get("body")]
     for key, model in models.items():
         bodies = [enc.encode_ordinary(records[i]["body"])[:cfg.max_new_tokens] for i in known]
         nats, counts = truth_loss(model, [prompts[i] for i in known], bodies)
         body_loss[key] = sum(nats) / max(sum(counts), 1) if known else None
-    results, outputs, refs = [], [], {}
+    kinds = ("kept", "full") if cfg.stop == "function" else ("full",)
+    results, outputs, refs = [], {k: [] for k in kinds}, {k: {} for k in kinds}
     for name, key, settings in rows:
         use = prompts[:cfg.eager_limit] if settings is None else prompts
-        sync_every = cfg.ar_sync_every if settings == METHODS["ar"] else 1
-        outs, st, step = run_row(models[key], settings, use, cfg, eot, compile, sync_every, max_len)
-        if name == "AR fast":
-            refs[key] = outs                       # the model's own greedy output: the lossless reference
-        texts = [completion_text(enc, o) for o in outs]
-        chars = sum(map(len, texts))
-        q = summarize(score([r["prompt"] for r in records[:len(use)]], texts, outs,
-                            [r.get("body") for r in records[:len(use)]], device))
-        results.append({
-            "row": name, "model": key, "settings": settings or "eager loop",
-            "decoder": describe(settings) if settings else "eager loop", "prompts": len(use),
-            "tokens": st.new_tokens, "forwards": st.forwards, "tokens_per_forward": st.tokens_per_forward,
-            "tokens_per_s": st.tokens_per_s, "chars": chars, "chars_per_forward": chars / max(st.forwards, 1),
-            "chars_per_s": chars / max(st.decode_s, 1e-9), "prefill_ms": 1e3 * st.prefill_s / len(use),
-            "step_us": step, "us_per_forward": 1e6 * st.decode_s / max(st.forwards, 1),
-            "verified_per_step": verified_per_step(settings),
-            **{k: v[0] for k, v in q.items()}, **{f"{k}_se": v[1] for k, v in q.items()},
-            "parse_rate": q["parse"][0], "val_loss": vals[key], "body_loss": body_loss[key]})
-        outputs.append(outs)
-        gc.collect()
-        log(f"{name} ({key}, {results[-1]['decoder']}): TPF {st.tokens_per_forward:.2f}, "
-            f"{st.tokens_per_s:,.0f} tokens/s, {results[-1]['chars_per_s']:,.0f} chars/s"
-            + (f", {step:.0f} us/step" if step else ""))
+        row = {"row": name, "model": key, "settings": settings or "eager loop", "prompts": len(use),
+               "decoder": describe(settings) if settings else "eager loop", "verified_per_step": verified_per_step(settings)}
+        for kind in kinds:
+            ar = settings == METHODS["ar"]
+            every = (cfg.ar_stop_every if kind == "kept" else cfg.ar_sync_every) if ar else 1
+            outs, stats, step = run_row(models[key], settings, use, cfg, eot, compile, every, max_len,
+                                        stops(use) if kind == "kept" else None)
+            texts = [completion_text(enc, o) for o in outs]
+            row.update(speed(stats, texts, "kept_" if kind == "kept" else ""))
+            if kind == kinds[0]:                      # quality: of the kept text, or the full one with --stop none
+                q = summarize(score([r["prompt"] for r in records[:len(use)]], texts, outs,
+                                    [r.get("body") for r in records[:len(use)]], device))
+                row.update({k: v[0] for k, v in q.items()}, **{f"{k}_se": v[1] for k, v in q.items()},
+                           parse_rate=q["parse"][0], val_loss=vals[key], body_loss=body_loss[key], step_us=step,
+                           loops=[distinct4(o) < LOOP_DISTINCT4 for o in outs], per_prompt=stats, texts=texts)
+            row["full_loop"] = sum(distinct4(o) < LOOP_DISTINCT4 for o in outs) / len(outs) if kind == "full" else None
+            if name == "AR fast":
+                refs[kind][key] = outs                # the model's own greedy output: the lossless reference
+            outputs[kind].append(outs)
+            gc.collect()
+        results.append(row)
+        log(f"{name} ({key}, {row['decoder']}): " + "; ".join(
+            f"{kind} TPF {row[p + 'tokens_per_forward']:.2f}, {row[p + 'tokens_per_s']:,.0f} tokens/s"
+            for kind, p in (("kept", "kept_"), ("full", "")) if kind in kinds))
+    split_by_loops(results, cfg.stop == "function")
     return results, outputs, refs
 
 
+def speed(stats, texts, prefix):
+    """A row's speed over its prompts: tokens, characters, forwards, TPF, tokens/s, characters/s, time per
+    forward, prefill; keys prefixed ('kept_' for the kept text)."""
+    st, chars = total(stats), sum(map(len, texts))
+    return {f"{prefix}{k}": v for k, v in {
+        "tokens": st.new_tokens, "chars": chars, "forwards": st.forwards, "forwards_run": st.ran,
+        "tokens_per_forward": st.tokens_per_forward, "chars_per_forward": chars / max(st.forwards, 1),
+        "tokens_per_s": st.tokens_per_s, "chars_per_s": chars / max(st.decode_s, 1e-9), "seconds": st.decode_s,
+        "us_per_forward": 1e6 * st.decode_s / max(st.ran, 1), "prefill_ms": 1e3 * st.prefill_s / len(stats)}.items()}
+
+
+def split_by_loops(results, kept):
+    """Each row's speed on the prompts whose body loops (distinct-4 below LOOP_DISTINCT4 in its model's AR
+    fast output, so every decoder of a model splits the same prompts) and on those whose body does not."""
+    own = {r["model"]: r["loops"] for r in results if r["row"] == "AR fast"}
+    p = "kept_" if kept else ""
+    for r in results:
+        loops = own[r["model"]][:r["prompts"]]
+        for group, want in (("loop", True), ("noloop", False)):
+            idx = [i for i, x in enumerate(loops) if x == want]
+            st = total(r["per_prompt"][i] for i in idx)
+            chars = sum(len(r["texts"][i]) for i in idx)
+            r.update({f"{p}{group}_prompts": len(idx), f"{p}{group}_tokens": st.new_tokens,
+                      f"{p}{group}_tokens_per_forward": st.tokens_per_forward if idx else None,
+                      f"{p}{group}_tokens_per_s": st.tokens_per_s if idx else None,
+                      f"{p}{group}_chars_per_s": chars / max(st.decode_s, 1e-9) if idx else None})
+    for r in results:
+        del r["per_prompt"], r["texts"], r["loops"]
+
+
 def check_lossless(results, outputs, refs, prompts, paths, device, dtype, sampled=False):
-    """Each row's outputs against its model's AR fast, with the float32 logit gap at every first divergence
-    (a tie of the low-precision logits is not a decoder bug); speedups against the base's AR rows."""
-    ar_eager, ar_fast = results[0], results[1]
-    own_ar = {r["model"]: r for r in results if r["row"] == "AR fast"}
+    """Each row's outputs (kept and full) against its model's AR fast, with the float32 logit gap at every
+    first divergence (a tie of the low-precision logits is not a decoder bug); speedups against the base's
+    AR rows."""
     fp32 = {}                                          # float32 copies for the tie analysis, loaded on first need
-    for r, outs in zip(results, outputs):
-        r["speedup_vs_ar_fast"] = r["chars_per_s"] / ar_fast["chars_per_s"]      # characters: tokenizer-neutral
-        r["speedup_vs_ar_eager"] = r["chars_per_s"] / ar_eager["chars_per_s"]
-        r["token_speedup_vs_ar_fast"] = r["tokens_per_s"] / ar_fast["tokens_per_s"]
-        r["token_speedup_vs_own_ar_fast"] = r["tokens_per_s"] / own_ar[r["model"]]["tokens_per_s"]
-        if sampled:                       # samples differ from AR's token for token by design
-            r.update(lossless=None, mismatches=0, tie_gaps=[], lossless_ties_aside=None)
-            continue
-        key, gaps = r["model"], []       # (gap, rounding step) per mismatch; None = differs only in length
-        for p, ref, out in zip(prompts, refs[key], outs):
-            if out != ref:
-                i = first_divergence(ref, out)
-                if i is not None and key not in fp32:
-                    fp32[key] = load_checkpoint(paths[key], device)[0]
-                gaps.append(None if i is None else tie_gap(fp32[key], p, ref, i, out[i], dtype))
-        ties = sum(g is not None and abs(g[0]) <= TIE_ULPS * g[1] for g in gaps)
-        r["lossless"] = 1 - len(gaps) / len(outs)
-        r["mismatches"] = len(gaps)
-        r["tie_gaps"] = sorted([round(g, 4), round(abs(g) / st, 2)] for g, st in filter(None, gaps)) \
-            + [None] * gaps.count(None)    # [gap in nats, gap in rounding steps]
-        r["lossless_ties_aside"] = (len(outs) - len(gaps) + ties) / len(outs)
+    for kind, outs_by_row in outputs.items():
+        p = "kept_" if kind == "kept" else ""
+        ar_eager, ar_fast = results[0], results[1]
+        own_ar = {r["model"]: r for r in results if r["row"] == "AR fast"}
+        for r, outs in zip(results, outs_by_row):
+            r[f"{p}speedup_vs_ar_fast"] = r[f"{p}chars_per_s"] / ar_fast[f"{p}chars_per_s"]   # tokenizer-neutral
+            r[f"{p}speedup_vs_ar_eager"] = r[f"{p}chars_per_s"] / ar_eager[f"{p}chars_per_s"]
+            r[f"{p}token_speedup_vs_ar_fast"] = r[f"{p}tokens_per_s"] / ar_fast[f"{p}tokens_per_s"]
+            r[f"{p}token_speedup_vs_own_ar_fast"] = r[f"{p}tokens_per_s"] / own_ar[r["model"]][f"{p}tokens_per_s"]
+            if sampled:                       # samples differ from AR's token for token by design
+                r.update({f"{p}lossless": None, f"{p}mismatches": 0, f"{p}tie_gaps": [], f"{p}lossless_ties_aside": None})
+                continue
+            key, gaps = r["model"], []       # (gap, rounding step) per mismatch; None = differs only in length
+            for prompt, ref, out in zip(prompts, refs[kind][key], outs):
+                if out != ref:
+                    i = first_divergence(ref, out)
+                    if i is not None and key not in fp32:
+                        fp32[key] = load_checkpoint(paths[key], device)[0]
+                    gaps.append(None if i is None else tie_gap(fp32[key], prompt, ref, i, out[i], dtype))
+            ties = sum(g is not None and abs(g[0]) <= TIE_ULPS * g[1] for g in gaps)
+            r[f"{p}lossless"] = 1 - len(gaps) / len(outs)
+            r[f"{p}mismatches"] = len(gaps)
+            r[f"{p}tie_gaps"] = sorted([round(g, 4), round(abs(g) / st, 2)] for g, st in filter(None, gaps)) \
+                + [None] * gaps.count(None)    # [gap in nats, gap in rounding steps]
+            r[f"{p}lossless_ties_aside"] = (len(outs) - len(gaps) + ties) / len(outs)
 
 
-def print_table(results):
-    """The results table, its legend and each row's mismatches."""
+def print_table(results, max_new_tokens):
+    """The results table (kept text beside full length), its legend, each row's mismatches, then every row's
+    speed on bodies that loop and on bodies that do not."""
     ar_eager, ar_fast = results[0], results[1]
-    head = f"{'row':<9}{'model':<6}{'decoder':<24}{'TPF':>6}{'chars/fw':>9}{'tokens/s':>9}{'chars/s':>9}" \
-           f"{'vs fast':>8}{'vs own':>7}{'step us':>8}{'lossless':>9}{'parse':>7}{'loop':>7}{'blank':>7}{'edit':>6}{'body':>6}"
-    print(head)
-    print("-" * len(head))
+    kept = "kept_tokens" in ar_fast
+    p = "kept_" if kept else ""
+    if kept:
+        print(f"kept: what a user keeps of each completion, up to the function's end (before the first new line "
+              f"of code that is not blank and is indented at or left of the prompt's last def), end-of-text or "
+              f"{max_new_tokens} tokens; full: all {max_new_tokens} new tokens (or up to end-of-text).")
+    head = f"{'row':<9}{'model':<6}{'decoder':<22}" + (f"{'kept':>7}{'TPF':>6}{'tokens/s':>9}{'chars/s':>9}{'vs fast':>8}"
+                                                       f"{'vs own':>7} |" if kept else "") + \
+           f"{'full TPF' if kept else 'TPF':>9}{'tokens/s':>9}{'vs fast':>8} |{'step us':>8}{'lossless':>9}" \
+           f"{'parse':>7}{'loop':>7}{'blank':>7}{'edit':>6}{'body':>6}"
+    print(head + "\n" + "-" * len(head))
     for r in results:
         step = f"{r['step_us']:.0f}" if r["step_us"] else "-"
         edit = f"{r['edit_sim']:.3f}" if "edit_sim" in r else "-"
         body = f"{r['body_loss']:.3f}" if r["body_loss"] is not None else "-"
-        lossless = f"{r['lossless_ties_aside']:.1%}" if r["lossless_ties_aside"] is not None else "-"
-        print(f"{r['row']:<9}{r['model']:<6}{r['decoder']:<24}{r['tokens_per_forward']:>6.2f}"
-              f"{r['chars_per_forward']:>9.2f}{r['tokens_per_s']:>9,.0f}{r['chars_per_s']:>9,.0f}"
-              f"{r['speedup_vs_ar_fast']:>7.2f}x{r['token_speedup_vs_own_ar_fast']:>6.2f}x{step:>8}{lossless:>9}{r['parse']:>7.1%}"
-              f"{r['loop']:>7.1%}{r['blank']:>7.1%}{edit:>6}{body:>6}")
-    print(f"vs fast: characters/s over the base model's AR fast; vs own: tokens/s over the same model's AR fast. lossless: outputs equal to the model's AR fast, "
-          f"floating-point ties aside. parse/loop/blank: rates over {ar_fast['prompts']} prompts (AR eager: "
+        lossless = r[f"{p}lossless_ties_aside"]
+        lossless = f"{lossless:.1%}" if lossless is not None else "-"
+        line = f"{r['row']:<9}{r['model']:<6}{r['decoder']:<22}"
+        if kept:
+            line += f"{r['kept_tokens'] / r['prompts']:>7.1f}{r['kept_tokens_per_forward']:>6.2f}" \
+                    f"{r['kept_tokens_per_s']:>9,.0f}{r['kept_chars_per_s']:>9,.0f}{r['kept_speedup_vs_ar_fast']:>7.2f}x" \
+                    f"{r['kept_token_speedup_vs_own_ar_fast']:>6.2f}x |"
+        line += f"{r['tokens_per_forward']:>9.2f}{r['tokens_per_s']:>9,.0f}{r['speedup_vs_ar_fast']:>7.2f}x |" \
+                f"{step:>8}{lossless:>9}{r['parse']:>7.1%}{r['loop']:>7.1%}{r['blank']:>7.1%}{edit:>6}{body:>6}"
+        print(line)
+    print((f"kept: kept tokens per prompt; TPF: kept tokens / the forwards that committed them; tokens/s, chars/s: "
+           f"kept text over the decode time to the stop (the host checks for the function's end at every sync: "
+           f"each forward, AR fast every few; the forwards past the end before a check count in the time). "
+           if kept else "") + "vs fast: characters/s over the base model's AR fast; vs own: tokens/s over the same "
+          f"model's AR fast. lossless: {'kept ' if kept else ''}outputs equal to the model's AR fast, floating-point ties aside. "
+          f"parse/loop/blank: rates over the {'kept ' if kept else ''}bodies of {ar_fast['prompts']} prompts (AR eager: "
           f"{ar_eager['prompts']}; the standard error of the base's parse rate is {100 * ar_fast['parse_se']:.1f} points); "
           f"edit: edit similarity of the body to the true one; body: the true body's teacher-forced loss (nats/token).")
+    for kind in ("kept_", "") if kept else ("",):
+        for r in results:
+            if r[f"{kind}mismatches"]:
+                gaps = [g for g in r[f"{kind}tie_gaps"] if g is not None]
+                lengths = r[f"{kind}tie_gaps"].count(None)
+                print(f"{r['row']} ({r['model']}), {'kept' if kind else 'full length'}: {r[f'{kind}mismatches']} of "
+                      f"{r['prompts']} differ from AR fast; fp32 logit gap at the first divergence: "
+                      + (f"max {max(abs(g) for g, _ in gaps):.3f} nats, at most {max(st for _, st in gaps):.2f} "
+                         f"rounding steps" if gaps else "-")
+                      + (f" ({lengths} differ only in length)" if lengths else "")
+                      + f" -> {r[f'{kind}lossless_ties_aside']:.1%} lossless ties aside (gap <= {TIE_ULPS} steps)")
+    print_loop_split(results, p)
+
+
+def print_loop_split(results, p):
+    """Speed on bodies that loop and on bodies that do not: how much of each decoder's speed is repetition."""
+    what = "kept bodies" if p else "completions"
+    print(f"\n{what} that loop (distinct-4 below {LOOP_DISTINCT4} in the model's own AR output) and that do not:")
+    head = f"{'row':<9}{'model':<6}{'decoder':<22}{'loop: n':>8}{'TPF':>6}{'tokens/s':>9} |{'no loop: n':>11}" \
+           f"{'TPF':>6}{'tokens/s':>9} |{'tokens in loops':>16}"
+    print(head + "\n" + "-" * len(head))
+    fmt = lambda v, spec: "-" if v is None else format(v, spec)
     for r in results:
-        if r["mismatches"]:
-            gaps = [g for g in r["tie_gaps"] if g is not None]
-            lengths = r["tie_gaps"].count(None)
-            print(f"{r['row']} ({r['model']}): {r['mismatches']} of {r['prompts']} differ from AR fast; fp32 logit gap at the first "
-                  f"divergence: " + (f"max {max(abs(g) for g, _ in gaps):.3f} nats, at most "
-                                     f"{max(st for _, st in gaps):.2f} rounding steps" if gaps else "-")
-                  + (f" ({lengths} differ only in length)" if lengths else "")
-                  + f" -> {r['lossless_ties_aside']:.1%} lossless ties aside (gap <= {TIE_ULPS} steps)")
+        share = r[f"{p}loop_tokens"] / max(r[f"{p}loop_tokens"] + r[f"{p}noloop_tokens"], 1)
+        print(f"{r['row']:<9}{r['model']:<6}{r['decoder']:<22}{r[f'{p}loop_prompts']:>8}"
+              f"{fmt(r[f'{p}loop_tokens_per_forward'], '.2f'):>6}{fmt(r[f'{p}loop_tokens_per_s'], ',.0f'):>9} |"
+              f"{r[f'{p}noloop_prompts']:>11}{fmt(r[f'{p}noloop_tokens_per_forward'], '.2f'):>6}"
+              f"{fmt(r[f'{p}noloop_tokens_per_s'], ',.0f'):>9} |{share:>16.1%}")
 
 
-@torch.no_grad()
-def batch_run(jac, prompts, max_new_tokens, eot, sync_every=4):
-    """Decode the prompts jac.B at a time (the last batch padded with repeats, which are dropped).
-    Returns (outputs, forwards per prompt, decode seconds, latency per token of each prompt: the decode time
-    of its batch over its tokens)."""
+def batch_run(jac, prompts, max_new_tokens, stops=None, sync_every=4):
+    """Decode the prompts jac.B at a time, each to its stop rule's end (stops: one per prompt, or None).
+    Returns (outputs, forwards that committed them, decode seconds, latency per token of each prompt: the
+    decode time of its batch over its tokens)."""
     outs, forwards, seconds, latency = [], [], 0.0, []
     for lo in range(0, len(prompts), jac.B):
         chunk = prompts[lo:lo + jac.B]
-        jac.prefill(chunk + [chunk[-1]] * (jac.B - len(chunk)), max_new_tokens)
-        sync(jac.dev)
-        t0 = time.perf_counter()
-        while not bool(jac.state.done.all()):              # one host sync per sync_every iterations
-            for _ in range(sync_every):
-                jac.step()
-        sync(jac.dev)
-        t = time.perf_counter() - t0
-        s = jac.state
-        for b in range(len(chunk)):
-            outs.append(finish(s.text[b, int(s.prompt_len[b]):int(s.length[b])].tolist(), max_new_tokens, eot))
-            forwards.append(int(s.forwards[b]))
-            latency.append(t / max(len(outs[-1]), 1))
+        o, f, _, t = jac.decode_batch(chunk, max_new_tokens, None if stops is None else stops[lo:lo + jac.B], sync_every)
+        outs += o
+        forwards += f
+        latency += [t / max(len(x), 1) for x in o]
         seconds += t
     return outs, forwards, seconds, latency
 
 
-def batch_table(cfg, model, prompts, best, eot, compile, max_len, log):
-    """Throughput as B prompts decode together, for AR fast, Jacobi and the best decoder of the JF model:
-    one row per (decoder, B) with total tokens/s, TPF per row, latency per token and the outputs' agreement
-    with the same decoder at B = 1 (greedy)."""
+def batch_table(cfg, model, prompts, best, eot, compile, max_len, log, stops):
+    """Throughput as B prompts decode together, for AR fast, Jacobi and the best decoder of the JF model, on
+    the kept text (stops(prompts): the stop rules, or None for full length): one row per (decoder, B) with
+    total tokens/s, TPF per row, latency per token and the outputs' agreement with the same decoder at B = 1
+    (greedy)."""
     decoders = [("AR fast", METHODS["ar"]), ("Jacobi", METHODS["jacobi"]),
-                ("best" if best else "n-gram", best.get("jf") or LOOKUP)]
+                ("best" if best else "n-gram", best.get("jf") or METHODS["ngram"])]
     use, results = prompts[:cfg.batch_prompts], []
     for name, settings in decoders:
         first = None
         for B in batch_sizes(cfg.batch):
             torch.manual_seed(cfg.seed)
             jac = Jacobi(model, batch=B, eot=eot, compile=compile, max_len=max_len, **settings, **sampling(cfg))
-            batch_run(jac, use[:B], cfg.max_new_tokens, eot)                     # warm-up, capture
-            outs, forwards, seconds, latency = batch_run(jac, use, cfg.max_new_tokens, eot)
+            batch_run(jac, use[:B], cfg.max_new_tokens)                          # warm-up, capture
+            outs, forwards, seconds, latency = batch_run(jac, use, cfg.max_new_tokens, stops(use))
             first = first or outs
             tokens = sum(map(len, outs))
             results.append({"row": name, "decoder": describe(settings), "batch": B, "prompts": len(use),
@@ -520,7 +597,8 @@ def print_batch_table(results, sampled):
         print(f"{r['row']:<9}{r['decoder']:<24}{r['batch']:>4}{r['tokens_per_s']:>10,.0f}"
               f"{r['tokens_per_s'] / ar[r['batch']]['tokens_per_s']:>6.2f}x{r['tokens_per_forward']:>8.2f}"
               f"{r['ms_per_token']:>9.2f}{same:>12}")
-    print("tokens/s: all rows' committed tokens over the decode time (prefill apart); vs AR: over AR fast at the "
+    print("tokens/s: all rows' kept tokens (to the function's end, unless --stop none) over the decode time (prefill "
+          "apart); vs AR: over AR fast at the "
           "same B; TPF/row: tokens per forward of each row; ms/token: a row's wait per token (its batch's decode "
           "time over its tokens); same as B=1: outputs equal to that decoder's at B=1 (bfloat16 kernels round "
           "differently by batch size).")
@@ -575,9 +653,10 @@ def main(argv=None):
         log(f"--limit {CPU_LIMIT}: the first {CPU_LIMIT} prompts on a CPU (pass --limit 0 for all)")
     log(f"{len(prompts)} prompts, {cfg.max_new_tokens} new tokens max, {gpu}, torch {torch.__version__}, {dtype}; "
         f"base {cfg.base_ckpt}, Jacobi Forcing {paths['jf']}")
-    best, sweep_results = best_settings(cfg, models, prompts, saved, gpu, eot, compile, log, max_len)
+    stops = (lambda ps: function_stops(enc, ps)) if cfg.stop == "function" else (lambda ps: None)
+    best, sweep_results = best_settings(cfg, models, prompts, saved, gpu, eot, compile, log, max_len, stops)
     if cfg.batch:
-        results = batch_table(cfg, models["jf"], prompts, best, eot, compile, max_len, log)
+        results = batch_table(cfg, models["jf"], prompts, best, eot, compile, max_len, log, stops)
         print_batch_table(results, cfg.temperature > 0)
         print(json.dumps({"device": gpu, "torch": torch.__version__, "dtype": str(dtype).replace("torch.", ""),
                           "config": asdict(cfg), "ckpt": paths["jf"], "batch_rows": results,
@@ -585,12 +664,13 @@ def main(argv=None):
         return
     ar, jacobi, mr = METHODS["ar"], METHODS["jacobi"], METHODS["mr"]
     rows = [("AR eager", "base", None), ("AR fast", "base", ar), ("Jacobi", "base", jacobi),
-            ("n-gram", "base", LOOKUP)] + ([("best", "base", best["base"])] if best else []) + \
-           [("AR fast", "jf", ar), ("Jacobi", "jf", jacobi), ("n-gram", "jf", LOOKUP), ("MR", "jf", mr)] + \
+            ("n-gram", "base", METHODS["ngram"])] + ([("best", "base", best["base"])] if best else []) + \
+           [("AR fast", "jf", ar), ("Jacobi", "jf", jacobi), ("n-gram", "jf", METHODS["ngram"]), ("MR", "jf", mr)] + \
            ([("best", "jf", best["jf"])] if best else [])
-    results, outputs, refs = measure(rows, models, vals, records, prompts, cfg, enc, eot, compile, max_len, device, log)
+    results, outputs, refs = measure(rows, models, vals, records, prompts, cfg, enc, eot, compile, max_len, device, log,
+                                     stops)
     check_lossless(results, outputs, refs, prompts, paths, device, dtype, sampled=cfg.temperature > 0)
-    print_table(results)
+    print_table(results, cfg.max_new_tokens)
     try:
         print("\n" + charts({"device": gpu, "prompts": len(prompts), "rows": results, "sweep": sweep_results}))
     except UnicodeEncodeError:                        # a terminal without the block characters: no pictures

@@ -40,7 +40,8 @@ class DecodeConfig:
                                   "(before the first new line at or left of the prompt's last def) or none",
                       ["function", "none"])
     ckpt: str = field(None, "checkpoint (default: the newest out/jf*.pt, else out/base.pt)")
-    method: str = field("auto", "decoder: auto (the fastest measured: ar on a CPU, ngram on a GPU), ar, jacobi "
+    method: str = field("auto", "decoder: auto (the fastest measured: ar on a CPU, or jacobi if a size flag is "
+                                "given; ngram on a GPU), ar, jacobi "
                                 "(vanilla), ngram (jacobi + 2 context n-gram candidates), mr (recycling + "
                                 "multi-block), or best (the fastest settings `python bench.py --sweep` found on "
                                 "this device)", ["auto"] + list(METHODS) + ["best"])
@@ -162,7 +163,8 @@ def read_prompt(cfg):
 def decoder_settings(cfg, cuda):
     """(the method's name, its settings): auto resolved for this device, the defaults overridden by any size
     flag given."""
-    method = cfg.method if cfg.method != "auto" else "ngram" if cuda else "ar"
+    sized = any(getattr(cfg, k) is not None for k in SETTINGS)      # size flags describe a parallel decoder
+    method = cfg.method if cfg.method != "auto" else "ngram" if cuda else "jacobi" if sized else "ar"
     if method == "best":
         if not Path(cfg.sweep_file).is_file():
             what = "is not a file" if Path(cfg.sweep_file).exists() else "is missing"

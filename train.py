@@ -40,7 +40,8 @@ from jfmini.runtime.data import (TOKENIZERS, completion_text, full_vocab, get_ba
 from jfmini.runtime.engine import decode_many
 from jfmini.forcing import collect_trajectories, objective, pack, packed_length, total
 from jfmini.runtime.trajectories import Trajectories, accuracy_by_distance, repetitive
-from jfmini.runtime.quality import paired_difference, score, summarize, truth_loss
+from jfmini.runtime.quality import LOOP_DISTINCT4, distinct4, paired_difference, score, summarize, truth_loss
+from jfmini.runtime.stop import function_stops
 from jfmini.masks import dense_mask, flex_mask, noise_aware_mask
 from jfmini.model import GPT, GPTConfig
 
@@ -522,11 +523,19 @@ def evaluate(cfg, run, path, label, block_lens=None, diagnose=False, base_path=N
         prompts = [r["ids"] for r in records]
         for n in block_lens:
             outs, forwards, hist = decode_many(decoder, prompts, new, enc.eot_token, batch=256 if run.cuda else 64,
-                                               block_len=n)
-            res[f"tpf_{name}_n{n}"] = sum(map(len, outs)) / max(sum(forwards), 1)
-            res[f"cpf_{name}_n{n}"] = sum(len(completion_text(enc, o)) for o in outs) / max(sum(forwards), 1)
+                                               block_len=n, stops=function_stops(enc, prompts))
+            res[f"kept_tpf_{name}_n{n}"] = sum(map(len, outs)) / max(sum(forwards), 1)
+            res[f"kept_cpf_{name}_n{n}"] = sum(len(completion_text(enc, o)) for o in outs) / max(sum(forwards), 1)
             if n == block_lens[0]:
                 res[f"accepted_{name}_n{n}"] = hist.tolist()
+                for group, want in (("loop", True), ("noloop", False)):   # TPF on bodies that loop, and not
+                    idx = [i for i, o in enumerate(outs) if (distinct4(o) < LOOP_DISTINCT4) == want]
+                    res[f"kept_tpf_{group}_{name}_n{n}"] = sum(len(outs[i]) for i in idx) / max(sum(forwards[i] for i in idx), 1)
+                full, full_forwards, _ = decode_many(decoder, prompts, new, enc.eot_token, block_len=n,
+                                                     batch=256 if run.cuda else 64)
+                res[f"full_tpf_{name}_n{n}"] = sum(map(len, full)) / max(sum(full_forwards), 1)
+                res[f"full_loop_{name}"] = sum(distinct4(o) < LOOP_DISTINCT4 for o in full) / len(full)
+                res[f"kept_tokens_{name}"] = sum(map(len, outs)) / len(outs)
                 per_prompt[name] = rows = quality(model, enc, records, outs, new, run)
                 for k, (mean, se) in summarize(rows).items():
                     res[f"{k}_{name}"], res[f"{k}_{name}_se"] = mean, se
@@ -545,10 +554,15 @@ def evaluate(cfg, run, path, label, block_lens=None, diagnose=False, base_path=N
             hits, counts = accuracy_by_distance(model, traj, enc.eot_token, cfg.context)
         res["accuracy_by_distance"] = (hits / np.maximum(counts, 1)).round(4).tolist()
         res["positions_by_distance"] = counts.tolist()
-    run.log(f"{label}: vanilla Jacobi TPF " + ", ".join(f"{k[4:]} {v:.3f}" for k, v in res.items() if k.startswith("tpf_"))
-            + f" ({time.time() - t0:.0f}s)")
+    run.log(f"{label}: vanilla Jacobi TPF on kept text (to the function's end) " + ", ".join(
+        f"{k[9:]} {v:.3f}" for k, v in res.items() if k.startswith("kept_tpf_") and "loop" not in k)
+        + "; on bodies that loop / do not " + ", ".join(f"{k[14:]} {v:.3f} / {res[k.replace('_loop_', '_noloop_')]:.3f}"
+                                                       for k, v in res.items() if k.startswith("kept_tpf_loop_"))
+        + "; full length " + ", ".join(f"{k[9:]} {v:.3f}" for k, v in res.items() if k.startswith("full_tpf_"))
+        + f" ({time.time() - t0:.0f}s)")
     for name in sets:
-        run.log(f"{label}: {name} ({len(sets[name])} prompts): " + ", ".join(
+        run.log(f"{label}: {name} ({len(sets[name])} prompts, {res[f'kept_tokens_{name}']:.0f} kept tokens each, "
+                f"full-length loop rate {res[f'full_loop_{name}']:.3f}), kept text: " + ", ".join(
             f"{k} {res[f'{k}_{name}']:.3f}±{res[f'{k}_{name}_se']:.3f}" +
             (f" (vs base {res[f'delta_{k}_{name}']:+.3f}±{res[f'delta_{k}_{name}_se']:.3f})"
              if f"delta_{k}_{name}" in res else "") for k in QUALITY if f"{k}_{name}" in res))

@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from conftest import tiny_model
+from conftest import cuda, tiny_model
 from jfmini.jacobi import Jacobi
 from jfmini.runtime.engine import decode_many, generate_ar
 from jfmini.runtime.stop import FunctionEnd, StopAtFunctionEnd, kept_text
@@ -178,3 +178,24 @@ def test_decode_stop_streams_only_text_that_will_be_kept():
     assert decode.streamable("    x = 1\n    y", final=False) == "    x = 1\n    y"
     assert decode.streamable("    s = '\ufffd", final=False) == "    s = '"
     assert decode.streamable("    x = 1\n    ", final=True) == "    x = 1\n    "
+
+
+@cuda
+@pytest.mark.parametrize("compile", [False, True])
+def test_kept_text_is_lossless_in_cuda_graphs(compile):
+    """The same on the GPU, each iteration a captured CUDA graph (inductor-fused with compile): one prompt
+    at a time checked every 3 forwards, and batches of 3 with a padding row."""
+    model = tiny_model(seed=9).cuda()
+    prompts = [seeded_prompt(s) for s in (0, 1, 3, 5, 7)]
+    stops, refs = zip(*(midway(model, p) for p in prompts))
+    assert sum(len(r) < 48 for r in refs) >= 3
+    for settings in (dict(block_len=1), dict(block_len=8, ngram=2, cand_len=4),
+                     dict(block_len=6, num_blocks=2, pool_size=2, cand_len=4)):
+        jac = Jacobi(model, compile=compile, max_len=64, **settings)
+        assert jac.graph_enabled
+        assert [jac.generate(p, 48, sync_every=3, stop=make())[0] for p, make in zip(prompts, stops)] == list(refs)
+        jac = Jacobi(model, batch=3, compile=compile, max_len=64, **settings)
+        outs = []
+        for lo in (0, 3):
+            outs += jac.decode_batch(list(prompts[lo:lo + 3]), 48, [make() for make in stops[lo:lo + 3]])[0]
+        assert outs == list(refs), settings

@@ -242,9 +242,10 @@ class Engine:
         while kept is None:
             for _ in range(sync_every):
                 self.step()
-            done = bool(s.done[0])                  # the one host sync per `sync_every` iterations
-            if stop is not None:
-                committed += s.text[0, P + len(committed):int(s.length[0])].tolist()
+            if stop is None:
+                done = bool(s.done[0])              # the one host sync per `sync_every` iterations
+            else:                                   # the same sync, reading the newly committed tokens too
+                done, committed = self._progress(P, committed, sync_every * self.W)
                 kept = stop.kept(committed)
             if on_step is not None:
                 on_step(self, kept)
@@ -256,6 +257,13 @@ class Engine:
         tokens = finish(tokens if kept is None else tokens[:kept], max_new_tokens, self.eot)
         return tokens, Stats(len(tokens), self.forwards_for(0, P, len(tokens)), t1 - t0, t2 - t1,
                              int(s.forwards[0]))
+
+    def _progress(self, prompt_len, committed, most):
+        """(done, the committed new tokens) of row 0, in one device-to-host copy: the tokens committed since
+        `committed` were read are at most `most` (the drafts of every iteration since)."""
+        s, start = self.state, prompt_len + len(committed)
+        v = torch.cat([s.done[:1].long(), s.length[:1], s.text[0, start:start + most]]).tolist()
+        return bool(v[0]), committed + v[2:2 + v[1] - start]
 
     def forwards_for(self, b, prompt_len, count):
         """The forwards row b needed to commit its first `count` new tokens."""
