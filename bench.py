@@ -131,21 +131,26 @@ def describe(settings):
 
 
 @torch.no_grad()
-def run_row(model, settings, prompts, cfg, eot, compile, sync_every=1, max_len=None, stops=None):
-    """Decode every prompt, to its stop rule's end where `stops` gives one per prompt; returns (outputs,
-    Stats per prompt, us per captured step or None). settings None = the AR eager loop. max_len sizes the
-    static cache (longest prompt + new tokens): attention reads every slot of it each step."""
-    torch.manual_seed(cfg.seed)
-    stops = stops or [None] * len(prompts)
+def run_row(model, settings, prompts, cfg, eot, compile, passes, max_len=None):
+    """Decode every prompt once per pass, (sync_every, stops: a stop rule per prompt, or None), with one
+    decoder (compiled and captured once); returns ([(outputs, Stats per prompt)] per pass, us per captured
+    step or None). settings None = the AR eager loop. max_len sizes the static cache (longest prompt + new
+    tokens): attention reads every slot of it each step."""
+    results, none = [], [None] * len(prompts)
     if settings is None:
         generate_ar(model, prompts[0], cfg.max_new_tokens, eot, **sampling(cfg))          # warm-up
-        outs, stats = zip(*(generate_ar(model, p, cfg.max_new_tokens, eot, **sampling(cfg), stop=stop)
-                            for p, stop in zip(prompts, stops)))
-        return list(outs), list(stats), None
+        for _, stops in passes:
+            torch.manual_seed(cfg.seed)
+            results.append([list(x) for x in zip(*(generate_ar(model, p, cfg.max_new_tokens, eot, **sampling(cfg),
+                                                                stop=stop) for p, stop in zip(prompts, stops or none)))])
+        return results, None
     jac = Jacobi(model, eot=eot, compile=compile, max_len=max_len, **settings, **sampling(cfg))
-    jac.generate(prompts[0], cfg.max_new_tokens, sync_every)              # warm-up, capture
-    outs, stats = zip(*(jac.generate(p, cfg.max_new_tokens, sync_every, stop=stop) for p, stop in zip(prompts, stops)))
-    return list(outs), list(stats), step_us(jac, prompts[0], cfg.max_new_tokens) if jac.graph_enabled else None
+    jac.generate(prompts[0], cfg.max_new_tokens, passes[0][0])              # warm-up, capture
+    for every, stops in passes:
+        torch.manual_seed(cfg.seed)
+        results.append([list(x) for x in zip(*(jac.generate(p, cfg.max_new_tokens, every, stop=stop)
+                                               for p, stop in zip(prompts, stops or none)))])
+    return results, step_us(jac, prompts[0], cfg.max_new_tokens) if jac.graph_enabled else None
 
 
 def total(stats):
@@ -237,16 +242,15 @@ def sweep(model, grid, prompts, cfg, eot, compile, log, max_len, stops, finalist
     or None); returns all results and the fastest settings."""
     results = []
     for s in grid:
-        _, st, _ = run_row(model, s, prompts, cfg, eot, compile=False, max_len=max_len, stops=stops(prompts))
-        st = total(st)
+        st = total(run_row(model, s, prompts, cfg, eot, False, [(1, stops(prompts))], max_len)[0][0][1])
         results.append({**s, "tokens_per_forward": st.tokens_per_forward, "tokens_per_s": st.tokens_per_s})
         log(f"  sweep {describe(s):<28}: TPF {st.tokens_per_forward:5.2f}, {st.tokens_per_s:8,.0f} tokens/s")
         gc.collect()
     top = sorted(results, key=lambda r: -r["tokens_per_s"])[:finalists if compile else 1]
     for r in top if compile else []:
         s = {k: r[k] for k in grid[0]}
-        _, st, _ = run_row(model, s, prompts, cfg, eot, compile=True, max_len=max_len, stops=stops(prompts))
-        r["compiled_tokens_per_s"] = total(st).tokens_per_s
+        st = total(run_row(model, s, prompts, cfg, eot, True, [(1, stops(prompts))], max_len)[0][0][1])
+        r["compiled_tokens_per_s"] = st.tokens_per_s
         log(f"  finalist {describe(s)}: {st.tokens_per_s:,.0f} tokens/s compiled")
         gc.collect()
     best = max(top, key=lambda r: r.get("compiled_tokens_per_s", r["tokens_per_s"]))
@@ -388,11 +392,11 @@ def measure(rows, models, vals, records, prompts, cfg, enc, eot, compile, max_le
         use = prompts[:cfg.eager_limit] if settings is None else prompts
         row = {"row": name, "model": key, "settings": settings or "eager loop", "prompts": len(use),
                "decoder": describe(settings) if settings else "eager loop", "verified_per_step": verified_per_step(settings)}
-        for kind in kinds:
-            ar = settings == METHODS["ar"]
-            every = (cfg.ar_stop_every if kind == "kept" else cfg.ar_sync_every) if ar else 1
-            outs, stats, step = run_row(models[key], settings, use, cfg, eot, compile, every, max_len,
-                                        stops(use) if kind == "kept" else None)
+        ar = settings == METHODS["ar"]
+        passes = [((cfg.ar_stop_every if kind == "kept" else cfg.ar_sync_every) if ar else 1,
+                   stops(use) if kind == "kept" else None) for kind in kinds]
+        decoded, step = run_row(models[key], settings, use, cfg, eot, compile, passes, max_len)
+        for kind, (outs, stats) in zip(kinds, decoded):
             texts = [completion_text(enc, o) for o in outs]
             row.update(speed(stats, texts, "kept_" if kind == "kept" else ""))
             if kind == kinds[0]:                      # quality: of the kept text, or the full one with --stop none
@@ -401,11 +405,12 @@ def measure(rows, models, vals, records, prompts, cfg, enc, eot, compile, max_le
                 row.update({k: v[0] for k, v in q.items()}, **{f"{k}_se": v[1] for k, v in q.items()},
                            parse_rate=q["parse"][0], val_loss=vals[key], body_loss=body_loss[key], step_us=step,
                            loops=[distinct4(o) < LOOP_DISTINCT4 for o in outs], per_prompt=stats, texts=texts)
-            row["full_loop"] = sum(distinct4(o) < LOOP_DISTINCT4 for o in outs) / len(outs) if kind == "full" else None
+            if kind == "full":
+                row["full_loop"] = sum(distinct4(o) < LOOP_DISTINCT4 for o in outs) / len(outs)
             if name == "AR fast":
                 refs[kind][key] = outs                # the model's own greedy output: the lossless reference
             outputs[kind].append(outs)
-            gc.collect()
+        gc.collect()
         results.append(row)
         log(f"{name} ({key}, {row['decoder']}): " + "; ".join(
             f"{kind} TPF {row[p + 'tokens_per_forward']:.2f}, {row[p + 'tokens_per_s']:,.0f} tokens/s"
