@@ -180,7 +180,7 @@ def test_decode_max_new_tokens_defaults_to_what_the_context_leaves(files):
     res = run("decode.py", "--prompt", "def f(x):", "--ckpt", files / "base.pt", "--device", "cpu")
     assert res.returncode == 0, res.stderr[-2000:]
     assert "# --max_new_tokens 59: what the model's context of 64 leaves after the prompt" in res.stderr
-    new = int(res.stderr.split("\n# ")[-1].split(" tokens in")[0])
+    new = int(res.stderr.split("\n# ")[-1].split(" tokens to ")[0])
     assert 1 <= new <= 59
 
 
