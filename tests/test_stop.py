@@ -47,6 +47,10 @@ EXAMPLES = [
     ("a prompt without a def has no function end", "import os\n", "x = 1\ny = 2\n", "x = 1\ny = 2\n"),
     ("a line that starts at the prompt's end counts", DOC, "def g():\n", ""),
     ("async def", "async def f():\n", "    await g()\nasync def h():\n", "    await g()\n"),
+    ("a prompt cut from a file begins inside a docstring", '    >>> f(1)\n    """\n    return 1\n\n\ndef g(x):\n'
+     '    """Doc."""\n', "    return x\nclass B:\n", "    return x\n"),
+    ("... and a docstring example def is not the function", "def f(x):\n    \"\"\"Use:\n\n        def g():\n            pass\n"
+     '    """\n', "    return x\ny = 1\n", "    return x\n"),
 ]
 
 
@@ -199,3 +203,15 @@ def test_kept_text_is_lossless_in_cuda_graphs(compile):
         for lo in (0, 3):
             outs += jac.decode_batch(list(prompts[lo:lo + 3]), 48, [make() for make in stops[lo:lo + 3]])[0]
         assert outs == list(refs), settings
+
+
+def test_stop_rule_keeps_heldout_true_bodies_whole():
+    """Held-out prompts are cut from the middle of files, some inside a docstring: the rule still finds
+    each prompt's def, keeps its true body whole and cuts what follows."""
+    from jfmini.runtime.data import heldout_prompts, tokenizer
+    records = heldout_prompts("stdlib", tokenizer("p50k"), count=200)
+    assert len(records) >= 100
+    for r in records:
+        assert FunctionEnd(r["prompt"]).indent is not None, r["task_id"]
+        kept = kept_text(r["prompt"], r["body"] + "\n\ndef after():\n    pass\n")
+        assert kept.rstrip() == r["body"].rstrip(), r["task_id"]

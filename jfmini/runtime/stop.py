@@ -11,7 +11,9 @@ metrics: the kept text ends just before the first line that
 
 At top level this is HumanEval's stop sequences ("\\ndef", "\\nclass", "\\nif", "\\nprint", "\\n#") and every
 other line at column 0; for a method it is the next line at the method's indentation or left of it. A
-prompt without a `def` has no function end. A completion also ends at end-of-text and at the token limit;
+prompt without a `def` has no function end. A prompt cut from the middle of a file may begin inside a
+docstring: it is read so that its last `def` line is code and, where possible, its own docstring is closed
+at its end. A completion also ends at end-of-text and at the token limit;
 those are the decoders' own stops. Brackets are not tracked: a dedented line inside an unclosed bracket
 still ends the function (a small model leaves brackets open often, and a stop that one stray bracket can
 switch off keeps loops).
@@ -80,16 +82,26 @@ class FunctionEnd:
     (each text extending the last): it lexes only what is new, and answers once the end is certain."""
 
     def __init__(self, prompt):
-        starts, code, quote = lex(prompt, 0, None, len(prompt))
-        self.indent = None                            # the last def's indentation; None: no function to end
-        self.def_start = 0                            # where the last def line starts in the prompt
-        for s in [0] + [s for s, c in zip(starts, code) if c]:
-            if DEF.match(prompt, s):
-                self.indent, self.def_start = width(prompt, s, len(prompt))[0], s
-        self.quote = quote                            # the string state where the completion begins
-        # the completion opens a new line when the prompt ended with a line end of code
-        self.pending = [0] if starts and starts[-1] == len(prompt) and code[-1] else []
+        # A prompt cut from the middle of a file may begin inside a docstring. Read it from each state it
+        # may begin in (code, or inside a triple-quoted string) and keep the first reading that finds a def
+        # line of code and ends in code (the prompt's own docstring closed), else the first that finds one.
+        readings = [self._read(prompt, start) for start in (None, '"""', "'''")]
+        found = [r for r in readings if r[0] is not None]
+        self.indent, self.def_start, self.quote, at_line_start = next(
+            (r for r in found if r[2] is None), (found or readings)[0])   # indent None: no function to end
+        self.pending = [0] if at_line_start else []   # line starts of the completion still to be decided
         self.pos, self.cut = 0, None
+
+    @staticmethod
+    def _read(prompt, start):
+        """Lex the prompt from string state `start`: (the last def line's indentation or None, where that
+        line starts, the string state at the prompt's end, whether the completion begins a new line)."""
+        starts, code, quote = lex(prompt, 0, start, len(prompt))
+        indent, def_start = None, 0
+        for s in ([0] if start is None else []) + [s for s, c in zip(starts, code) if c]:
+            if DEF.match(prompt, s):
+                indent, def_start = width(prompt, s, len(prompt))[0], s
+        return indent, def_start, quote, bool(starts) and starts[-1] == len(prompt) and code[-1]
 
     def find(self, completion):
         """Offset in `completion` where the kept text ends, once it is certain; None while it is not (or

@@ -4,10 +4,10 @@
 # `bench.py` on 164 held-out functions, a float32 losslessness check (kept and full length), `python decode.py
 # --prompt "def fib(n):"` and the CUDA-only tests, each timed. The code is copied first so that edits to the
 # checkout during the run do not reach it. Logs go to /tmp/r. Run from anywhere:
-#   setsid nohup bash results/scripts/kept_run.sh > /dev/null 2>&1 &   then   bash results/scripts/poll.sh 560
+#   setsid nohup bash results/h200/kept/run.sh > /dev/null 2>&1 &   then   bash results/h200/kept/poll.sh 560
 export PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 R=/tmp/r; mkdir -p $R
-cd "$(dirname "$0")/../.."; rm -rf /tmp/code; cp -r . /tmp/code; cd /tmp/code
+cd "$(dirname "$0")/../../.."; rm -rf /tmp/code; cp -r . /tmp/code; cd /tmp/code
 log() { echo "[$(date +%T)] $*" >> $R/driver.log; }
 timed() { local t0=$SECONDS; "$@"; local rc=$?; log "rc $rc, $((SECONDS - t0)) s: ${*:2}"; }
 log start; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > $R/env.txt; python3 -c "import torch;print(torch.__version__)" >> $R/env.txt
