@@ -449,6 +449,11 @@ def split_by_loops(results, kept):
         del r["per_prompt"], r["texts"], r["loops"]
 
 
+def ratio(a, b):
+    """a / b, NaN where b is 0 (a row that kept no text: nothing to compare)."""
+    return a / b if b else float("nan")
+
+
 def check_lossless(results, outputs, refs, prompts, paths, device, dtype, sampled=False):
     """Each row's outputs (kept and full) against its model's AR fast, with the float32 logit gap at every
     first divergence (a tie of the low-precision logits is not a decoder bug); speedups against the base's
@@ -459,10 +464,10 @@ def check_lossless(results, outputs, refs, prompts, paths, device, dtype, sample
         ar_eager, ar_fast = results[0], results[1]
         own_ar = {r["model"]: r for r in results if r["row"] == "AR fast"}
         for r, outs in zip(results, outs_by_row):
-            r[f"{p}speedup_vs_ar_fast"] = r[f"{p}chars_per_s"] / ar_fast[f"{p}chars_per_s"]   # tokenizer-neutral
-            r[f"{p}speedup_vs_ar_eager"] = r[f"{p}chars_per_s"] / ar_eager[f"{p}chars_per_s"]
-            r[f"{p}token_speedup_vs_ar_fast"] = r[f"{p}tokens_per_s"] / ar_fast[f"{p}tokens_per_s"]
-            r[f"{p}token_speedup_vs_own_ar_fast"] = r[f"{p}tokens_per_s"] / own_ar[r["model"]][f"{p}tokens_per_s"]
+            r[f"{p}speedup_vs_ar_fast"] = ratio(r[f"{p}chars_per_s"], ar_fast[f"{p}chars_per_s"])   # tokenizer-neutral
+            r[f"{p}speedup_vs_ar_eager"] = ratio(r[f"{p}chars_per_s"], ar_eager[f"{p}chars_per_s"])
+            r[f"{p}token_speedup_vs_ar_fast"] = ratio(r[f"{p}tokens_per_s"], ar_fast[f"{p}tokens_per_s"])
+            r[f"{p}token_speedup_vs_own_ar_fast"] = ratio(r[f"{p}tokens_per_s"], own_ar[r["model"]][f"{p}tokens_per_s"])
             if sampled:                       # samples differ from AR's token for token by design
                 r.update({f"{p}lossless": None, f"{p}mismatches": 0, f"{p}tie_gaps": [], f"{p}lossless_ties_aside": None})
                 continue

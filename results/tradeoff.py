@@ -13,9 +13,11 @@ import re
 import statistics
 from pathlib import Path
 
-TPF = re.compile(r"round (\d): jf\d\.pt: vanilla Jacobi TPF humaneval_n32 ([\d.]+).*heldout_n32 ([\d.]+)")
-QUALITY = re.compile(r"round (\d): jf\d\.pt: (humaneval|heldout) \(\d+ prompts\): (.*)")
-BASE = re.compile(r"round 1: source base\.pt: (humaneval|heldout) \(\d+ prompts\): (.*)")
+# train.py's lines, as it wrote them before and after its evaluation moved to kept text
+TPF = re.compile(r"round (\d): jf\d\.pt: vanilla Jacobi TPF (?:on kept text \(to the function's end\) )?"
+                 r"humaneval_n32 ([\d.]+).*?heldout_n32 ([\d.]+)")
+QUALITY = re.compile(r"round (\d): jf\d\.pt: (humaneval|heldout) \(\d+ prompts[^)]*\)(?:, kept text)?: (.*)")
+BASE = re.compile(r"round 1: source base\.pt: (humaneval|heldout) \(\d+ prompts[^)]*\)(?:, kept text)?: (.*)")
 METRIC = re.compile(r"(\w+) ([-+\d.]+)±[\d.]+(?: \(vs base ([-+\d.]+)±[\d.]+\))?")
 
 

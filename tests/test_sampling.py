@@ -226,7 +226,8 @@ def kept_counts(model, name, rule=StopAtFunctionEnd):
     index = {k: i for i, k in enumerate(exact)}
     torch.manual_seed(0)
     jac = Jacobi(model, batch=SAMPLES, temperature=1.0, max_len=len(PROMPT) + L, **DECODERS[name])
-    outs = jac.decode_batch([PROMPT] * SAMPLES, L, [rule(PROMPT, STOP_PIECES.__getitem__) for _ in range(SAMPLES)])[0]
+    stops = [rule(PROMPT, STOP_PIECES.__getitem__) for _ in range(SAMPLES)]
+    outs = jac.decode_batch([PROMPT] * SAMPLES, L, stops, sync_every=1)[0]       # rows freeze mid-way
     cells = torch.tensor([index.get(tuple(o), len(index)) for o in outs])
     return torch.bincount(cells, minlength=len(index) + 1).double(), torch.tensor([*exact.values(), 0.0]), outs
 

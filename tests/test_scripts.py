@@ -148,6 +148,23 @@ def test_decode_stop_reads_a_multiline_prompt_from_a_file_or_stdin(files, how):
     assert res.stdout.startswith("import os\n\ndef f(root):\n") and "tokens per forward" in res.stderr
 
 
+@pytest.mark.parametrize("prompt", ["def f(x):", "def f(x):\n    x = 1\n\n"])
+def test_decode_stops_at_the_function_end_and_stop_none_runs_on(files, prompt):
+    """The default output is what the rule keeps of the --stop none output (plus the rest of a last token
+    that straddles the end), and the closing line names where it ended. The tiny random model never ends
+    the first function; after the second prompt it writes at column 0 at once (an empty body)."""
+    from jfmini.runtime.stop import kept_text
+    args = ["--prompt", prompt, "--ckpt", files / "base.pt", "--max_new_tokens", "40", "--device", "cpu"]
+    stopped, full = run("decode.py", *args), run("decode.py", *args, "--stop", "none")
+    assert stopped.returncode == 0 and full.returncode == 0, stopped.stderr + full.stderr
+    a, b = stopped.stdout[len(prompt):], full.stdout[len(prompt):]
+    kept = kept_text(prompt, b)
+    assert b.startswith(a) and a.startswith(kept) and not a[len(kept):].strip(" \t\f\r\n"), (a, b)
+    ended = "the function's end" if len(kept) < len(b) else "--max_new_tokens 40"
+    assert f"tokens to {ended} in" in stopped.stderr and "tokens to --max_new_tokens 40 in" in full.stderr
+    assert (len(kept) < len(b)) == (prompt != "def f(x):")          # both paths really ran
+
+
 def test_decode_stop_prints_any_prompt_under_an_ascii_terminal(files):
     res = run("decode.py", "--prompt", "def gr\u00fc\u00dfe(x):  # \u03bb", "--ckpt", files / "base.pt",
               "--max_new_tokens", "4", "--device", "cpu", PYTHONIOENCODING="ascii")

@@ -51,6 +51,15 @@ EXAMPLES = [
      '    """Doc."""\n', "    return x\nclass B:\n", "    return x\n"),
     ("... and a docstring example def is not the function", "def f(x):\n    \"\"\"Use:\n\n        def g():\n            pass\n"
      '    """\n', "    return x\ny = 1\n", "    return x\n"),
+    ("the prompt ends inside a comment", "def f(x):\n    # use ", '"""quotes\n    return x\ndef g():\n',
+     '"""quotes\n    return x\n'),
+    ("a form feed restarts the indentation", "class A:\n    def f(self):\n", "        x = 1\n        \fy = 2\n",
+     "        x = 1\n"),
+    ("a def shown in an earlier docstring is not the function", 'def a():\n    """Example:\n\n        def b():\n'
+     '            pass\n    """\n\n\ndef f(x):\n    """Return x', ' doubled.\n    """\n    return 2 * x\ny = 1\n',
+     ' doubled.\n    """\n    return 2 * x\n'),
+    ("a prompt cut inside a docstring, its function's docstring showing a def", '    Ends here.\n    """\n\n\n'
+     'def f(x):\n    """Use:\n\n        def g(): pass\n    """\n', "    return x\n\nclass B:\n", "    return x\n\n"),
 ]
 
 
@@ -148,6 +157,29 @@ def test_kept_text_of_every_decoder_equals_ar_kept_text(seed):
         assert st.forwards == Jacobi(model, **settings).generate(prompt, len(ref))[1].ran, (settings, every)
 
 
+@pytest.mark.parametrize("seed", SEEDS)
+def test_kept_text_ends_at_end_of_text_before_the_function_ends(seed):
+    """End-of-text right after a line end: every decoder keeps AR's text, end-of-text included."""
+    model, prompt = tiny_model(seed=seed), seeded_prompt(seed)
+    full = generate_ar(model, prompt, 48)[0]
+    j = next(j for j, t in enumerate(full[:-2]) if j >= 4 and t not in full[:j])
+    line_end, eot = full[j], full[j + 1]
+    piece = lambda t: b"def f():" if t == -1 else b"\n" if t == line_end else b"" if t == eot else b"y"
+    make = lambda: StopAtFunctionEnd([-1], piece, eot)
+    ref = generate_ar(model, prompt, 48, eot=eot, stop=make())[0]
+    assert ref[-1] == eot, ref
+    for settings in SETTINGS:
+        assert Jacobi(model, eot=eot, **settings).generate(prompt, 48, stop=make())[0] == ref, settings
+
+
+def test_stop_rule_reads_nothing_after_end_of_text():
+    """A parallel decoder may commit tokens past end-of-text in the forward that commits it: the text ended
+    there, so what follows must not end the function (which would cut end-of-text off)."""
+    pieces = {0: b"def f():", 1: b"\n", 2: b"y", 9: b""}
+    assert StopAtFunctionEnd([0], pieces.__getitem__, eot=9).kept([1, 9, 2]) is None
+    assert StopAtFunctionEnd([0], pieces.__getitem__).kept([1, 9, 2]) == 1     # read on: the end falls before it
+
+
 def test_kept_text_of_the_ar_oracle_is_its_full_output_cut_by_the_rule():
     model, prompt = tiny_model(seed=3), seeded_prompt(3)
     make, ref = midway(model, prompt)
@@ -215,3 +247,19 @@ def test_stop_rule_keeps_heldout_true_bodies_whole():
         assert FunctionEnd(r["prompt"]).indent is not None, r["task_id"]
         kept = kept_text(r["prompt"], r["body"] + "\n\ndef after():\n    pass\n")
         assert kept.rstrip() == r["body"].rstrip(), r["task_id"]
+
+
+def test_stop_rule_fed_random_pieces_answers_as_the_whole_text():
+    """Random code-like texts (quotes, comments, backslashes, tabs, form feeds, defs) after random prompts,
+    fed in random pieces: the answer, once given, is the whole text's, and it comes by the text's end."""
+    atoms = ["\n", " ", "    ", "\t", "\f", "x", "def f():", "'", '"', "'''", '"""', "#", "\\", "\r"]
+    rng = random.Random(0)
+    for _ in range(3000):
+        prompt = "".join(rng.choice(atoms) for _ in range(rng.randint(0, 8))) + rng.choice(["def g():", "def g():\n"])
+        text = "".join(rng.choice(atoms) for _ in range(rng.randint(0, 30)))
+        whole = FunctionEnd(prompt).find(text)
+        rule, i, cut = FunctionEnd(prompt), 0, None
+        while i < len(text) and cut is None:
+            i += rng.randint(1, 5)
+            cut = rule.find(text[:i])
+        assert cut == whole, (prompt, text)

@@ -284,8 +284,8 @@ class Engine:
         while True:
             for _ in range(sync_every):
                 self.step()
-            done = s.done.tolist()                 # the one host sync per `sync_every` iterations
-            if stops is not None:
+            done = s.done.tolist()                 # the host syncs once per `sync_every` iterations
+            if stops is not None:                  # (and reads the new tokens of the rows still running)
                 ended = self._check_stops(prompts, stops, committed, kept, done)
                 if ended:
                     s.done[ended] = True
@@ -305,12 +305,15 @@ class Engine:
     def _check_stops(self, prompts, stops, committed, kept, done):
         """Read the newly committed tokens of every row still running; returns the rows whose stop rule
         found the end (their kept counts go into `kept`)."""
-        lengths, text, ended = self.state.length.tolist(), self.state.text.cpu(), []
-        for b, (p, stop) in enumerate(zip(prompts, stops)):
-            if stop is None or kept[b] is not None:
-                continue
-            committed[b] += text[b, len(p) + len(committed[b]):lengths[b]].tolist()
-            kept[b] = stop.kept(committed[b])
+        lengths, ended = self.state.length.tolist(), []
+        rows = [b for b, stop in enumerate(stops) if stop is not None and kept[b] is None]
+        if not rows:
+            return ended
+        lo = min(len(prompts[b]) + len(committed[b]) for b in rows)      # one copy: the columns any row needs
+        text = self.state.text[:len(prompts), lo:max(lengths[b] for b in rows)].cpu()
+        for b in rows:
+            committed[b] += text[b, len(prompts[b]) + len(committed[b]) - lo:lengths[b] - lo].tolist()
+            kept[b] = stops[b].kept(committed[b])
             if kept[b] is not None and not done[b]:
                 ended.append(b)
         return ended

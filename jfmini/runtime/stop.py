@@ -32,14 +32,18 @@ import re
 
 SPACE = " \t\f\r"
 DEF = re.compile(r"[ \t\f]*(?:async[ \t]+)?def[ \t]")
+# A first line that is plainly code, never the inside of a docstring: a def, class or import at column 0.
+CODE_LINE = re.compile(r"(?:(?:async[ \t]+)?def|class|import|from)[ \t]|@|#")
 # What matters outside a string: a string opening, a comment, a backslash, a line end.
 OUTSIDE = re.compile(r"'''|\"\"\"|['\"#\\\n]")
-# Inside a string: an escape, its closing quote, and (single-quoted strings) the line end.
+# Inside a string: an escape, its closing quote, and (single-quoted strings) the line end; in a comment
+# (state '#'), the line end.
 INSIDE = {q: re.compile(re.escape(q) + r"|\\" + ("" if len(q) == 3 else r"|\n")) for q in ("'", '"', "'''", '"""')}
+INSIDE["#"] = re.compile(r"\n")
 
 
 def lex(text, i, quote, end):
-    """Lex text[i:end] from string state `quote` (None: code; else the open string's quote). Returns
+    """Lex text[i:end] from state `quote` (None: code; '#': a comment; else the open string's quote). Returns
     (offsets just after line ends, whether each starts a new line of code, the state at `end`). Line ends
     inside a triple-quoted string are not reported; one after a backslash is, as no new line of code."""
     starts, code = [], []
@@ -58,8 +62,7 @@ def lex(text, i, quote, end):
                 code.append(False)
             i += 1
         elif tok == "#":                              # a comment runs to the line end
-            j = text.find("\n", i, end)
-            i = end if j < 0 else j
+            quote = "#"
         elif quote is None:
             quote = tok
         elif tok == quote:
@@ -82,10 +85,13 @@ class FunctionEnd:
     (each text extending the last): it lexes only what is new, and answers once the end is certain."""
 
     def __init__(self, prompt):
-        # A prompt cut from the middle of a file may begin inside a docstring. Read it from each state it
-        # may begin in (code, or inside a triple-quoted string) and keep the first reading that finds a def
-        # line of code and ends in code (the prompt's own docstring closed), else the first that finds one.
-        readings = [self._read(prompt, start) for start in (None, '"""', "'''")]
+        # A prompt cut from the middle of a file may begin inside a docstring. Unless its first line is
+        # plainly code, read it from each state it may begin in (code, or inside a triple-quoted string) and
+        # keep the first reading that finds a def line of code and ends in code (the prompt's own docstring
+        # closed), else the first that finds one.
+        first = next((line for line in prompt.split("\n") if line.strip(SPACE)), "")
+        code_first = CODE_LINE.match(first) is not None
+        readings = [self._read(prompt, start) for start in ((None,) if code_first else (None, '"""', "'''"))]
         found = [r for r in readings if r[0] is not None]
         self.indent, self.def_start, self.quote, at_line_start = next(
             (r for r in found if r[2] is None), (found or readings)[0])   # indent None: no function to end
@@ -114,9 +120,8 @@ class FunctionEnd:
         candidates, self.pending = self.pending + [s for s, c in zip(starts, code) if c], []
         for s in candidates:
             w, j = width(completion, s, len(completion))
-            if j == len(completion):                  # only spaces so far: blank, deeper, or not yet known
-                if w <= self.indent:
-                    self.pending = [s]
+            if j == len(completion):                  # only spaces so far (a form feed may yet reset them)
+                self.pending = [s]
                 continue
             if completion[j] != "\n" and w <= self.indent:
                 self.cut = s
@@ -145,15 +150,19 @@ def token_pieces(enc):
 class StopAtFunctionEnd:
     """The rule on token ids, for a decoder: `kept(tokens)` is the number of the completion's tokens a user
     keeps (those that start before the function's end) once that is certain, else None. Called with the
-    committed tokens so far, again and again; only new tokens are read. piece(token) -> bytes."""
+    committed tokens so far, again and again; only new tokens are read, and none after end-of-text (`eot`:
+    the text ends there, and the decoder with it). piece(token) -> bytes."""
 
-    def __init__(self, prompt_tokens, piece):
-        self.piece = piece
+    def __init__(self, prompt_tokens, piece, eot=None):
+        self.piece, self.eot = piece, eot
         self.rule = FunctionEnd(b"".join(map(piece, prompt_tokens)).decode("latin-1"))
-        self.text, self.starts = "", []
+        self.text, self.starts, self.ended = "", [], False
 
     def kept(self, tokens):
         for t in tokens[len(self.starts):]:
+            if self.ended or t == self.eot:
+                self.ended = True
+                break
             self.starts.append(len(self.text))
             self.text += self.piece(t).decode("latin-1")
         cut = self.rule.find(self.text)
@@ -163,4 +172,4 @@ class StopAtFunctionEnd:
 def function_stops(enc, prompts):
     """One stop per prompt (token lists) for the decoders."""
     piece = token_pieces(enc)
-    return [StopAtFunctionEnd(p, piece) for p in prompts]
+    return [StopAtFunctionEnd(p, piece, enc.eot_token) for p in prompts]
