@@ -1,6 +1,8 @@
 """Benchmark: AR vs Jacobi vs Jacobi Forcing on HumanEval prompts, in TPF (tokens per forward pass) and tokens/s.
 
     python bench.py                          # the table, then one JSON line
+    python bench.py --prompts heldout        # documented functions from files no model trained on
+    python bench.py --stop none              # full-length completions only
     python bench.py --sweep                  # first search the decoder settings for this GPU
     python bench.py --prompts my.jsonl --limit 20
     python bench.py --chart results/h200/bench.log   # redraw the charts of an earlier run
@@ -12,8 +14,12 @@ candidates (prompt lookup: the training-free baseline, no distillation); the Jac
 with vanilla Jacobi, with MR (rejection recycling + multi-block, the paper's defaults: n=64, K=2 blocks
 in flight, pool 4) and with the fastest settings the sweep found on this device ('JF best'; the base
 model's fastest n-gram settings likewise become 'base best'). TPF = tokens per forward. Speedups are
-against the base model's AR rows of the same run.
-Greedy decoding unless --temperature > 0, stop at end-of-text; prefill is timed apart; warm-up and graph
+against the base model's AR rows of the same run ('vs own': the same model's).
+Each row decodes every prompt twice: to what a user keeps (up to the function's end: before the first new
+line of code that is not blank and is indented at or left of the prompt's last def; or end-of-text, or
+--max_new_tokens), and at full length. Kept-text TPF counts the forwards that committed the kept tokens;
+kept tokens/s the time until the decoder stopped. Every row is also split into kept bodies that loop and
+bodies that do not. Greedy decoding unless --temperature > 0; prefill is timed apart; warm-up and graph
 capture excluded. Sampled rows cannot be compared with AR token for token (their 'lossless' is '-'): that
 they sample exactly as AR does is what tests/test_sampling.py checks, statistically, on a CPU.
 Outputs that differ from AR fast are checked for floating-point ties: the float32 model's logit gap
