@@ -16,6 +16,7 @@ listed below; the resolved config is printed at start-up.
 import concurrent.futures
 import copy
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -36,13 +37,14 @@ from jfmini.runtime.common import (UserError, atomic_save, atomic_write, check_d
 from jfmini.runtime.files import (check_npz, check_token_files, check_token_meta, check_trajectories, load_optimizer_state,
                                   gb, memory_bytes, model_config_problem, param_count, rng_state, set_rng_state)
 from jfmini.runtime.data import (TOKENIZERS, completion_text, full_vocab, get_batch, heldout_prompts, load_split,
-                                 model_tokenizer, prepare_corpus, read_prompts, token_cache, tokenizer, trajectory_prompts)
+                                 model_tokenizer, prepare_corpus, read_prompts, token_cache, tokenizer, trajectory_prompts,
+                                 TRAJ_SOURCES)
 from jfmini.runtime.engine import decode_many
-from jfmini.forcing import collect_trajectories, objective, pack, packed_length, total
+from jfmini.forcing import ce_chunk, collect_trajectories, pack_rows, row_length, row_objective
 from jfmini.runtime.trajectories import Trajectories, accuracy_by_distance, repetitive
 from jfmini.runtime.quality import LOOP_DISTINCT4, distinct4, paired_difference, score, summarize, truth_loss
 from jfmini.runtime.stop import function_stops
-from jfmini.masks import dense_mask, flex_mask, noise_aware_mask
+from jfmini.masks import dense_mask, flex_mask, row_mask
 from jfmini.model import GPT, GPTConfig
 
 
@@ -85,9 +87,10 @@ class TrainConfig:
     distill_steps: int = field(None, "optimizer steps per round")
     distill_batch: int = field(None, "packed rows per step (per process)")
     distill_lr: float = field(None, "peak learning rate of a round")
-    traj_source: str = field("heldout", "trajectory prompts: heldout = documented functions from files pretraining "
-                                        "never saw, cut after the docstring; train = 64-token function starts "
-                                        "from the pretraining files", ["heldout", "train"])
+    traj_source: str = field("mixed", "trajectory prompts: heldout = documented functions from files pretraining "
+                                      "never saw, cut after the docstring; lines = any line end in those files; mixed "
+                                      "= heldout's, then line ends to make up --traj_prompts; train = 64-token "
+                                      "function starts from the pretraining files", list(TRAJ_SOURCES))
     lam: float = field(10.0, "weight of the AR loss: L = L_consistency + lam * L_AR (the paper's: 10)")
     ar_target: str = field("anchor", "the AR loss on the trajectories' clean stream: greedy = cross-entropy to the source "
                                      "model's own greedy tokens (the paper's; loops included), anchor = KL divergence "
@@ -322,14 +325,16 @@ def resume(cfg, run, state_path, kind, what, model, opt, total, total_flag, name
 
 
 def train_loop(run, model, opt, name, what, step, total, peak_lr, warmup, one_step, save, ckpt_every, state_path,
-               flops=None, eval_every=0, on_eval=None):
+               flops=None, eval_every=0, on_eval=None, rows=0):
     """The one training loop, of pretraining and of every round. one_step(step) runs the forward and
     backward passes of a step and returns (loss, {term: value}, tokens); this loop sets the learning
-    rate, clips, steps the optimizer, logs every 20 steps, stops on a NaN/inf loss, calls on_eval every
-    eval_every steps, and save(step) every ckpt_every steps, at the end and on Ctrl-C/SIGTERM/SIGHUP
-    (then exits 130/143/129). Returns the final step."""
+    rate, clips, steps the optimizer, logs every 20 steps (tokens/s, and rows/s given the rows of a
+    step), stops on a NaN/inf loss, calls on_eval every eval_every steps, and save(step) every
+    ckpt_every steps, at the end and on Ctrl-C/SIGTERM/SIGHUP (then exits 130/143/129). Returns the final
+    step."""
     peak = peak_flops(run.device) if flops else None
-    t_log, tok_log = time.time(), 0
+    t_log, tok_log, first, t0 = time.time(), 0, step, time.time()
+    t_steady = t0
     model.train()
     try:
         while step < total:
@@ -346,16 +351,28 @@ def train_loop(run, model, opt, name, what, step, total, peak_lr, warmup, one_st
                 nonfinite(run, what, step, state_path)
             if logging:
                 run.sync()
-                tps = tok_log / (time.time() - t_log)
+                seconds = time.time() - t_log
+                tps = tok_log / seconds
                 parts = " (" + ", ".join(f"{k} {v.item():.3f}" for k, v in terms.items()) + ")" if terms else ""
                 mfu = f", MFU {tps * flops / (peak * run.world):.1%}" if peak else ""
-                run.log(f"{name} step {step}/{total}: loss {value:.3f}{parts}, lr {lr:.2e}, {tps:,.0f} tokens/s{mfu}")
+                rate = f", {rows * tok_log / tokens / seconds:,.0f} rows/s" if rows else ""
+                began = f" (first step after {time.time() - t0:.1f}s{', compiling' if run.compile else ''})" \
+                    if step == first + 1 else ""
+                run.log(f"{name} step {step}/{total}: loss {value:.3f}{parts}, lr {lr:.2e}, {tps:,.0f} tokens/s"
+                        f"{rate}{mfu}{began}")
                 t_log, tok_log = time.time(), 0
+            if rows and step == first + 20:
+                run.sync()
+                t_steady = time.time()
             if on_eval is not None and (step % eval_every == 0 or step == total):
                 on_eval(step)
                 t_log, tok_log = time.time(), 0
             if run.master and saving:
                 save(step)
+        if rows and step > first + 20:
+            run.sync()
+            run.log(f"{name}: {rows * (step - first - 20) / (time.time() - t_steady):,.0f} rows/s after the first 20 "
+                    f"steps, {time.time() - t0:.0f}s for {step - first} steps")
     except KeyboardInterrupt as e:
         if run.master:
             save(step)
@@ -622,15 +639,15 @@ def trajectories(cfg, run, src, model, n, T, corpus, traj_dir):
     return traj
 
 
-def packed_batches(cfg, run, traj, r, step, L, eot, truth_len=0):
-    """Pack: endless batches of training rows, each trajectory's blocks laid out as [prompt, noisy k0,
-    clean l0, noisy k1, clean l1, ...] with the noisy states drawn by the noise schedule (forcing.pack).
-    On a GPU a thread packs the next batch while the current step runs."""
+def packed_batches(cfg, run, traj, r, step, L, eot, truth):
+    """Pack: endless batches of compact training rows (forcing.pack_rows): per block a window of the noisy
+    state the schedule draws, the prompt and the clean stream, and (truth) the prompt's real code. On a
+    GPU a thread packs the next batch while the current step runs."""
     order_rng = np.random.default_rng(cfg.seed * 7919 + r * 31 + step)      # the same on every rank
     rng = np.random.default_rng(cfg.seed * 6007 + r * 31 + run.rank + step)  # noise schedule, per rank
     window = min(cfg.noise_window, traj.fixed.shape[1])
-    source = (pack(traj, rows, L, cfg.schedule, rng, eot, window, cfg.fresh_states, cfg.cons_window, truth_len)
-              for rows in row_batches(len(traj), cfg.distill_batch, run.rank, run.world, order_rng))
+    source = (pack_rows(traj, rows, L, cfg.schedule, rng, eot, window, cfg.fresh_states, cfg.cons_window, cfg.context,
+                        truth) for rows in row_batches(len(traj), cfg.distill_batch, run.rank, run.world, order_rng))
     if not run.cuda:                       # on a CPU the cores are busy training anyway
         yield from source
         return
@@ -644,12 +661,28 @@ def packed_batches(cfg, run, traj, r, step, L, eot, truth_len=0):
             ahead.cancel()
 
 
-def round_objective(cfg, run, model, anchor, n):
-    """forcing.objective with this run's choices (compiled on a GPU); DDP wraps the model it trains."""
+def round_objective(cfg, run, model, anchor):
+    """forcing.row_objective with this run's choices; on a GPU the model's forwards and each chunk of the
+    loss are compiled (the same shapes every round, so one compile serves the run). DDP wraps the model
+    it trains."""
     ddp_model = torch.nn.parallel.DistributedDataParallel(model) if run.ddp else model
-    terms = objective(ddp_model, anchor, n, cfg.cons_target, cfg.ar_target, cfg.anchor, cfg.truth_target,
-                      run.autocast)
-    return torch.compile(terms) if run.compile else terms
+    if run.compile:
+        ddp_model, anchor = torch.compile(ddp_model), anchor and torch.compile(anchor)
+    return row_objective(ddp_model, anchor, cfg.cons_target, cfg.ar_target, cfg.anchor,
+                         cfg.truth_target if cfg.truth > 0 else None, run.autocast, chunk_fn=compiled_chunk() if run.compile else ce_chunk)
+
+
+@functools.cache
+def compiled_chunk():
+    return torch.compile(ce_chunk, dynamic=False)
+
+
+def run_row_length(cfg, seq_len):
+    """One row length for every round of the run (so one compiled step serves them all): the longest
+    compact row any round's block length makes."""
+    lens = [int(x) for x in cfg.block_lens.split(",")]
+    return max(row_length(min(192, seq_len - max(1, cfg.traj_tokens // n) * n), max(1, cfg.traj_tokens // n) * n, n,
+                          cfg.cons_window, cfg.context, truth=cfg.truth > 0) for n in lens)
 
 
 def anchor_model(cfg, run, model, base_path):
@@ -671,7 +704,7 @@ def anchor_model(cfg, run, model, base_path):
 
 def round_inputs(cfg, run, model, traj, r, data_dir, base_path):
     """What a round trains on beside its trajectories: (the frozen anchor model or None, the corpus text
-    of the replay loss or None, the length of the ground-truth rows or 0 = no truth loss)."""
+    of the replay loss or None, whether rows hold the truth term)."""
     B = cfg.distill_batch
     if len(traj) < B * run.world:                  # the corpus gave fewer prompts than asked for
         raise UserError(f"round {r}: {len(traj)} trajectories are fewer than one step's rows (--distill_batch {B} "
@@ -680,31 +713,31 @@ def round_inputs(cfg, run, model, traj, r, data_dir, base_path):
     if cfg.replay > 0 and not replay:
         run.log(f"round {r}: no token cache in {data_dir}, so no replay loss")
     anchor = anchor_model(cfg, run, model, base_path)
-    truth_len = 0
-    if cfg.truth > 0 and traj.truth.shape[1]:
-        truth_len = math.ceil((int(np.diff(traj.prompt_offsets).max()) + traj.truth.shape[1]) / 64) * 64
-    elif cfg.truth > 0:
+    truth = cfg.truth > 0 and traj.truth.shape[1] > 0
+    if cfg.truth > 0 and not truth:
         run.log(f"round {r}: the trajectories hold no ground truth, so no truth loss")
-    return anchor, load_split(data_dir, "train") if replay else None, truth_len
+    return anchor, load_split(data_dir, "train") if replay else None, truth
 
 
 def distill(cfg, run, model, traj, n, r, state_path, data_dir, base_path=None):
-    """Train: packed rows, one forward with the noise-aware mask, the loss forcing.objective defines.
+    """Train: compact rows, one forward with the noise-aware mask, the loss forcing.row_objective defines.
     Returns (steps, seconds)."""
     eot, B = model_tokenizer(model.cfg).eot_token, cfg.distill_batch
-    anchor, real_data, truth_len = round_inputs(cfg, run, model, traj, r, data_dir, base_path if r > 1 else None)
+    anchor, real_data, truth = round_inputs(cfg, run, model, traj, r, data_dir, base_path if r > 1 else None)
     opt = make_optimizer(model, cfg.distill_lr, 0.0, run.cuda)
     made_from = {"source_sha256": json.loads(traj.source)["sha256"], "block_len": n, "world": run.world}
     extra = {"kind": "jacobi_forcing_state", "round": r, **made_from}
     step = resume(cfg, run, state_path, extra["kind"], f"round {r}", model, opt, cfg.distill_steps, "--distill_steps", ROUND_FLAGS,
                   round=r, model_config=model.cfg.to_dict(), **made_from)
-    L = packed_length(int(np.diff(traj.prompt_offsets).max()), n, traj.fixed.shape[1])  # one row length per round
-    batches = packed_batches(cfg, run, traj, r, step, L, eot, truth_len)
-    terms_of = round_objective(cfg, run, model, anchor, n)
-    prompt_len, pad_start = (torch.zeros(B, dtype=torch.long, device=run.device) for _ in range(2))
-    mask_mod = noise_aware_mask(prompt_len, pad_start, n, cfg.context)   # one mask function for every batch
+    L = max(run_row_length(cfg, model.cfg.seq_len),                  # one row length for every round of the run
+            row_length(int(np.diff(traj.prompt_offsets).max()), traj.fixed[0].size, n, cfg.cons_window, cfg.context,
+                       truth))
+    batches = packed_batches(cfg, run, traj, r, step, L, eot, truth)
+    loss_of = round_objective(cfg, run, model, anchor)
+    meta = {k: torch.zeros(B, L, dtype=torch.long, device=run.device) for k in ("group", "pos", "start")}
+    mask_mod = row_mask(meta["group"], meta["pos"], meta["start"], cfg.context)   # one mask function for every batch
     replay_rng = np.random.default_rng(cfg.seed * 104729 + r * 31 + run.rank + step)
-    tokens = (B * L + (cfg.replay_batch * model.cfg.seq_len if real_data is not None else 0) + B * truth_len) * run.world
+    tokens = (B * L + (cfg.replay_batch * model.cfg.seq_len if real_data is not None else 0)) * run.world
     run.log(f"round {r}: training {cfg.distill_steps} steps of {B * run.world} rows x {L} tokens (lambda {cfg.lam}, "
             f"{cfg.schedule} schedule, {'fresh' if cfg.fresh_states else 'nearest'} states, {cfg.context} context, "
             f"{cfg.cons_target} consistency target, window {cfg.cons_window or 'to the block end'}, "
@@ -714,15 +747,15 @@ def distill(cfg, run, model, traj, n, r, state_path, data_dir, base_path=None):
 
     def one_step(step):
         p = next(batches)
-        prompt_len.copy_(torch.from_numpy(p.prompt_len))
-        pad_start.copy_(torch.from_numpy(p.pad_start))
-        mask = flex_mask(mask_mod, B, L, run.device) if run.cuda else dense_mask(mask_mod, B, L, run.device)
+        for k, v in meta.items():
+            v.copy_(torch.from_numpy(getattr(p, k)))
+        mask = flex_mask(mask_mod, B, L, run.device, compiled=run.compile) if run.cuda else \
+            dense_mask(mask_mod, B, L, run.device)
         x, y = map(gpu, get_batch(real_data, cfg.replay_batch, model.cfg.seq_len, replay_rng)) \
             if real_data is not None else (None, None)
-        gx, gy = (gpu(p.truth_tokens), gpu(p.truth_targets)) if truth_len else (None, None)
-        terms = terms_of(*(gpu(getattr(p, k)) for k in ("tokens", "pos", "ar_targets", "noisy_idx", "cons_weight")),
-                         mask, x, y, gx, gy)
-        loss = total(terms, cfg.lam, cfg.replay, cfg.truth)
+        batch = dataclasses.replace(p, **{k: gpu(getattr(p, k)) for k in ("tokens", "pos", "ar_targets", "truth_targets",
+                                                                          "cons_weight", "teacher")})
+        loss, terms = loss_of(batch, mask, cfg.lam, cfg.replay, cfg.truth if truth else 0.0, x, y)
         loss.backward()
         return loss, terms, tokens
 
@@ -730,7 +763,8 @@ def distill(cfg, run, model, traj, n, r, state_path, data_dir, base_path=None):
     try:
         step = train_loop(run, model, opt, f"round {r}", f"round {r}", step, cfg.distill_steps, cfg.distill_lr,
                           min(50, cfg.distill_steps // 10), one_step,
-                          lambda s: save_state(state_path, model, opt, s, cfg, extra), cfg.ckpt_every, state_path)
+                          lambda s: save_state(state_path, model, opt, s, cfg, extra), cfg.ckpt_every, state_path,
+                          rows=B * run.world)
     finally:
         batches.close()
     return step, time.time() - t_start
@@ -761,7 +795,11 @@ def distill_round(cfg, run, out, r, src=None, traj_dir=None, probe=True):
                         f"{cfg.distill_batch} x {run.world} processes); raise --traj_prompts or lower --distill_batch")
     last = r == len(cfg.block_lens.split(","))
     if r == 1 and probe:
-        evaluate(cfg, run, src, f"round 1: source {src.name}", block_lens=(32,))
+        done = src.with_name(f"eval_{src.stem}.json")
+        if done.exists() and done.stat().st_mtime > src.stat().st_mtime:
+            run.log(f"round 1: {src.name} was evaluated already ({done.name}); not again")
+        else:
+            evaluate(cfg, run, src, f"round 1: source {src.name}", block_lens=(32,))
     base_path = Path(traj_dir or out) / "base.pt"
     model, ckpt = load_checkpoint(src, run.device, kinds=("base", "jacobi_forcing"))
     corpus = ckpt.get("train_config", {}).get("corpus") or cfg.corpus    # the one the base was trained on

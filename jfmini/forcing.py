@@ -124,6 +124,20 @@ def choose_states(traj, i, by_owner, ratios, wanted, rng, fresh, tolerance):
     return np.stack(noisy)
 
 
+def draw(traj, i, schedule, rng, eot, window, fresh, by_owner, ratios):
+    """One packing of prompt i: (prompt (P,), fixed point (T, n), the noisy state chosen for each block
+    by the schedule (T, n), the stream index of the first end-of-text (T*n = none)). by_owner: where each
+    block's states begin in traj.states; ratios: traj.ratios()."""
+    T = traj.fixed.shape[1]
+    prompt, fixed = traj.prompt(i).astype(np.int64), traj.fixed[i].astype(np.int64)
+    cut = np.flatnonzero(fixed.reshape(-1) == eot)
+    phase = int(rng.integers(window)) if fresh and schedule != "random" else 0
+    wanted = target_ratios(T, schedule, rng, window=window, phase=phase)
+    tolerance = 0.5 / max(window - 1, 1) + 1e-9
+    noisy = choose_states(traj, i, by_owner, ratios, wanted, rng, fresh, tolerance)
+    return prompt, fixed, noisy, int(cut[0]) if len(cut) else fixed.size
+
+
 def truth_rows(traj, rows, length):
     """jfmini, beyond the paper: rows [prompt | its true continuation] for an AR loss on real code:
     (tokens, targets), (B, length) each; the targets are the continuation's tokens (the prompt's last
@@ -152,19 +166,11 @@ def pack(traj, rows, length, schedule, rng, eot, window=16, fresh=True, cons_win
                  np.full((B, length), -1, np.int64), np.zeros((B, T * n), np.int64),
                  np.zeros((B, T * n), np.float32), np.full((B, T), n, np.int64), np.zeros(B, np.int64),
                  np.zeros(B, np.int64))
-    by_owner = np.searchsorted(traj.owner, np.arange(len(traj) * T + 1))  # owner is sorted
-    ratios = traj.ratios()
-    tolerance = 0.5 / max(window - 1, 1) + 1e-9
+    by_owner, ratios = np.searchsorted(traj.owner, np.arange(len(traj) * T + 1)), traj.ratios()  # owner is sorted
     reach = cons_window if cons_window > 0 else n
     for r, i in enumerate(rows):
-        prompt, fixed = traj.prompt(i).astype(np.int64), traj.fixed[i].astype(np.int64)  # (P,), (T, n)
-        P = len(prompt)
-        clean = fixed.reshape(-1)                                   # the greedy continuation
-        cut = np.flatnonzero(clean == eot)
-        valid_until = cut[0] if len(cut) else len(clean)            # stream index of the first end-of-text
-        phase = int(rng.integers(window)) if fresh and schedule != "random" else 0
-        wanted = target_ratios(T, schedule, rng, window=window, phase=phase)
-        noisy = choose_states(traj, i, by_owner, ratios, wanted, rng, fresh, tolerance)   # (T, n)
+        prompt, fixed, noisy, valid_until = draw(traj, i, schedule, rng, eot, window, fresh, by_owner, ratios)
+        P, clean = len(prompt), fixed.reshape(-1)
         toks, pos = [prompt], [np.arange(P)]
         ar = [np.append(prompt[1:], clean[0])]                     # prompt predicts its next token, then l_0[0]
         for j, k in enumerate(noisy):
@@ -191,6 +197,224 @@ def pack(traj, rows, length, schedule, rng, eot, window=16, fresh=True, cons_win
     if truth_len:
         out.truth_tokens, out.truth_targets = truth_rows(traj, rows, truth_len)
     return out
+
+
+@dataclass
+class Rows:
+    """A batch of compact training rows (numpy, (B, L) each; jfmini.masks.row_mask draws the layout):
+    [windows | prompt | clean stream | truth | padding], the windows in the first `windows` slots."""
+    tokens: np.ndarray
+    pos: np.ndarray
+    group: np.ndarray         # MAIN, TRUTH, 2 + j for block j's window, PAD
+    start: np.ndarray         # a query reads MAIN keys at positions before this
+    ar_targets: np.ndarray    # next clean token on the prompt and the clean stream, -1 = none
+    truth_targets: np.ndarray  # next real token on the truth segment, -1 = none
+    cons_weight: np.ndarray   # 1 at window slots the consistency loss applies to
+    teacher: np.ndarray       # index of each window slot's clean twin (same token position)
+    windows: int              # slots before the prompt: blocks x window width
+
+
+def row_length(max_prompt, traj_tokens, block_len, cons_window, context="clean", truth=True, multiple=128):
+    """Tokens in a compact row: windows + prompt + clean stream + truth, rounded up."""
+    width = cons_window if context == "clean" and 0 < cons_window < block_len else block_len
+    need = (traj_tokens // block_len) * width + max_prompt + traj_tokens * (2 if truth else 1)
+    return math.ceil(need / multiple) * multiple
+
+
+def pack_rows(traj, rows, length, schedule, rng, eot, window=16, fresh=True, cons_window=0, context="clean",
+              truth=True):
+    """Pack prompts `rows` into compact rows of `length` tokens (jfmini.masks.row_mask): the same noisy
+    states as pack() draws from the same rng, and the same losses, with fewer tokens. Block j keeps its
+    window of w = cons_window tokens from its first wrong token d_j (whole blocks from 0 with context
+    "noisy", or cons_window 0); truth adds the prompt's real continuation (traj.truth) in the same row."""
+    from jfmini.masks import MAIN, PAD, TRUTH
+    n, T = traj.block_len, traj.fixed.shape[1]
+    clean_ctx = context == "clean"
+    w = cons_window if clean_ctx and 0 < cons_window < n else n
+    reach = cons_window if cons_window > 0 else n
+    B, base = len(rows), T * w
+    out = Rows(np.zeros((B, length), np.int64), np.zeros((B, length), np.int64), np.full((B, length), PAD, np.int64),
+               np.zeros((B, length), np.int64), np.full((B, length), -1, np.int64), np.full((B, length), -1, np.int64),
+               np.zeros((B, length), np.float32), np.zeros((B, length), np.int64), base)
+    by_owner, ratios = np.searchsorted(traj.owner, np.arange(len(traj) * T + 1)), traj.ratios()
+    slot = np.arange(w)
+    for r, i in enumerate(rows):
+        prompt, fixed, noisy, valid_until = draw(traj, i, schedule, rng, eot, window, fresh, by_owner, ratios)
+        P, clean = len(prompt), fixed.reshape(-1)
+        S = len(clean)
+        real = traj.truth[i][:S] if truth else np.zeros(0, np.int64)
+        G = int(np.argmax(real < 0)) if np.any(real < 0) else len(real)
+        end = base + P + S + G
+        if end > length:
+            raise ValueError(f"compact row of {end} tokens exceeds length {length}")
+        seg = slice(base, base + P + S)                              # prompt, then the clean stream: MAIN
+        out.tokens[r, seg], out.pos[r, seg], out.group[r, seg] = np.concatenate([prompt, clean]), np.arange(P + S), MAIN
+        nxt = np.append(clean[1:], -1)
+        out.ar_targets[r, seg] = np.concatenate([prompt[1:], clean[:1], np.where(np.arange(S) < valid_until, nxt, -1)])
+        if G:                                                        # p' then the truth, from position P - 1
+            seg = slice(base + P + S, end)
+            out.tokens[r, seg] = np.concatenate([prompt[-1:], real[:G - 1]])
+            out.pos[r, seg], out.group[r, seg], out.start[r, seg] = np.arange(P - 1, P + G - 1), TRUTH, P - 1
+            out.truth_targets[r, seg] = real[:G]
+        for j, k in enumerate(noisy):
+            diff = np.flatnonzero(k != fixed[j])
+            if clean_ctx and not len(diff):                          # the fixed point itself: nothing to learn
+                continue
+            d = int(diff[0]) if len(diff) else n                     # (noisy context: later windows read it)
+            t = (d if clean_ctx else 0) + slot                       # block offsets in the window
+            on = t < n
+            cols = j * w + slot[on]
+            out.tokens[r, cols], out.pos[r, cols] = k[t[on]], P + j * n + t[on]
+            out.group[r, cols], out.start[r, cols] = 2 + j, P + j * n + t[0] if clean_ctx else P
+            out.teacher[r, cols] = base + P + j * n + t[on]
+            out.cons_weight[r, cols] = (t[on] >= d) & (t[on] < d + reach) & (j * n + t[on] < valid_until)
+    return out
+
+
+class SoftCrossEntropy(torch.autograd.Function):
+    """sum_i weight_i * CE(p_i, softmax(h_i @ W.T)) over positions i, without a (positions, V) tensor:
+    chunks of `chunk` positions, each chunk's gradient made in the forward pass (backward only scales it).
+    p_i is one-hot at labels_i, or softmax(target_h_i @ target_W.T) (the anchor's distribution, or the
+    model's own detached one). Also returns per position (no gradient) the cross-entropy and the
+    entropy of p_i, so KL(p || q) = CE - entropy. W: (V_padded, D), the tied head; columns past `vocab`
+    are padding, never predicted."""
+
+    @staticmethod
+    def forward(ctx, h, W, weight, labels, target_h, target_W, vocab, chunk, fn):
+        N, dt = h.shape[0], h.dtype
+        Wc = W.to(dt)
+        tWc = target_W.to(dt) if target_W is not None else None
+        pad = torch.zeros(W.shape[0], device=h.device)
+        pad[vocab:] = -1e9
+        grad_h, grad_W = torch.empty_like(h), torch.zeros(W.shape, dtype=torch.float32, device=W.device)
+        ce, ent, total = torch.empty(N, device=h.device), torch.empty(N, device=h.device), 0.0
+        for lo in range(0, N, chunk):
+            sl = slice(lo, lo + chunk)
+            t = target_h[sl] if target_h is not None else None
+            lab = labels[sl] if labels is not None else None
+            loss, ce[sl], ent[sl], grad_h[sl], gW = fn(h[sl], Wc, pad, weight[sl], lab, t, tWc)
+            grad_W += gW
+            total = total + loss
+        ctx.save_for_backward(grad_h, grad_W)
+        ctx.w_dtype = W.dtype
+        ctx.mark_non_differentiable(ce, ent)
+        return total, ce, ent
+
+    @staticmethod
+    def backward(ctx, g, _ce, _ent):
+        grad_h, grad_W = ctx.saved_tensors
+        return g * grad_h, (g * grad_W).to(ctx.w_dtype), None, None, None, None, None, None, None
+
+
+def ce_chunk(h, W, pad, weight, labels, target_h, target_W):
+    """One chunk of SoftCrossEntropy: (weighted sum, CE, entropy of the target, dL/dh, dL/dW). Written
+    as plain tensor code; torch.compile fuses it so the chunk's logits are read a few times at most."""
+    z = (h @ W.T).float() + pad                                       # (C, V) logits
+    lse = z.logsumexp(-1)
+    q = (z - lse[:, None]).exp()
+    if labels is not None:
+        lab = labels.clamp(min=0)
+        ce = lse - z.gather(1, lab[:, None])[:, 0]
+        ent = torch.zeros_like(ce)
+        g = q.scatter_add(1, lab[:, None], torch.full_like(q[:, :1], -1.0))
+    else:
+        lt = ((target_h @ target_W.T).float() + pad).log_softmax(-1)
+        p = lt.exp()
+        ce, ent = lse - (p * z).sum(-1), -(p * lt).sum(-1)
+        g = q - p
+    g = (g * weight[:, None]).to(h.dtype)
+    return (weight * ce).sum(), ce, ent, g @ W, (g.T @ h).float()
+
+
+def soft_cross_entropy(h, W, weight, vocab, labels=None, target_h=None, target_W=None, chunk=2048, fn=ce_chunk):
+    """SoftCrossEntropy over h (N, D): labels (N,) (-1 = none, weight it 0) or target_h (N, D) with
+    target_W. Pads N to whole chunks. Returns (weighted sum, CE (N,), target entropy (N,))."""
+    N = h.shape[0]
+    extra = -N % chunk
+    if extra:
+        grow = lambda a, v=0: None if a is None else torch.cat([a, a.new_full((extra,) + a.shape[1:], v)])  # noqa: E731
+        h, weight, labels, target_h = grow(h), grow(weight), grow(labels, -1), grow(target_h)
+    total, ce, ent = SoftCrossEntropy.apply(h, W, weight, labels, target_h, target_W, vocab, chunk, fn)
+    return total, ce[:N], ent[:N]
+
+
+def row_objective(model, anchor, cons_target="soft", ar_target="greedy", replay="kl", truth="anchor",
+                  autocast=contextlib.nullcontext, chunk_fn=ce_chunk, chunk=2048):
+    """The whole objective of a round on compact rows (pack_rows), as loss(batch, mask, lam, w_replay,
+    w_truth, x, y) -> (L, {term: value}):
+
+        L = consistency + lam * AR                 (the paper's: soft or hard consistency on the windows,
+                                                    AR on the prompt and clean stream; noise-aware mask)
+              + w_replay * replay                  (jfmini: corpus text x, y; ce, or kl from the anchor)
+              + w_truth * truth                    (jfmini: the prompt's real code; ce, or anchor KL)
+
+    One forward of the model and (for the KL terms) one of the frozen anchor per row; the head and the
+    losses run a chunk of positions at a time (soft_cross_entropy), so no (B, L, V) tensor is made.
+    ar_target 'anchor' makes AR the KL from the anchor on the clean stream (jfmini's; 'greedy' = the
+    paper's cross-entropy to the greedy tokens). batch: Rows as tensors (tokens, pos, ar_targets,
+    truth_targets, cons_weight, teacher) and windows, an int. The weights are tensors or floats: changing
+    one recompiles nothing."""
+    raw = getattr(model, "module", model)                           # under DDP
+    raw = getattr(raw, "_orig_mod", raw)                            # under torch.compile
+    truth = truth or ar_target                                      # None: no truth term (its rows are empty)
+    anchored_rows = ar_target == "anchor" or truth == "anchor"
+
+    def loss(b, mask, lam, w_replay=0.0, w_truth=0.0, x=None, y=None):
+        W, V = raw.embed.weight, raw.cfg.vocab_size                  # the tied head
+        with autocast():
+            h = model(b.tokens, b.pos, mask, hidden=True)             # (B, L, D)
+            with torch.no_grad():
+                a = anchor(b.tokens, b.pos, mask, hidden=True) if anchored_rows else None
+        B, L, D = h.shape
+        k = b.windows
+        # consistency, on the window slots: the teacher is the clean twin's distribution, detached
+        cw = b.cons_weight[:, :k].reshape(-1)
+        if cons_target == "hard":
+            labels = b.ar_targets.gather(1, b.teacher[:, :k]).reshape(-1)
+            cw = cw * (labels >= 0)
+            pc, pc_ce, _ = soft_cross_entropy(h[:, :k].reshape(-1, D), W, cw / cw.sum().clamp(min=1), V, labels,
+                                              chunk=chunk, fn=chunk_fn)
+        else:
+            twin = h.detach().gather(1, b.teacher[:, :k, None].expand(-1, -1, D)).reshape(-1, D)
+            pc, pc_ce, _ = soft_cross_entropy(h[:, :k].reshape(-1, D), W, cw / cw.sum().clamp(min=1), V,
+                                              target_h=twin, target_W=W.detach(), chunk=chunk, fn=chunk_fn)
+        # AR (prompt + clean stream) and truth, on the rest of the row
+        hm = h[:, k:].reshape(-1, D)
+        ar_t, tr_t = b.ar_targets[:, k:].reshape(-1), b.truth_targets[:, k:].reshape(-1)
+        ar_on, tr_on = (ar_t >= 0).float(), (tr_t >= 0).float()
+        w_ar, w_tr = lam * ar_on / ar_on.sum().clamp(min=1), w_truth * tr_on / tr_on.sum().clamp(min=1)
+        am = a[:, k:].reshape(-1, D) if a is not None else None
+        parts = {}
+        if (ar_target == "anchor") == (truth == "anchor"):           # one pass serves both terms
+            both = dict(target_h=am, target_W=anchor.embed.weight) if ar_target == "anchor" else \
+                dict(labels=torch.where(ar_t >= 0, ar_t, tr_t))
+            main, c, e = soft_cross_entropy(hm, W, w_ar + w_tr, V, chunk=chunk, fn=chunk_fn, **both)
+            parts["AR"] = parts["truth"] = (main - ((w_ar + w_tr) * e).sum(), c, e)     # KL = CE - entropy
+        else:
+            for name, wt, t in (("AR", w_ar, ar_t), ("truth", w_tr, tr_t)):
+                kind = ar_target if name == "AR" else truth
+                spec = dict(target_h=am, target_W=anchor.embed.weight) if kind == "anchor" else dict(labels=t)
+                part, c, e = soft_cross_entropy(hm, W, wt, V, chunk=chunk, fn=chunk_fn, **spec)
+                parts[name] = (part - (wt * e).sum(), c, e)
+        value = lambda name, on: (on * (parts[name][1] - parts[name][2])).sum() / on.sum().clamp(min=1)  # noqa: E731
+        total = pc + sum({id(p[0]): p[0] for p in parts.values()}.values())
+        terms = {"consistency": pc.detach(), "AR": value("AR", ar_on).detach(), "replay": torch.zeros_like(pc),
+                 "truth": value("truth", tr_on).detach()}
+        if x is not None:                                            # replay: plain causal text
+            pos = torch.arange(x.shape[1], device=x.device)
+            with autocast():
+                hr = model(x, pos, hidden=True)
+                with torch.no_grad():
+                    ar_ = anchor(x, pos, hidden=True) if replay == "kl" else None
+            yf = y.reshape(-1)
+            on = (yf >= 0).float()
+            spec = dict(target_h=ar_.reshape(-1, D), target_W=anchor.embed.weight) if replay == "kl" else dict(labels=yf)
+            wr = w_replay * on / on.sum().clamp(min=1)
+            rp, c, e = soft_cross_entropy(hr.reshape(-1, D), W, wr, V, chunk=chunk, fn=chunk_fn, **spec)
+            total = total + rp - (wr * e).sum()
+            terms["replay"] = ((on * (c - e)).sum() / on.sum().clamp(min=1)).detach()
+        return total, terms
+    return loss
 
 
 def kl(ref_logits, logits):

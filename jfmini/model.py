@@ -126,14 +126,18 @@ class GPT(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, idx, pos, mask=None, slots=None):
-        """idx, pos: (B, T) (pos may be (T,)); returns float logits (B, T, vocab_size)."""
+    def forward(self, idx, pos, mask=None, slots=None, hidden=False):
+        """idx, pos: (B, T) (pos may be (T,)); returns float logits (B, T, vocab_size), or with hidden the
+        final normed hidden states (B, T, d_model) that the tied head (self.embed.weight) turns into
+        logits: distillation's loss applies the head itself, a chunk of positions at a time."""
         if not torch.compiler.is_compiling():
             self.forwards += 1
         x = self.embed(idx)
         cos, sin = self.rotary(pos.expand(idx.shape))
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, mask, slots, self.cache, i)
+        if hidden:
+            return self.norm(x)
         logits = F.linear(self.norm(x), self.embed.weight)  # tied head
         return logits[..., :self.cfg.vocab_size].float()
 

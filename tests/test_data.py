@@ -5,7 +5,7 @@ import pytest
 
 from jfmini.runtime.common import UserError
 from jfmini.runtime.data import (SKIP_DIRS, byte_tokenizer, corpus_files, function_prompts, gpt2_tokenizer, heldout_prompts,
-                                 read_prompts, split_of, trajectory_prompts)
+                                 line_prompts, read_prompts, read_source, split_of, tokenizer, trajectory_prompts)
 
 
 def test_gpt2_tokenizer_offline_known_ids(monkeypatch):
@@ -107,3 +107,34 @@ def test_a_smaller_gpt2_vocabulary_keeps_its_first_merges():
     assert small.encode(" the") == full.encode(" the")          # an early merge keeps its GPT-2 id
     with pytest.raises(UserError, match="vocab_size"):
         gpt2_tokenizer(vocab_size=100)
+
+
+def test_line_prompts_are_whole_lines_within_the_budget_with_the_files_next_tokens(tmp_path):
+    src = tmp_path / "m.py"
+    text = "import os\n\n\ndef f(a):\n    x = a + 1\n    return x\n\nclass C:\n    y = 2\n"
+    src.write_text(text)
+    enc = byte_tokenizer()
+    found = line_prompts([src], enc, 100, max_tokens=30, after=7)
+    lines = text.splitlines(keepends=True)
+    ends = {"".join(lines[:e]) for e in range(1, len(lines)) if lines[e].strip()}   # every prompt end: a line end
+    assert len(found) == len(ends)                           # each line end once
+    for ids, rest in found:
+        prompt = enc.decode(ids)
+        assert len(ids) <= 30 and prompt.endswith("\n") and len(ids) >= 8
+        whole = [p for p in ends if p.endswith(prompt)]
+        assert len(whole) == 1 and (prompt == whole[0] or whole[0][:-len(prompt)].endswith("\n"))   # whole lines
+        assert enc.decode(rest) == text[len(whole[0]):len(whole[0]) + 7]                             # what follows
+    assert len({tuple(i) for i, _ in found}) == len(found)
+
+
+def test_mixed_trajectory_prompts_add_line_ends_from_the_traj_split_only():
+    enc = tokenizer("p50k", 4096)
+    funcs = trajectory_prompts("stdlib", enc, 10**6, "heldout", max_tokens=64)
+    mixed = trajectory_prompts("stdlib", enc, len(funcs) + 300, "mixed", max_tokens=64, after=16)
+    assert len(mixed) == len(funcs) + 300
+    assert [a for a, _ in mixed[:len(funcs)]] == [a for a, _ in funcs]       # the function starts come first
+    traj_text = "".join(read_source(f) for f in corpus_files("stdlib", "traj"))
+    for ids, rest in mixed[len(funcs):len(funcs) + 40]:
+        assert enc.decode(ids + rest) in traj_text                              # cut from a traj-split file
+    added = [tuple(a) for a, _ in mixed[len(funcs):]]
+    assert len(set(added)) == len(added) and not set(added) & {tuple(a) for a, _ in funcs}     # none twice

@@ -301,7 +301,7 @@ def test_round_reuses_only_trajectories_of_the_same_source(tmp_path, files):
             "--probe", "0", "--block_lens", "4,8", "--max_repeat", "0"]
     first = run("train.py", *args)
     assert first.returncode == 0, first.stderr[-2000:]
-    assert "trajectories: 6 heldout prompts" in first.stdout
+    assert "trajectories: 6 mixed prompts" in first.stdout
     (out / "jf1.pt").unlink()
     again = run("train.py", *args)                                    # same base: the file is reused
     assert again.returncode == 0 and "trajectories: reusing 6" in again.stdout, again.stderr[-2000:]
@@ -314,7 +314,7 @@ def test_round_reuses_only_trajectories_of_the_same_source(tmp_path, files):
     (out / "jf1.pt").unlink()
     fresh = run("train.py", *args)
     assert fresh.returncode == 0, fresh.stderr[-2000:]
-    assert "trajectories: 6 heldout prompts" in fresh.stdout and "reusing" not in fresh.stdout
+    assert "trajectories: 6 mixed prompts" in fresh.stdout and "reusing" not in fresh.stdout
     from jfmini.runtime.common import file_sha256
     from jfmini.runtime.trajectories import Trajectories
     made = [Trajectories.load(p) for p in out.glob("traj_*.npz")]
@@ -637,16 +637,16 @@ def test_prefetched_batches_equal_the_plain_ones():
     import dataclasses
     import types
     import train
-    from jfmini.forcing import collect_trajectories, packed_length
+    from jfmini.forcing import collect_trajectories, row_length
     traj = collect_trajectories(tiny_model(), [[1 + i, 2, 3, 4 + i] for i in range(6)], 4, 3, 6, eot=None,
-                                log=lambda *a: None)
+                                log=lambda *a: None, truth=[[5, 6, 7]] * 6)
     cfg = train.TrainConfig(distill_batch=2, traj_prompts=6)
-    L = packed_length(int(np.diff(traj.prompt_offsets).max()), 4, 3)
+    L = row_length(int(np.diff(traj.prompt_offsets).max()), 12, 4, cfg.cons_window)
     for step, rank, world in ((0, 0, 1), (3, 1, 2)):
         got = {}
         for cuda in (False, True):
             run_ = types.SimpleNamespace(cuda=cuda, rank=rank, world=world)
-            batches = train.packed_batches(cfg, run_, traj, 1, step, L, 256)
+            batches = train.packed_batches(cfg, run_, traj, 1, step, L, 256, True)
             try:
                 got[cuda] = [next(batches) for _ in range(7)]
             finally:

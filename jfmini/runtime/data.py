@@ -269,19 +269,76 @@ def heldout_prompts(corpus, enc, count=512, max_tokens=192, seed=0):
     return [{"task_id": name, "prompt": enc.decode(ids), "body": body} for name, ids, body, _ in found]
 
 
-def trajectory_prompts(corpus, enc, count, source="heldout", max_tokens=192, seed=0, after=0):
+def line_prompts(files, enc, count, max_tokens, seed=0, after=0, min_tokens=8):
+    """Prompts that end at the end of any line of code whose next line is not blank: whole lines before
+    it (as many as fit in max_tokens) and the next `after` tokens of the file. [(prompt ids,
+    continuation ids)] in a seeded random order, at most `count`, each prompt text once."""
+    lines_of = {f: t.splitlines(keepends=True) for f in files if (t := read_source(f))}
+    ends = [(f, e) for f, lines in lines_of.items() for e in range(1, len(lines))
+            if lines[e].strip() and lines[e - 1].endswith("\n")]
+    random.Random(seed).shuffle(ends)
+    threads, out, seen = os.cpu_count() or 1, [], set()
+    for lo in range(0, len(ends), 4096):                             # a batch of candidates at a time
+        todo = []
+        for f, e in ends[lo:lo + 4096]:
+            lines, start, chars = lines_of[f], e, 0
+            while start > 0 and chars < 6 * max_tokens:             # about 4 characters a token: take enough
+                start -= 1
+                chars += len(lines[start])
+            todo.append([f, start, e])
+        ids = enc.encode_ordinary_batch(["".join(lines_of[f][a:e]) for f, a, e in todo], num_threads=threads)
+        while over := [i for i, (t, (_, a, e)) in enumerate(zip(ids, todo)) if len(t) > max_tokens and a < e - 1]:
+            for i in over:                                           # drop leading lines until it fits
+                f, a, e = todo[i]
+                todo[i][1] = a + max(1, (e - a) * (len(ids[i]) - max_tokens) // (2 * len(ids[i])))
+            for i, t in zip(over, enc.encode_ordinary_batch(["".join(lines_of[f][a:e]) for f, a, e in
+                                                             (todo[i] for i in over)], num_threads=threads)):
+                ids[i] = t
+        keep = []
+        for i, t in enumerate(ids):                                  # each prompt text once (files share boilerplate)
+            if min_tokens <= len(t) <= max_tokens and tuple(t) not in seen and len(out) + len(keep) < count:
+                seen.add(tuple(t))
+                keep.append(i)
+        rests = enc.encode_ordinary_batch([next_text(lines_of[todo[i][0]], todo[i][2], 8 * after) for i in keep],
+                                          num_threads=threads) if after else [[] for _ in keep]
+        out += [(ids[i], r[:after]) for i, r in zip(keep, rests)]
+        if len(out) == count:
+            break
+    return out
+
+
+def next_text(lines, e, chars):
+    """The text from line e on, about `chars` characters of it (whole lines, then cut)."""
+    stop, have = e, 0
+    while stop < len(lines) and have < chars:
+        have += len(lines[stop])
+        stop += 1
+    return "".join(lines[e:stop])[:chars]
+
+
+TRAJ_SOURCES = ("mixed", "heldout", "lines", "train")
+
+
+def trajectory_prompts(corpus, enc, count, source="mixed", max_tokens=192, seed=0, after=0):
     """Prompts whose Jacobi trajectories a round distils, with the next `after` tokens of their file (the
     ground truth). 'heldout': functions from the 'traj' split, which pretraining never saw, through their
-    docstring (like the prompts decoding is used on); 'train': 64-token starts of functions from the
-    pretraining files, through the def line. [(prompt ids, continuation ids)]"""
+    docstring (like the prompts decoding is used on); 'lines': any line end in the 'traj' split;
+    'mixed': heldout's function starts, then line ends to make up `count`; 'train': 64-token starts of
+    functions from the pretraining files, through the def line. [(prompt ids, continuation ids)]"""
     if source == "train":
         found = function_prompts(corpus_files(corpus, "train"), enc, count, min(64, max_tokens), seed, docstring=False,
                                  after=after)
-    elif source == "heldout":
-        found = function_prompts(corpus_files(corpus, "traj"), enc, count, max_tokens, seed, after=after)
-    else:
-        raise UserError(f"unknown trajectory prompt source {source!r}; use heldout or train")
-    return [(ids, rest) for _, ids, _, rest in found]
+        return [(ids, rest) for _, ids, _, rest in found]
+    if source not in TRAJ_SOURCES:
+        raise UserError(f"unknown trajectory prompt source {source!r}; use one of {', '.join(TRAJ_SOURCES)}")
+    files = corpus_files(corpus, "traj")
+    found = [(ids, rest) for _, ids, _, rest in function_prompts(files, enc, count, max_tokens, seed, after=after)] \
+        if source in ("heldout", "mixed") else []
+    if source != "heldout" and len(found) < count:
+        have = {tuple(ids) for ids, _ in found}
+        found += [p for p in line_prompts(files, enc, count, max_tokens, seed, after)
+                  if tuple(p[0]) not in have][:count - len(found)]
+    return found
 
 
 def read_prompts(path=None):
