@@ -14,14 +14,16 @@ from torch.profiler import ProfilerActivity, profile
 steps, script, args = int(sys.argv[1]), sys.argv[2], sys.argv[3:]
 sys.argv = [script] + args
 sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
-with profile(activities=[ProfilerActivity.CUDA]) as prof:
+cuda = torch.cuda.is_available()
+with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
     try:
         runpy.run_path(script, run_name="__main__")
     except SystemExit as e:
         if e.code:
             raise
 events = prof.key_averages()
-total = sum(e.self_device_time_total for e in events)
-print(f"GPU time per step: {total / steps / 1e3:.1f} ms over {steps} steps (all kernels, compile-time autotuning and "
+key = "self_device_time_total" if cuda else "self_cpu_time_total"
+total = sum(getattr(e, key) for e in events)
+print(f"{'GPU' if cuda else 'CPU'} time per step: {total / steps / 1e3:.1f} ms over {steps} steps (all kernels, compile-time autotuning and "
       f"the final validation loss included)")
-print(events.table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=70))
+print(events.table(sort_by=key, row_limit=25, max_name_column_width=70))
