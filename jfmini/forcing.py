@@ -326,6 +326,12 @@ def ce_chunk(h, W, pad, weight, labels, target_h, target_W):
     return (weight * ce).sum(), ce, ent, g @ W, (g.T @ h).float()
 
 
+def autocast_dtype(t):
+    """The dtype autocast gives matmuls on t's device (t's own dtype where autocast is off)."""
+    kind = t.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else t.dtype
+
+
 def soft_cross_entropy(h, W, weight, vocab, labels=None, target_h=None, target_W=None, chunk=2048, fn=ce_chunk):
     """SoftCrossEntropy over h (N, D): labels (N,) (-1 = none, weight it 0) or target_h (N, D) with
     target_W. Pads N to whole chunks. Returns (weighted sum, CE (N,), target entropy (N,))."""
@@ -363,8 +369,10 @@ def row_objective(model, anchor, cons_target="soft", ar_target="greedy", replay=
         W, V = raw.embed.weight, raw.cfg.vocab_size                  # the tied head
         with autocast():
             h = model(b.tokens, b.pos, mask, hidden=True)             # (B, L, D)
+            h = h.to(autocast_dtype(h))                               # RMSNorm gives float32 under autocast
             with torch.no_grad():
                 a = anchor(b.tokens, b.pos, mask, hidden=True) if anchored_rows else None
+                a = a.to(autocast_dtype(a)) if a is not None else None
         B, L, D = h.shape
         k = b.windows
         # consistency, on the window slots: the teacher is the clean twin's distribution, detached
@@ -404,8 +412,10 @@ def row_objective(model, anchor, cons_target="soft", ar_target="greedy", replay=
             pos = torch.arange(x.shape[1], device=x.device)
             with autocast():
                 hr = model(x, pos, hidden=True)
+                hr = hr.to(autocast_dtype(hr))
                 with torch.no_grad():
                     ar_ = anchor(x, pos, hidden=True) if replay == "kl" else None
+                    ar_ = ar_.to(autocast_dtype(ar_)) if ar_ is not None else None
             yf = y.reshape(-1)
             on = (yf >= 0).float()
             spec = dict(target_h=ar_.reshape(-1, D), target_W=anchor.embed.weight) if replay == "kl" else dict(labels=yf)

@@ -114,6 +114,35 @@ def test_compact_rows_give_the_papers_layout_loss_terms_and_gradients(case, seed
         torch.testing.assert_close(v.grad, ref_grads[k], rtol=1e-4, atol=1e-6, msg=k)
 
 
+def test_row_objective_gives_the_head_autocast_dtype_hidden_states():
+    """Under autocast the hidden states (RMSNorm output, float32) are cast to the autocast dtype before
+    the head's chunked matmuls, for the row, the anchor and the replay."""
+    n, T, seed = 4, 3, 0
+    traj = trajectories_with_truth(seed, n, T)
+    rows = [0, 3, 1, 4]
+    model, anchor = tiny_model(seed), tiny_model(seed + 7)
+    anchor.requires_grad_(False)
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randint(0, 257, (2, 11), generator=g), torch.randint(-1, 257, (2, 11), generator=g)
+    L = row_length(9, n * T, n, 2, "clean", truth=True, multiple=8)
+    r = pack_rows(traj, rows, L, "progressive", np.random.default_rng(seed), EOT, window=3, fresh=True,
+                  cons_window=2, context="clean", truth=True)
+    b = as_tensors(r)
+    mask = dense_mask(row_mask(b.group, b.pos, b.start, "clean"), len(rows), L)
+    seen = []
+
+    def chunk_fn(h, W, pad, weight, labels, target_h, target_W):
+        seen.append((h.dtype, None if target_h is None else target_h.dtype))
+        return ce_chunk(h, W, pad, weight, labels, target_h, target_W)
+
+    loss_fn = row_objective(model, anchor, "soft", "anchor", "kl", "ce", chunk=7, chunk_fn=chunk_fn,
+                            autocast=lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+    got, _ = loss_fn(b, mask, 10.0, 5.0, 5.0, x, y)
+    got.backward()
+    assert seen and all(d == torch.bfloat16 and t in (None, torch.bfloat16) for d, t in seen), seen
+    assert torch.isfinite(got)
+
+
 class as_tensors:
     def __init__(self, r):
         for k, v in vars(r).items():

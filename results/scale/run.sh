@@ -14,6 +14,9 @@ R=${R:-/tmp/s}; W=${W:-/tmp/sw}; mkdir -p $R $W
 cd "$(dirname "$0")/../.."; rm -rf /tmp/code; cp -r . /tmp/code; cd /tmp/code
 log() { echo "[$(date +%T)] $*" >> $R/driver.log; }
 timed() { local t0=$SECONDS; "$@"; local rc=$?; log "rc $rc, $((SECONDS - t0)) s: ${*:2}"; return $rc; }
+# QUICK=1: rows/s and the profile only, on a base pretrained for 20 steps (a step's cost does not depend on
+# what the model knows), with every trajectory kept (--max_repeat 0); no curve.
+PRE=""; KEEP=""; [ -n "$QUICK" ] && { PRE="--steps 20 --eval_every 1000"; KEEP="--max_repeat 0"; STEPS=" "; }
 if [ -n "$SMOKE" ]; then
   SIZE="--preset cpu --steps 30 --traj_batch 32 --probe 4 --heldout 8"; OLDN=64; OLDSTEPS=25; NEWN=128; STEPS=${STEPS:-"10 30"}
 else
@@ -25,18 +28,18 @@ if ls .whl/*.whl > /dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     >> $R/env.txt 2>&1 && export PYTHONPATH=/tmp/site
 fi
-timed python3 train.py $SIZE --stage pretrain --out_dir $W/base > $R/pretrain.log 2>&1 || exit 1
+timed python3 train.py $SIZE $PRE --stage pretrain --out_dir $W/base > $R/pretrain.log 2>&1 || exit 1
 share() {   # a fresh out_dir holding the base model and its token cache
   local c; mkdir -p $1; cp $W/base/base.pt $1/; for c in $W/base/data_*; do ln -sfn $c $1/; done
 }
 # 2. rows/s, the code before and this code
 share $W/new; share $W/old
-ROUND1="--stage round1 --traj_prompts $OLDN --distill_steps $OLDSTEPS --probe 0 --heldout 0"
+ROUND1="--stage round1 --traj_prompts $OLDN --distill_steps $OLDSTEPS --probe 0 --heldout 0 $KEEP"
 timed python3 train.py $SIZE $ROUND1 --traj_source heldout --out_dir $W/new > $R/rows_new.log 2>&1 || exit 1
 cp $W/new/traj_n16_*.npz $W/old/
 (cd .old && timed python3 train.py $SIZE $ROUND1 --out_dir $W/old > $R/rows_old.log 2>&1)
 # the profile of a step, before and after (30 steps each, caches warm, trajectories reused)
-PROF="--stage round1 --traj_prompts $OLDN --distill_steps 30 --probe 0 --heldout 0 --ckpt_every 100000"
+PROF="--stage round1 --traj_prompts $OLDN --distill_steps 30 --probe 0 --heldout 0 --ckpt_every 100000 $KEEP"
 rm -f $W/new/jf1.pt $W/old/jf1.pt
 timed python3 results/scale/profile_step.py 30 train.py $SIZE $PROF --traj_source heldout --out_dir $W/new > $R/profile_new.log 2>&1
 (cd .old && timed python3 ../results/scale/profile_step.py 30 train.py $SIZE $PROF --out_dir $W/old > $R/profile_old.log 2>&1)
