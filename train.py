@@ -333,7 +333,7 @@ def train_loop(run, model, opt, name, what, step, total, peak_lr, warmup, one_st
     ckpt_every steps, at the end and on Ctrl-C/SIGTERM/SIGHUP (then exits 130/143/129). Returns the final
     step."""
     peak = peak_flops(run.device) if flops else None
-    t_log, tok_log, first, t0 = time.time(), 0, step, time.time()
+    t_log, tok_log, step_log, first, t0 = time.time(), 0, step, step, time.time()
     t_steady = t0
     model.train()
     try:
@@ -346,7 +346,7 @@ def train_loop(run, model, opt, name, what, step, total, peak_lr, warmup, one_st
             opt.step()
             opt.zero_grad(set_to_none=True)
             step, tok_log = step + 1, tok_log + tokens
-            saving, logging = step % ckpt_every == 0 or step == total, step % 20 == 0 or step == total or step == 1
+            saving, logging = step % ckpt_every == 0 or step == total, step % 20 == 0 or step == total or step == first + 1
             if (saving or logging) and not math.isfinite(value := loss.item()):   # NaN weights are never kept
                 nonfinite(run, what, step, state_path)
             if logging:
@@ -355,24 +355,24 @@ def train_loop(run, model, opt, name, what, step, total, peak_lr, warmup, one_st
                 tps = tok_log / seconds
                 parts = " (" + ", ".join(f"{k} {v.item():.3f}" for k, v in terms.items()) + ")" if terms else ""
                 mfu = f", MFU {tps * flops / (peak * run.world):.1%}" if peak else ""
-                rate = f", {rows * tok_log / tokens / seconds:,.0f} rows/s" if rows else ""
+                rate = f", {rows * (step - step_log) / seconds:,.0f} rows/s" if rows else ""
                 began = f" (first step after {time.time() - t0:.1f}s{', compiling' if run.compile else ''})" \
                     if step == first + 1 else ""
                 run.log(f"{name} step {step}/{total}: loss {value:.3f}{parts}, lr {lr:.2e}, {tps:,.0f} tokens/s"
                         f"{rate}{mfu}{began}")
-                t_log, tok_log = time.time(), 0
+                t_log, tok_log, step_log = time.time(), 0, step
             if rows and step == first + 20:
                 run.sync()
                 t_steady = time.time()
             if on_eval is not None and (step % eval_every == 0 or step == total):
                 on_eval(step)
-                t_log, tok_log = time.time(), 0
+                t_log, tok_log, step_log = time.time(), 0, step
             if run.master and saving:
                 save(step)
         if rows and step > first + 20:
             run.sync()
             run.log(f"{name}: {rows * (step - first - 20) / (time.time() - t_steady):,.0f} rows/s after the first 20 "
-                    f"steps, {time.time() - t0:.0f}s for {step - first} steps")
+                    f"steps (checkpoint writes included), {time.time() - t0:.0f}s for {step - first} steps")
     except KeyboardInterrupt as e:
         if run.master:
             save(step)
@@ -556,7 +556,8 @@ def evaluate(cfg, run, path, label, block_lens=None, diagnose=False, base_path=N
                 per_prompt[name] = rows = quality(model, enc, records, outs, new, run)
                 for k, (mean, se) in summarize(rows).items():
                     res[f"{k}_{name}"], res[f"{k}_{name}_se"] = mean, se
-    atomic_write(Path(path).with_name(f"eval_{Path(path).stem}.json"), json.dumps(per_prompt).encode())
+    atomic_write(Path(path).with_name(f"eval_{Path(path).stem}.json"),
+                 json.dumps({"settings": eval_settings(cfg, path), **per_prompt}).encode())
     if base_path is not None and Path(base_path).with_name(f"eval_{Path(base_path).stem}.json").exists():
         base = json.loads(Path(base_path).with_name(f"eval_{Path(base_path).stem}.json").read_text())
         for name, rows in per_prompt.items():
@@ -584,6 +585,19 @@ def evaluate(cfg, run, path, label, block_lens=None, diagnose=False, base_path=N
             (f" (vs base {res[f'delta_{k}_{name}']:+.3f}±{res[f'delta_{k}_{name}_se']:.3f})"
              if f"delta_{k}_{name}" in res else "") for k in QUALITY if f"{k}_{name}" in res))
     return res
+
+
+def eval_settings(cfg, path):
+    """What an evaluation's per-prompt file depends on: the prompts asked for and the model's file."""
+    return {"probe": cfg.probe, "heldout": cfg.heldout, "sha256": file_sha256(path)}
+
+
+def saved_settings(path):
+    """The settings an evaluation file was written with; None if it is missing or unreadable."""
+    try:
+        return json.loads(Path(path).read_text()).get("settings")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def row_batches(num_rows, batch, rank, world, rng):
@@ -614,7 +628,7 @@ def trajectories(cfg, run, src, model, n, T, corpus, traj_dir):
             return traj
     t0 = time.time()
     enc = model_tokenizer(model.cfg)
-    max_prompt = min(192, model.cfg.seq_len - n * T)                 # prompt + trajectory fit the context
+    max_prompt = traj_shape(cfg, n, model.cfg.seq_len)[1]
     if max_prompt < 8:
         raise UserError(f"--traj_tokens {cfg.traj_tokens} leaves no room for a prompt in the model's context "
                         f"of {model.cfg.seq_len}; lower --traj_tokens")
@@ -681,8 +695,14 @@ def run_row_length(cfg, seq_len):
     """One row length for every round of the run (so one compiled step serves them all): the longest
     compact row any round's block length makes."""
     lens = [int(x) for x in cfg.block_lens.split(",")]
-    return max(row_length(min(192, seq_len - max(1, cfg.traj_tokens // n) * n), max(1, cfg.traj_tokens // n) * n, n,
-                          cfg.cons_window, cfg.context, truth=cfg.truth > 0) for n in lens)
+    return max(row_length(traj_shape(cfg, n, seq_len)[1], traj_shape(cfg, n, seq_len)[0] * n, n, cfg.cons_window,
+                          cfg.context, truth=cfg.truth > 0) for n in lens)
+
+
+def traj_shape(cfg, n, seq_len):
+    """(blocks per trajectory, longest prompt) at block length n: prompt and trajectory fit the context."""
+    T = max(1, cfg.traj_tokens // n)
+    return T, min(192, seq_len - n * T)
 
 
 def anchor_model(cfg, run, model, base_path):
@@ -774,7 +794,7 @@ def distill_round(cfg, run, out, r, src=None, traj_dir=None, probe=True):
     """Round r of progressive distillation: collect trajectories of the previous model at the round's block
     length, train on them, save jf{r}.pt, and (with probe) evaluate it. Returns what it measured (a dict)."""
     n = int(cfg.block_lens.split(",")[r - 1])
-    T = max(1, cfg.traj_tokens // n)
+    T = traj_shape(cfg, n, cfg.seq_len)[0]
     src = Path(src or out / ("base.pt" if r == 1 else f"jf{r - 1}.pt"))
     final, state_path = out / f"jf{r}.pt", out / f"jf{r}_state.pt"
     if final.exists() and not cfg.resume:
@@ -796,8 +816,8 @@ def distill_round(cfg, run, out, r, src=None, traj_dir=None, probe=True):
     last = r == len(cfg.block_lens.split(","))
     if r == 1 and probe:
         done = src.with_name(f"eval_{src.stem}.json")
-        if done.exists() and done.stat().st_mtime > src.stat().st_mtime:
-            run.log(f"round 1: {src.name} was evaluated already ({done.name}); not again")
+        if saved_settings(done) == eval_settings(cfg, src):
+            run.log(f"round 1: {src.name} was evaluated already with these prompts ({done.name}); not again")
         else:
             evaluate(cfg, run, src, f"round 1: source {src.name}", block_lens=(32,))
     base_path = Path(traj_dir or out) / "base.pt"

@@ -1,15 +1,18 @@
 """Jacobi Forcing: trajectories, the progressive noise schedule, packing and the whole objective.
 
     model --Jacobi decode prompts, record every state of every block--> Trajectories   collect_trajectories
-    Trajectories --noise schedule: pick a noisy state k_j per block--> packed rows     target_ratios, pack
-    packed rows --one forward with the noise-aware mask--> L = L_pc + lambda * L_AR    objective, total
+    Trajectories --noise schedule: pick a noisy state k_j per block--> training rows   target_ratios, pack_rows
+    rows --one forward with the noise-aware mask--> L = L_pc + lambda * L_AR            row_objective
 
 The Jacobi iteration used to collect trajectories is the decoder's own (jfmini.jacobi.Jacobi), with a
 hook that records each block's state before every iteration (jfmini.runtime.trajectories.Recorder).
-Beyond the paper, marked "jfmini" where they appear: a consistency window (pack's cons_window); the KL
-anchor (the AR term as a KL divergence from a frozen anchor model, train.py's base model by default,
-instead of cross-entropy to the greedy tokens); a replay term on corpus text; and a term on the real
-code after each trajectory prompt (truth rows: cross-entropy to it, or the anchor's KL there).
+Training packs compact rows (pack_rows, jfmini.masks.row_mask): the paper's row [prompt | k_0 | l_0 |
+...] (pack, noise_aware_mask, forcing_loss: the literal statement, kept for the diagnostics and as the
+tests' reference) with every token no loss needs left out, so the same losses cost fewer tokens.
+Beyond the paper, marked "jfmini" where they appear: a consistency window (cons_window); the KL anchor
+(the AR term as a KL divergence from a frozen anchor model, train.py's base model by default, instead of
+cross-entropy to the greedy tokens); a replay term on corpus text; and a term on the real code after
+each trajectory prompt (the truth segment: cross-entropy to it, or the anchor's KL there).
 Storage and checks of trajectories live in jfmini.runtime.trajectories.
 """
 import contextlib
@@ -19,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from jfmini.jacobi import Jacobi
 from jfmini.runtime.trajectories import Recorder, Trajectories
@@ -94,8 +98,6 @@ class Packed:
     first_div: np.ndarray   # (B, T) offset of k_j's first token that differs from l_j (n = none)
     prompt_len: np.ndarray  # (B,)
     pad_start: np.ndarray   # (B,)
-    truth_tokens: np.ndarray = None   # (B, Lt) prompt + ground-truth continuation (causal), when asked for
-    truth_targets: np.ndarray = None  # (B, Lt) its next tokens on the continuation only, -1 elsewhere
 
 
 def packed_length(max_prompt, block_len, num_blocks, multiple=128):
@@ -138,28 +140,16 @@ def draw(traj, i, schedule, rng, eot, window, fresh, by_owner, ratios):
     return prompt, fixed, noisy, int(cut[0]) if len(cut) else fixed.size
 
 
-def truth_rows(traj, rows, length):
-    """jfmini, beyond the paper: rows [prompt | its true continuation] for an AR loss on real code:
-    (tokens, targets), (B, length) each; the targets are the continuation's tokens (the prompt's last
-    token predicts the first)."""
-    tokens, targets = np.zeros((len(rows), length), np.int64), np.full((len(rows), length), -1, np.int64)
-    for r, i in enumerate(rows):
-        prompt, truth = traj.prompt(i).astype(np.int64), traj.truth[i].astype(np.int64)
-        truth = truth[:max(0, min(int(np.argmax(truth < 0)) if np.any(truth < 0) else len(truth), length - len(prompt)))]
-        row = np.concatenate([prompt, truth])
-        tokens[r, :len(row)] = row
-        targets[r, len(prompt) - 1:len(row) - 1] = truth
-    return tokens, targets
-
-
-def pack(traj, rows, length, schedule, rng, eot, window=16, fresh=True, cons_window=0, truth_len=0):
-    """Pack the trajectories of prompts `rows` into one batch, choosing k_j by the noise schedule.
+def pack(traj, rows, length, schedule, rng, eot, window=16, fresh=True, cons_window=0):
+    """The paper's layout, literally: pack the trajectories of prompts `rows` into one batch of rows
+    [prompt | k_0 | l_0 | k_1 | l_1 | ...], choosing k_j by the noise schedule. Training packs the
+    compact rows of pack_rows instead (the same losses with fewer tokens); this layout serves the
+    diagnostics (accuracy_by_distance) and the tests' reference.
 
     fresh: draw the states anew at every call (a random phase of the ramp per row, and a random state
     among the nearest ratios); otherwise the same nearest state every epoch. cons_window > 0 (jfmini, beyond
     the paper) keeps the consistency loss on the first cons_window positions from the first divergence
-    (0 = through n-1, the paper's). truth_len > 0 (jfmini) also lays out each prompt with its ground-truth
-    continuation in rows of that length."""
+    (0 = through n-1, the paper's)."""
     n, T = traj.block_len, traj.fixed.shape[1]
     B = len(rows)
     out = Packed(np.zeros((B, length), np.int64), np.zeros((B, length), np.int64),
@@ -194,8 +184,6 @@ def pack(traj, rows, length, schedule, rng, eot, window=16, fresh=True, cons_win
         out.tokens[r, :L], out.pos[r, :L], out.ar_targets[r, :L] = row, np.concatenate(pos), np.concatenate(ar)
         out.pos[r, L:] = np.arange(L, length)
         out.prompt_len[r], out.pad_start[r] = P, L
-    if truth_len:
-        out.truth_tokens, out.truth_targets = truth_rows(traj, rows, truth_len)
     return out
 
 
@@ -224,9 +212,11 @@ def row_length(max_prompt, traj_tokens, block_len, cons_window, context="clean",
 def pack_rows(traj, rows, length, schedule, rng, eot, window=16, fresh=True, cons_window=0, context="clean",
               truth=True):
     """Pack prompts `rows` into compact rows of `length` tokens (jfmini.masks.row_mask): the same noisy
-    states as pack() draws from the same rng, and the same losses, with fewer tokens. Block j keeps its
-    window of w = cons_window tokens from its first wrong token d_j (whole blocks from 0 with context
-    "noisy", or cons_window 0); truth adds the prompt's real continuation (traj.truth) in the same row."""
+    states as pack() draws from the same rng, and the same losses, with fewer tokens. Block j keeps a
+    window of its noisy state from its first wrong token d_j, cons_window tokens wide (to the block's end
+    with cons_window 0 or >= n); with context "noisy" windows are whole blocks from offset 0, since later
+    blocks read them. truth adds the prompt's real continuation (the first T*n tokens of traj.truth) in
+    the same row. A block whose chosen state is its fixed point has nothing to learn and no window."""
     from jfmini.masks import MAIN, PAD, TRUTH
     n, T = traj.block_len, traj.fixed.shape[1]
     clean_ctx = context == "clean"
@@ -277,7 +267,8 @@ class SoftCrossEntropy(torch.autograd.Function):
     p_i is one-hot at labels_i, or softmax(target_h_i @ target_W.T) (the anchor's distribution, or the
     model's own detached one). Also returns per position (no gradient) the cross-entropy and the
     entropy of p_i, so KL(p || q) = CE - entropy. W: (V_padded, D), the tied head; columns past `vocab`
-    are padding, never predicted."""
+    are padding, never predicted. Gradients reach h and W only: the targets and weights are constants
+    (pass the model's own hidden states as target_h for a detached teacher)."""
 
     @staticmethod
     def forward(ctx, h, W, weight, labels, target_h, target_W, vocab, chunk, fn):
@@ -301,6 +292,7 @@ class SoftCrossEntropy(torch.autograd.Function):
         return total, ce, ent
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, g, _ce, _ent):
         grad_h, grad_W = ctx.saved_tensors
         return g * grad_h, (g * grad_W).to(ctx.w_dtype), None, None, None, None, None, None, None
@@ -362,8 +354,9 @@ def row_objective(model, anchor, cons_target="soft", ar_target="greedy", replay=
     one recompiles nothing."""
     raw = getattr(model, "module", model)                           # under DDP
     raw = getattr(raw, "_orig_mod", raw)                            # under torch.compile
-    truth = truth or ar_target                                      # None: no truth term (its rows are empty)
-    anchored_rows = ar_target == "anchor" or truth == "anchor"
+    truth_kind = truth or ar_target                                 # truth None: no truth term, so its kind is moot
+    anchored_rows = ar_target == "anchor" or truth_kind == "anchor"
+    shared_pass = (ar_target == "anchor") == (truth_kind == "anchor")   # AR and truth: one pass, same kind of target
 
     def loss(b, mask, lam, w_replay=0.0, w_truth=0.0, x=None, y=None):
         W, V = raw.embed.weight, raw.cfg.vocab_size                  # the tied head
@@ -392,20 +385,23 @@ def row_objective(model, anchor, cons_target="soft", ar_target="greedy", replay=
         ar_on, tr_on = (ar_t >= 0).float(), (tr_t >= 0).float()
         w_ar, w_tr = lam * ar_on / ar_on.sum().clamp(min=1), w_truth * tr_on / tr_on.sum().clamp(min=1)
         am = a[:, k:].reshape(-1, D) if a is not None else None
-        parts = {}
-        if (ar_target == "anchor") == (truth == "anchor"):           # one pass serves both terms
+        parts = {}                                                   # term: (CE, target entropy) per position
+        if shared_pass:                                              # their positions differ, so one pass serves both
             both = dict(target_h=am, target_W=anchor.embed.weight) if ar_target == "anchor" else \
                 dict(labels=torch.where(ar_t >= 0, ar_t, tr_t))
             main, c, e = soft_cross_entropy(hm, W, w_ar + w_tr, V, chunk=chunk, fn=chunk_fn, **both)
-            parts["AR"] = parts["truth"] = (main - ((w_ar + w_tr) * e).sum(), c, e)     # KL = CE - entropy
+            main = main - ((w_ar + w_tr) * e).sum()                  # KL = CE - entropy (0 for labels)
+            parts["AR"] = parts["truth"] = (c, e)
+            total = pc + main
         else:
+            total = pc
             for name, wt, t in (("AR", w_ar, ar_t), ("truth", w_tr, tr_t)):
-                kind = ar_target if name == "AR" else truth
+                kind = ar_target if name == "AR" else truth_kind
                 spec = dict(target_h=am, target_W=anchor.embed.weight) if kind == "anchor" else dict(labels=t)
                 part, c, e = soft_cross_entropy(hm, W, wt, V, chunk=chunk, fn=chunk_fn, **spec)
-                parts[name] = (part - (wt * e).sum(), c, e)
-        value = lambda name, on: (on * (parts[name][1] - parts[name][2])).sum() / on.sum().clamp(min=1)  # noqa: E731
-        total = pc + sum({id(p[0]): p[0] for p in parts.values()}.values())
+                parts[name] = (c, e)
+                total = total + part - (wt * e).sum()
+        value = lambda name, on: (on * (parts[name][0] - parts[name][1])).sum() / on.sum().clamp(min=1)  # noqa: E731
         terms = {"consistency": pc.detach(), "AR": value("AR", ar_on).detach(), "replay": torch.zeros_like(pc),
                  "truth": value("truth", tr_on).detach()}
         if x is not None:                                            # replay: plain causal text
@@ -462,44 +458,3 @@ def forcing_loss(logits, ar_targets, noisy_idx, cons_weight, block_len, target="
         teacher = logits.gather(1, idx + block_len).detach().softmax(-1)
         pc = -(teacher * student).sum(-1)                            # (B, T*n)
     return masked_mean(pc, cons_weight), ar
-
-
-def causal_term(model, anchor, x, y, target, autocast):
-    """jfmini's plain causal-LM term on rows x (B, L) with next tokens y (-1 = none): cross-entropy to y
-    (target 'ce'), else the KL divergence from the frozen anchor model's predictions where y >= 0."""
-    pos = torch.arange(x.shape[1], device=x.device)
-    with autocast():
-        logits = model(x, pos)                                       # (B, L, V)
-        if target == "ce":
-            return F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-1)
-        with torch.no_grad():
-            ref = anchor(x, pos)
-    return masked_mean(kl(ref, logits), (y >= 0).float())
-
-
-def objective(model, anchor, block_len, cons_target="soft", ar_target="greedy", replay="kl", truth="anchor",
-              autocast=contextlib.nullcontext):
-    """The whole objective of a round, as terms(batch) -> {term: loss}; `total` weighs and sums them:
-
-        L = consistency + lam * AR                 (the paper's, on the packed rows, noise-aware mask)
-              + w_replay * replay                  (jfmini: corpus text x, y; ce, or kl from the anchor)
-              + w_truth * truth                    (jfmini: prompt + its real code gx, gy; ce, or anchor KL)
-
-    ar_target 'anchor' makes AR the KL from the anchor on the clean stream (jfmini's; 'greedy' = the
-    paper's cross-entropy). The weights stay outside, so changing one recompiles nothing."""
-    def terms(tokens, pos, ar_targets, noisy_idx, cons_weight, mask, x=None, y=None, gx=None, gy=None):
-        with autocast():
-            logits = model(tokens, pos, mask)                        # (B, L, V)
-            with torch.no_grad():
-                ref = anchor(tokens, pos, mask) if ar_target == "anchor" else None
-        consistency, ar = forcing_loss(logits, ar_targets, noisy_idx, cons_weight, block_len, cons_target, ref)
-        zero = torch.zeros_like(ar)
-        return {"consistency": consistency, "AR": ar,
-                "replay": zero if x is None else causal_term(model, anchor, x, y, replay, autocast),
-                "truth": zero if gx is None else causal_term(model, anchor, gx, gy, truth, autocast)}
-    return terms
-
-
-def total(terms, lam, replay=0.0, truth=0.0):
-    """L = consistency + lam * AR + replay * replay term + truth * truth term."""
-    return terms["consistency"] + lam * terms["AR"] + replay * terms["replay"] + truth * terms["truth"]

@@ -9,7 +9,8 @@ import torch
 
 from jfmini.runtime.common import UserError
 from jfmini.runtime.data import P50K_SHA256, byte_tokenizer, p50k_table, token_cache, tokenizer
-from jfmini.forcing import forcing_loss, pack, truth_rows
+from jfmini.forcing import forcing_loss, pack_rows
+from jfmini.masks import TRUTH
 from jfmini.runtime.trajectories import Trajectories, longest_run, repetitive
 from jfmini.runtime.quality import (edit_similarity, first_line, function_body, paired_difference, parses, score, summarize,
                                     truth_loss)
@@ -149,15 +150,17 @@ def test_trajectories_keep_their_ground_truth_through_a_file(tmp_path):
     assert Trajectories.load(tmp_path / "old.npz").truth.shape == (2, 0)
 
 
-def test_truth_rows_lay_out_prompt_then_the_real_continuation():
+def test_the_truth_segment_repeats_the_prompts_last_token_then_holds_the_real_continuation():
     fixed = np.zeros((2, 1, 4), np.int64)
     traj = fake_trajectories(fixed, truth=np.array([[20, 21, 22, -1], [30, 31, 32, 33]], np.int32))
-    tokens, targets = truth_rows(traj, [1, 0], 9)
-    assert tokens[0].tolist() == [3, 4, 5, 30, 31, 32, 33, 0, 0]
-    assert targets[0].tolist() == [-1, -1, 30, 31, 32, 33, -1, -1, -1]     # the prompt's last token predicts 30
-    assert tokens[1].tolist()[:6] == [0, 1, 2, 20, 21, 22] and targets[1].tolist()[:6] == [-1, -1, 20, 21, 22, -1]
-    p = pack(traj, [0, 1], 32, "progressive", np.random.default_rng(0), eot=256, truth_len=9)
-    assert p.truth_tokens.shape == (2, 9) and np.array_equal(p.truth_targets[1], targets[0])
+    r = pack_rows(traj, [1, 0], 32, "progressive", np.random.default_rng(0), eot=256, truth=True)
+    for row, tokens, targets in ((0, [5, 30, 31, 32], [30, 31, 32, 33]), (1, [2, 20, 21], [20, 21, 22])):
+        seg = np.flatnonzero(r.group[row] == TRUTH)
+        assert r.tokens[row, seg].tolist() == tokens and r.truth_targets[row, seg].tolist() == targets
+        assert r.pos[row, seg].tolist() == list(range(2, 2 + len(tokens))) and set(r.start[row, seg]) == {2}
+    assert np.all(r.truth_targets[r.group != TRUTH] == -1)
+    none = pack_rows(traj, [1, 0], 32, "progressive", np.random.default_rng(0), eot=256, truth=False)
+    assert not np.any(none.group == TRUTH) and np.all(none.truth_targets == -1)
 
 
 def test_anchored_ar_term_is_zero_at_the_anchor_and_positive_away_from_it():

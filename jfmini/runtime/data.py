@@ -122,7 +122,7 @@ def byte_tokenizer():
 CORPORA = {"stdlib": (), "stdlib+torch": ("torch",),
            "stdlib+torch+deps": ("torch", "numpy", "sympy", "networkx", "mpmath", "jinja2")}
 # Never read: tests, caches, and the packages reserved for an outside evaluation (with their relatives).
-SKIP_DIRS = {"test", "tests", "idle_test", "testing", "site-packages", "__pycache__",
+SKIP_DIRS = {"test", "tests", "idle_test", "testing", "site-packages", "dist-packages", "__pycache__",
              "pip", "setuptools", "_pytest", "pytest", "pkg_resources", "_distutils_hack", "distutils"}
 # Files are split by a hash of their path: val (validation loss), eval (held-out prompts for measuring
 # TPF), traj (prompts for distillation trajectories); the rest is pretraining text. Percent of files:
@@ -271,7 +271,7 @@ def heldout_prompts(corpus, enc, count=512, max_tokens=192, seed=0):
 
 def line_prompts(files, enc, count, max_tokens, seed=0, after=0, min_tokens=8):
     """Prompts that end at the end of any line of code whose next line is not blank: whole lines before
-    it (as many as fit in max_tokens) and the next `after` tokens of the file. [(prompt ids,
+    it (about as many as fit in max_tokens) and the next `after` tokens of the file. [(prompt ids,
     continuation ids)] in a seeded random order, at most `count`, each prompt text once."""
     lines_of = {f: t.splitlines(keepends=True) for f in files if (t := read_source(f))}
     ends = [(f, e) for f, lines in lines_of.items() for e in range(1, len(lines))
@@ -308,12 +308,13 @@ def line_prompts(files, enc, count, max_tokens, seed=0, after=0, min_tokens=8):
 
 
 def next_text(lines, e, chars):
-    """The text from line e on, about `chars` characters of it (whole lines, then cut)."""
+    """The whole lines from line e on that hold at least `chars` characters (or the rest of the file), so
+    that the tokens of its start are the file's own."""
     stop, have = e, 0
     while stop < len(lines) and have < chars:
         have += len(lines[stop])
         stop += 1
-    return "".join(lines[e:stop])[:chars]
+    return "".join(lines[e:stop])
 
 
 TRAJ_SOURCES = ("mixed", "heldout", "lines", "train")

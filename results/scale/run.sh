@@ -4,8 +4,9 @@
 #  2. round 1 of the earlier defaults (n=16, 5,120 function prompts, 300 steps of 32 rows) on that base with
 #     the code before compact rows (.old, a `git archive 8b24f41`) and with this code, the same trajectories:
 #     rows/s side by side on one GPU;
-#  3. the curve: one round at n=32 from that base, 51,200 mixed trajectory prompts, distillation steps of 32
-#     rows in STEPS (rows = 32 x steps), each evaluated on HumanEval and 512 held-out functions.
+#  3. the curve: one round at n=32 from that base, 51,200 mixed trajectory prompts (collected once), distillation
+#     steps of 32 rows in STEPS (rows = 32 x steps: 12.8K, 25.6K, 51.2K, 102.4K), each evaluated on HumanEval and
+#     512 held-out functions. About 20 minutes of an H200 in all; STEPS="..." picks other points.
 # The code is copied first so that edits to the checkout during the run do not reach it. Logs in /tmp/s.
 #   setsid nohup bash results/scale/run.sh > /dev/null 2>&1 &   then   bash results/scale/poll.sh 560
 # SMOKE=1 runs the same steps with the CPU preset and tiny sizes (a check of this script on a laptop).
@@ -20,7 +21,7 @@ PRE=""; KEEP=""; [ -n "$QUICK" ] && { PRE="--steps 20 --eval_every 1000"; KEEP="
 if [ -n "$SMOKE" ]; then
   SIZE="--preset cpu --steps 30 --traj_batch 32 --probe 4 --heldout 8"; OLDN=64; OLDSTEPS=25; NEWN=128; STEPS=${STEPS:-"10 30"}
 else
-  SIZE=""; OLDN=5120; OLDSTEPS=300; NEWN=51200; STEPS=${STEPS:-"400 1600 3200 6400"}
+  SIZE=""; OLDN=5120; OLDSTEPS=300; NEWN=51200; STEPS=${STEPS:-"400 800 1600 3200"}
 fi
 log "start ($SIZE)"; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > $R/env.txt 2>&1
 python3 -c "import torch;print(torch.__version__)" >> $R/env.txt
