@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from jfmini.jacobi import Jacobi
+from jfmini.masks import MAIN, PAD, TRUTH
 from jfmini.runtime.trajectories import Recorder, Trajectories
 
 
@@ -217,15 +218,15 @@ def pack_rows(traj, rows, length, schedule, rng, eot, window=16, fresh=True, con
     with cons_window 0 or >= n); with context "noisy" windows are whole blocks from offset 0, since later
     blocks read them. truth adds the prompt's real continuation (the first T*n tokens of traj.truth) in
     the same row. A block whose chosen state is its fixed point has nothing to learn and no window."""
-    from jfmini.masks import MAIN, PAD, TRUTH
     n, T = traj.block_len, traj.fixed.shape[1]
     clean_ctx = context == "clean"
     w = cons_window if clean_ctx and 0 < cons_window < n else n
     reach = cons_window if cons_window > 0 else n
     B, base = len(rows), T * w
-    out = Rows(np.zeros((B, length), np.int64), np.zeros((B, length), np.int64), np.full((B, length), PAD, np.int64),
-               np.zeros((B, length), np.int64), np.full((B, length), -1, np.int64), np.full((B, length), -1, np.int64),
-               np.zeros((B, length), np.float32), np.zeros((B, length), np.int64), base)
+    zeros, none = (lambda: np.zeros((B, length), np.int64)), (lambda: np.full((B, length), -1, np.int64))  # noqa: E731
+    out = Rows(tokens=zeros(), pos=zeros(), group=np.full((B, length), PAD, np.int64), start=zeros(),
+               ar_targets=none(), truth_targets=none(), cons_weight=np.zeros((B, length), np.float32),
+               teacher=zeros(), windows=base)
     by_owner, ratios = np.searchsorted(traj.owner, np.arange(len(traj) * T + 1)), traj.ratios()
     slot = np.arange(w)
     for r, i in enumerate(rows):
