@@ -695,8 +695,9 @@ def run_row_length(cfg, seq_len):
     """One row length for every round of the run (so one compiled step serves them all): the longest
     compact row any round's block length makes."""
     lens = [int(x) for x in cfg.block_lens.split(",")]
-    return max(row_length(traj_shape(cfg, n, seq_len)[1], traj_shape(cfg, n, seq_len)[0] * n, n, cfg.cons_window,
-                          cfg.context, truth=cfg.truth > 0) for n in lens)
+    shapes = {n: traj_shape(cfg, n, seq_len) for n in lens}                 # n: (blocks, longest prompt)
+    return max(row_length(shapes[n][1], shapes[n][0] * n, n, cfg.cons_window, cfg.context, truth=cfg.truth > 0)
+               for n in lens)
 
 
 def traj_shape(cfg, n, seq_len):
