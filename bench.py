@@ -469,7 +469,7 @@ def check_lossless(results, outputs, refs, prompts, paths, device, dtype, sample
         p = "kept_" if kind == "kept" else ""
         ar_eager, ar_fast = results[0], results[1]
         own_ar = {r["model"]: r for r in results if r["row"] == "AR fast"}
-        for r, outs in zip(results, outs_by_row):
+        for n, (r, outs) in enumerate(zip(results, outs_by_row)):
             r[f"{p}speedup_vs_ar_fast"] = ratio(r[f"{p}chars_per_s"], ar_fast[f"{p}chars_per_s"])   # tokenizer-neutral
             r[f"{p}speedup_vs_ar_eager"] = ratio(r[f"{p}chars_per_s"], ar_eager[f"{p}chars_per_s"])
             r[f"{p}token_speedup_vs_ar_fast"] = ratio(r[f"{p}tokens_per_s"], ar_fast[f"{p}tokens_per_s"])
@@ -478,9 +478,12 @@ def check_lossless(results, outputs, refs, prompts, paths, device, dtype, sample
                 r.update({f"{p}lossless": None, f"{p}mismatches": 0, f"{p}tie_gaps": [], f"{p}lossless_ties_aside": None})
                 continue
             key, gaps = r["model"], []       # (gap, rounding step) per mismatch; None = differs only in length
-            for prompt, ref, out in zip(prompts, refs[kind][key], outs):
+            for j, (prompt, ref, out) in enumerate(zip(prompts, refs[kind][key], outs)):
                 if out != ref:
                     i = first_divergence(ref, out)
+                    if i is None and kind == "kept":   # one kept text stops where the other goes on: the token
+                        ref, out = refs["full"][key][j], outputs["full"][n][j]   # that decided it is where the
+                        i = first_divergence(ref, out)                           # full-length outputs part
                     if i is not None and key not in fp32:
                         fp32[key] = load_checkpoint(paths[key], device)[0]
                     gaps.append(None if i is None else tie_gap(fp32[key], prompt, ref, i, out[i], dtype))

@@ -252,6 +252,30 @@ def test_bench_tie_analysis_helpers():
     assert bench.tie_gap(model, prompt, ref, 2, ref[2], torch.float32)[0] == 0.0
 
 
+
+def test_bench_kept_length_difference_is_judged_where_the_full_outputs_part(monkeypatch):
+    """A kept text that stops where AR's goes on differs at the token that decided the stop: the tie analysis
+    measures the gap where the full-length outputs part. Kept texts that differ while the full outputs agree
+    stay a failure."""
+    import bench
+    model = tiny_model()
+    monkeypatch.setattr(bench, "load_checkpoint", lambda path, device: (model, None))
+    speed = {f"{p}{k}": 1.0 for p in ("", "kept_") for k in ("chars_per_s", "tokens_per_s")}
+    results = [dict(row="AR eager", model="jf", **speed), dict(row="AR fast", model="jf", **speed),
+               dict(row="MR", model="jf", **speed)]
+    prompts = [[5, 6, 7], [5, 6, 7]]
+    ar_kept, ar_full = [[8, 9, 10], [8, 9, 10]], [[8, 9, 10, 11], [8, 9, 10, 11]]
+    mr_kept, mr_full = [[8, 9], [8, 9]], [[8, 9, 42, 11], [8, 9, 10, 11]]
+    outputs = {"kept": [ar_kept, ar_kept, mr_kept], "full": [ar_full, ar_full, mr_full]}
+    refs = {"kept": {"jf": ar_kept}, "full": {"jf": ar_full}}
+    bench.check_lossless(results, outputs, refs, prompts, {"jf": "unused"}, "cpu", torch.bfloat16)
+    gap, step = bench.tie_gap(model, prompts[0], ar_full[0], 2, 42, torch.bfloat16)
+    mr = results[2]
+    assert mr["kept_mismatches"] == 2 and mr["mismatches"] == 1
+    assert mr["kept_tie_gaps"] == [[round(gap, 4), round(abs(gap) / step, 2)], None]
+    assert mr["tie_gaps"] == [[round(gap, 4), round(abs(gap) / step, 2)]]
+    assert mr["kept_lossless_ties_aside"] <= 0.5                    # the second prompt is no tie
+
 TRAIN_BAD = [
     (["--bogus"], ["unrecognized"]),
     (["--steps", "abc"], ["invalid int"]),
