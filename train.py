@@ -683,7 +683,9 @@ def round_objective(cfg, run, model, anchor):
     if run.compile:
         ddp_model, anchor = torch.compile(ddp_model), anchor and torch.compile(anchor)
     return row_objective(ddp_model, anchor, cfg.cons_target, cfg.ar_target, cfg.anchor,
-                         cfg.truth_target if cfg.truth > 0 else None, run.autocast, chunk_fn=compiled_chunk() if run.compile else ce_chunk)
+                         cfg.truth_target if cfg.truth > 0 else None, run.autocast,
+                         chunk_fn=compiled_chunk() if run.compile else ce_chunk,
+                         chunk=2048 if run.cuda else 512)           # a CPU's caches hold a 512-position chunk
 
 
 @functools.cache
