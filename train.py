@@ -356,7 +356,7 @@ def train_loop(run, model, opt, name, what, step, total, peak_lr, warmup, one_st
                 parts = " (" + ", ".join(f"{k} {v.item():.3f}" for k, v in terms.items()) + ")" if terms else ""
                 mfu = f", MFU {tps * flops / (peak * run.world):.1%}" if peak else ""
                 rate = f", {rows * (step - step_log) / seconds:,.0f} rows/s" if rows else ""
-                began = f" (first step after {time.time() - t0:.1f}s{', compiling' if run.compile else ''})" \
+                began = f" (first step after {time.time() - t0:.1f}s{', compile included' if run.compile else ''})" \
                     if step == first + 1 else ""
                 run.log(f"{name} step {step}/{total}: loss {value:.3f}{parts}, lr {lr:.2e}, {tps:,.0f} tokens/s"
                         f"{rate}{mfu}{began}")
