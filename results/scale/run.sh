@@ -6,7 +6,8 @@
 #     rows/s side by side on one GPU;
 #  3. the curve: one round at n=32 from that base, 51,200 mixed trajectory prompts (collected once), distillation
 #     steps of 32 rows in STEPS (rows = 32 x steps: 12.8K, 25.6K, 51.2K, 102.4K), each evaluated on HumanEval and
-#     512 held-out functions. About 20 minutes of an H200 in all; STEPS="..." picks other points.
+#     512 held-out functions. STEPS="..." picks other points, NEWN=... the prompts. Steps 1 and 3 (CURVE=1): about
+#     24 minutes of an H100, estimated (collecting 51,200 trajectories from the base alone ~7 minutes).
 # The code is copied first so that edits to the checkout during the run do not reach it. Logs in /tmp/s.
 #   setsid nohup bash results/scale/run.sh > /dev/null 2>&1 &   then   bash results/scale/poll.sh 560
 # SMOKE=1 runs the same steps with the CPU preset and tiny sizes (a check of this script on a laptop).
@@ -25,7 +26,7 @@ if [ -n "$SMOKE" ]; then
 elif [ -n "$CPU" ]; then
   SIZE="--preset cpu"; OLDN=256; OLDSTEPS=100; NEWN=1024; STEPS=${STEPS:-"100 200 400 800"}; CURVE=1
 else
-  SIZE=""; OLDN=5120; OLDSTEPS=300; NEWN=51200; STEPS=${STEPS:-"400 800 1600 3200"}
+  SIZE=""; OLDN=5120; OLDSTEPS=300; NEWN=${NEWN:-51200}; STEPS=${STEPS:-"400 800 1600 3200"}
 fi
 log "start ($SIZE)"; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > $R/env.txt 2>&1
 python3 -c "import torch;print(torch.__version__)" >> $R/env.txt
