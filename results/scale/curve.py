@@ -12,7 +12,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tradeoff import read_log  # noqa: E402
 
-KEPT = re.compile(r"round 1: (jf1\.pt|source base\.pt): vanilla Jacobi TPF on kept text .*? humaneval_n32 ([\d.]+), "
+KEPT = re.compile(r"round 1: (jf1\.pt|source base\.pt): vanilla Jacobi TPF on kept text .*? humaneval_n32 ([\d.]+),.*? "
                   r"heldout_n32 ([\d.]+).*?do not humaneval_n32 ([\d.]+) / ([\d.]+), heldout_n32 ([\d.]+) / ([\d.]+)")
 RATE = re.compile(r"round 1: ([\d,]+) rows/s after the first 20 steps.*?, (\d+)s for (\d+) steps")
 ROWS = re.compile(r"round 1: training (\d+) steps of (\d+) rows")
