@@ -138,3 +138,40 @@ def test_mixed_trajectory_prompts_add_line_ends_from_the_traj_split_only():
         assert enc.decode(ids + rest) in traj_text                              # cut from a traj-split file
     added = [tuple(a) for a, _ in mixed[len(funcs):]]
     assert len(set(added)) == len(added) and not set(added) & {tuple(a) for a, _ in funcs}     # none twice
+
+
+def longest_fit(lines, head, end, max_tokens, enc):
+    """The plain rule fit_lines must follow: add lines before the head one at a time while the whole
+    stays within max_tokens."""
+    start, ids = head, enc.encode_ordinary("".join(lines[head:end]))
+    while start > 0 and len(more := enc.encode_ordinary("".join(lines[start - 1:end]))) <= max_tokens:
+        start, ids = start - 1, more
+    return start, ids
+
+
+@pytest.mark.parametrize("budget", [8, 40, 192])
+def test_fit_lines_takes_as_many_whole_lines_as_the_plain_rule(budget):
+    """The line-size guess only saves encodes: the context found is the one the plain rule finds, whether
+    the guess is good or bad."""
+    import ast
+    import random
+    from jfmini.runtime.data import fit_lines, line_tokens
+    enc = gpt2_tokenizer()
+    files = corpus_files("stdlib", "traj")[:12]
+    checked = 0
+    for f in files:
+        lines = (read_source(f) or "").splitlines(keepends=True)
+        if not lines:
+            continue
+        sizes = line_tokens(lines, enc)
+        assert len(sizes) == len(lines) + 1 and sizes[-1] == len(enc.encode_ordinary("".join(lines)))
+        heads = [n.lineno - 1 for n in ast.walk(ast.parse("".join(lines))) if isinstance(n, ast.FunctionDef)]
+        for head in random.Random(0).sample(heads, min(8, len(heads))):
+            end = head + 1 + random.Random(head).randrange(3)
+            want = longest_fit(lines, head, end, budget, enc)
+            assert fit_lines(lines, head, end, budget, enc, sizes) == want
+            # a guess far too long or far too short is walked back to the same lines
+            assert fit_lines(lines, head, end, budget, enc, sizes // 3) == want
+            assert fit_lines(lines, head, end, budget, enc, sizes * 3) == want
+            checked += 1
+    assert checked >= 40

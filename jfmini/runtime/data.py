@@ -242,24 +242,60 @@ def function_prompts(files, enc, count, max_tokens, seed=0, docstring=True, need
             if end >= head:
                 found.append((f, node.name, head, end, node.end_lineno))
     random.Random(seed).shuffle(found)
-    prompts, lines_of = [], {}
+    prompts, lines_of, sizes_of = [], {}, {}
     for f, name, head, end, last in found:
         if len(prompts) == count:
             break
-        lines = lines_of.setdefault(f, read_source(f).splitlines(keepends=True))
+        if f not in lines_of:
+            lines_of[f] = read_source(f).splitlines(keepends=True)
+        lines = lines_of[f]
         if end > len(lines) or not lines[end - 1].endswith("\n"):
             continue
-        ids = enc.encode_ordinary("".join(lines[head - 1:end]))
-        start = head - 1
-        while start > 0:                                            # whole lines of context before the def
-            more = enc.encode_ordinary("".join(lines[start - 1:end]))
-            if len(more) > max_tokens:
-                break
-            start, ids = start - 1, more
+        if f not in sizes_of:
+            sizes_of[f] = line_tokens(lines, enc)
+        start, ids = fit_lines(lines, head - 1, end, max_tokens, enc, sizes_of[f])
         if 8 <= len(ids) <= max_tokens:
-            rest = enc.encode_ordinary("".join(lines[end:end + 4 * after])) if after else []   # ~4 lines a token or fewer
-            prompts.append((f"{Path(f).stem}.{name}", ids, "".join(lines[end:last]), rest[:after]))
+            prompts.append((f"{Path(f).stem}.{name}", ids, "".join(lines[end:last]), following(lines, end, after, enc)))
     return prompts
+
+
+def line_tokens(lines, enc):
+    """A running count of the tokens up to each line's end (the file encoded whole; a token counts in the
+    line where it begins): (len(lines) + 1,)."""
+    ids = enc.encode_ordinary("".join(lines))
+    sizes = np.array([len(b) for b in enc.decode_tokens_bytes(ids)], dtype=np.int64)
+    starts = np.cumsum(sizes) - sizes                                              # each token's first byte
+    line_of = np.searchsorted(np.cumsum([len(x.encode()) for x in lines]), starts, side="right")
+    return np.concatenate([[0], np.cumsum(np.bincount(line_of, minlength=len(lines))[:len(lines)])])
+
+
+def fit_lines(lines, head, end, max_tokens, enc, sizes):
+    """The longest run of whole lines lines[start:end] with start <= head that encodes to at most max_tokens
+    (lines[head:end] alone when even that is longer): (start, its token ids). The file's tokens per line
+    (sizes, from line_tokens) place a first guess and a few encodes of the joined lines settle it: the
+    same lines as adding one line at a time while they fit, at a tenth of the encodes."""
+    start = head
+    while start > 0 and sizes[end] - sizes[start - 1] <= max_tokens:
+        start -= 1
+    ids = enc.encode_ordinary("".join(lines[start:end]))
+    if len(ids) <= max_tokens:                                      # more lines may fit
+        while start > 0 and len(more := enc.encode_ordinary("".join(lines[start - 1:end]))) <= max_tokens:
+            start, ids = start - 1, more
+    else:                                                           # fewer lines
+        while start < head and len(ids) > max_tokens:
+            start += 1
+            ids = enc.encode_ordinary("".join(lines[start:end]))
+    return start, ids
+
+
+def following(lines, e, after, enc):
+    """The first `after` tokens of the text from line e on (as they are tokenized within the file)."""
+    if not after:
+        return []
+    ids = enc.encode_ordinary(next_text(lines[:e + 4 * after], e, 8 * after))
+    if len(ids) < after + 8:                    # too little text for a sure cut: the next 4*after lines whole
+        ids = enc.encode_ordinary("".join(lines[e:e + 4 * after]))
+    return ids[:after]
 
 
 def heldout_prompts(corpus, enc, count=512, max_tokens=192, seed=0):
