@@ -1,6 +1,6 @@
 """Train jfmini end to end: pretrain a small GPT on Python code, then Jacobi Forcing rounds.
 
-    python train.py                           # the whole pipeline: pretrain, round 1 (n=16), round 2 (n=32)
+    python train.py                           # the whole pipeline: pretrain, then the rounds of --block_lens
     python train.py --stage pretrain          # one stage; later stages reuse earlier outputs in --out_dir
     python train.py --resume                  # continue an interrupted stage from its last checkpoint
     torchrun --nproc_per_node=2 train.py      # data parallel (nccl on GPU, gloo on CPU)
@@ -9,9 +9,9 @@ Outputs in --out_dir: base.pt (the AR model), traj_n{n}_{hash}.npz (trajectories
 and settings that made them), jf{r}.pt (round r model),
 *_state.pt (resumable training state, written atomically every --ckpt_every steps, removed when the
 stage is done). One run at a time per --out_dir (train.lock holds its pid).
-Flags left unset take their value from --preset: gpu (a 51M-parameter model; needs a CUDA GPU) or cpu
-(a 2.6M-parameter model; the whole pipeline took 13 and 22 minutes in two runs on 2 cores). Both presets' values are
-listed below; the resolved config is printed at start-up.
+Flags left unset take their value from --preset: gpu (a 51M-parameter model and one round at n=32; needs a
+CUDA GPU) or cpu (a 2.6M-parameter model and two rounds, n=16 then n=32, for a laptop). Both presets'
+values are listed below; the resolved config is printed at start-up.
 """
 import concurrent.futures
 import copy
@@ -80,7 +80,7 @@ class TrainConfig:
     eval_batches: int = field(None, "batches per validation loss")
     ckpt_every: int = field(None, "steps between resumable checkpoints")
     # Jacobi Forcing rounds
-    block_lens: str = field("16,32", "block length n of each round, comma separated (round r uses the r-th)")
+    block_lens: str = field(None, "block length n of each round, comma separated (round r uses the r-th)")
     traj_prompts: int = field(None, "trajectory prompts per round (see --traj_source)")
     traj_tokens: int = field(None, "new tokens per trajectory (num_blocks = traj_tokens / n)")
     traj_batch: int = field(None, "prompts Jacobi-decoded at once while collecting trajectories")
@@ -134,11 +134,11 @@ class TrainConfig:
 PRESETS = {
     "gpu": dict(n_layer=8, n_head=8, d_model=512, seq_len=1024, corpus="stdlib+torch+deps",
                 batch_size=32, grad_accum=2, steps=1500, lr=2e-3, warmup=100, eval_every=300, eval_batches=20,
-                ckpt_every=300, traj_prompts=5120, traj_tokens=256, traj_batch=512, distill_steps=400,
-                distill_batch=32, distill_lr=3e-4, replay_batch=8, probe=164, heldout=512),
+                ckpt_every=1000, block_lens="32", traj_prompts=25600, traj_tokens=256, traj_batch=512,
+                distill_steps=2400, distill_batch=32, distill_lr=3e-4, replay_batch=8, probe=164, heldout=512),
     "cpu": dict(vocab_size=4096, n_layer=4, n_head=4, d_model=192, seq_len=256, corpus="stdlib", batch_size=16,
                 grad_accum=1, steps=1000, lr=3e-3, warmup=50, eval_every=250, eval_batches=5, ckpt_every=100,
-                traj_prompts=256, traj_tokens=64, traj_batch=64, distill_steps=100, distill_batch=8,
+                block_lens="16,32", traj_prompts=256, traj_tokens=64, traj_batch=64, distill_steps=100, distill_batch=8,
                 distill_lr=5e-4, replay_batch=2, probe=40, heldout=64),
 }
 
@@ -172,7 +172,7 @@ def checks(c):
     yield 0 <= c.truth < math.inf, f"--truth must be a number, 0 or more (got {c.truth})"
     yield 0 <= c.seed < 2**32, f"--seed must be between 0 and 2**32 - 1 (got {c.seed})"
     try:
-        ok = all(int(x) >= 2 for x in c.block_lens.split(","))
+        ok = c.block_lens is None or all(int(x) >= 2 for x in c.block_lens.split(","))
     except ValueError:
         ok = False
     yield ok, f"--block_lens must be comma-separated integers of at least 2 (got {c.block_lens!r})"
@@ -949,6 +949,10 @@ def main(argv=None):
                 if run.ddp:
                     dist.barrier()
                 distill_round(cfg, run, out, r)
+        later = sorted(p.name for p in out.glob("jf*.pt") if p.stem[2:].isdigit() and int(p.stem[2:]) > rounds)
+        if later and f"round{rounds}" in stages:
+            run.log(f"note: {', '.join(later)} in {out} came from an earlier run with more rounds, and decode.py and "
+                    f"bench.py take the highest round: remove them, or pass --ckpt {out / f'jf{rounds}.pt'}")
         if run.ddp:
             dist.barrier()
             dist.destroy_process_group()

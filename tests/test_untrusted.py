@@ -686,3 +686,20 @@ def test_output_that_goes_nowhere(lab, tmp_path):
         last = res.stderr.strip().splitlines()[-1]
         assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
         assert last.startswith("error: could not write the output to stdout") and "No space left" in last
+
+
+def test_a_later_round_left_from_an_earlier_run_is_named(lab, tmp_path, capsys):
+    """decode.py and bench.py take the highest jf<r>.pt: a run with fewer rounds says which files would
+    shadow its own last round."""
+    out = tmp_path / "out"
+    out.mkdir()
+    for f in (lab.dir / "base.pt", lab.jf1, lab.traj):
+        shutil.copy(f, out)
+    shutil.copy(lab.jf1, out / "jf2.pt")
+    train.main(["--out_dir", str(out), *ROUND, "--block_lens", "16"])
+    log = capsys.readouterr().out
+    assert f"note: jf2.pt in {out} came from an earlier run with more rounds" in log, log
+    assert f"--ckpt {out / 'jf1.pt'}" in log
+    (out / "jf2.pt").unlink()
+    train.main(["--out_dir", str(out), *ROUND, "--block_lens", "16"])
+    assert "note:" not in capsys.readouterr().out

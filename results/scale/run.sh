@@ -46,12 +46,12 @@ share() {   # a fresh out_dir holding the base model and its token cache
 # 2. rows/s, the code before and this code
 if [ -z "$CURVE" ]; then
 share $W/new; share $W/old
-ROUND1="--stage round1 --traj_prompts $OLDN --distill_steps $OLDSTEPS --probe 0 --heldout 0 $KEEP"
+ROUND1="--stage round1 --block_lens 16,32 --traj_prompts $OLDN --distill_steps $OLDSTEPS --probe 0 --heldout 0 $KEEP"
 timed python3 train.py $SIZE $ROUND1 --traj_source heldout --out_dir $W/new > $R/rows_new.log 2>&1 || exit 1
 cp $W/new/traj_n16_*.npz $W/old/
 (cd .old && timed python3 train.py $SIZE $ROUND1 --out_dir $W/old > $R/rows_old.log 2>&1)
 # the profile of a step, before and after (30 steps each, caches warm, trajectories reused)
-PROF="--stage round1 --traj_prompts $OLDN --distill_steps 30 --probe 0 --heldout 0 --ckpt_every 100000 $KEEP"
+PROF="--stage round1 --block_lens 16,32 --traj_prompts $OLDN --distill_steps 30 --probe 0 --heldout 0 --ckpt_every 100000 $KEEP"
 rm -f $W/new/jf1.pt $W/old/jf1.pt
 timed python3 results/scale/profile_step.py 30 train.py $SIZE $PROF --traj_source heldout --out_dir $W/new > $R/profile_new.log 2>&1
 (cd .old && timed python3 ../results/scale/profile_step.py 30 train.py $SIZE $PROF --out_dir $W/old > $R/profile_old.log 2>&1)
