@@ -135,7 +135,7 @@ PRESETS = {
     "gpu": dict(n_layer=8, n_head=8, d_model=512, seq_len=1024, corpus="stdlib+torch+deps",
                 batch_size=32, grad_accum=2, steps=1500, lr=2e-3, warmup=100, eval_every=300, eval_batches=20,
                 ckpt_every=1000, block_lens="32", traj_prompts=25600, traj_tokens=256, traj_batch=512,
-                distill_steps=2400, distill_batch=32, distill_lr=3e-4, replay_batch=8, probe=164, heldout=512),
+                distill_steps=2200, distill_batch=32, distill_lr=3e-4, replay_batch=8, probe=164, heldout=512),
     "cpu": dict(vocab_size=4096, n_layer=4, n_head=4, d_model=192, seq_len=256, corpus="stdlib", batch_size=16,
                 grad_accum=1, steps=1000, lr=3e-3, warmup=50, eval_every=250, eval_batches=5, ckpt_every=100,
                 block_lens="16,32", traj_prompts=256, traj_tokens=64, traj_batch=64, distill_steps=100, distill_batch=8,

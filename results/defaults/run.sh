@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU run of the defaults chosen from the curve (results/scale): a fresh `python train.py` (pretrain, then one
-# round at n=32 on 25,600 trajectories, 2,400 steps of 32 rows), then on its models, most important first,
+# round at n=32 on 25,600 trajectories, 2,200 steps of 32 rows), then on its models, most important first,
 # `bench.py` on HumanEval (the README's quick start), `bench.py` on 164 held-out functions, float32 losslessness
 # checks on both, `decode.py --prompt "def fib(n):"` and the decoder sweep, each timed. SEED=... trains another
 # seed into out_s<seed> (each seed against its own base); ONLY_TRAIN=1 runs only train.py and the held-out bench.
