@@ -82,6 +82,7 @@ BAD = [
                  [], marks=has_sysfs),
     # the GPU preset on a CPU
     ([*TRAIN, "--preset", "gpu"], ["--preset gpu needs a CUDA GPU", "--preset cpu"], []),
+    ([*TRAIN, "--preset", "gpu-long"], ["--preset gpu-long needs a CUDA GPU", "--preset cpu"], []),
 ]
 
 

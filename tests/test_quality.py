@@ -187,3 +187,16 @@ def test_the_gpu_preset_config_passes_its_own_checks():
     from jfmini.runtime.common import parse_config
     cfg = train.with_preset(parse_config(train.TrainConfig, ["--preset", "gpu"], checks=train.checks), True)
     assert cfg.vocab_size == 50281 and cfg.tokenizer == "p50k"
+
+
+def test_the_long_gpu_preset_is_the_gpu_preset_with_more_rows():
+    """gpu-long changes only the number of trajectory prompts and distillation steps; flags still win."""
+    import dataclasses
+    import train
+    from jfmini.runtime.common import parse_config
+    made = lambda *flags: dataclasses.asdict(train.with_preset(parse_config(train.TrainConfig, list(flags),
+                                                                            checks=train.checks), True))
+    gpu, long = made("--preset", "gpu"), made("--preset", "gpu-long")
+    assert {k for k in gpu if gpu[k] != long[k]} == {"preset", "traj_prompts", "distill_steps"}
+    assert (long["traj_prompts"], long["distill_steps"]) == (51200, 8000)
+    assert made("--preset", "gpu-long", "--distill_steps", "5")["distill_steps"] == 5
