@@ -4,7 +4,8 @@ vocabulary) with random weights (a step's cost does not depend on what the model
 us per captured iteration (CUDA graph replay, no inductor, as bench.py --sweep times it) and the
 uncaptured iteration's kernel time by kind (bench.profile_step). Run from the repository root:
   python results/defaults/profile_decoders.py [--compile] > profile_decoders.log
---compile adds inductor-fused timings for six of them (a compile each), before the kernel tables."""
+--compile adds inductor-fused timings for six of them (a compile each), before the kernel tables; --fused
+makes the kernel tables those of the inductor-fused iteration (six more compiles)."""
 import sys
 import time
 
@@ -59,10 +60,11 @@ def main():
             print(f"{describe(s):<30}{verified_per_step(s):>14}{step_us(jac, prompt, new, iters=200):>17.0f}", flush=True)
             del jac
     if cuda:
-        print("\nkernel time of one uncaptured iteration, no inductor:")
+        fused = "--fused" in sys.argv
+        print(f"\nkernel time of one uncaptured iteration, {'inductor-fused' if fused else 'no inductor'}:")
         for s in (METHODS["ar"], METHODS["jacobi"], dict(block_len=128), METHODS["ngram"],
                   dict(block_len=32, pool_size=4, cand_len=16), METHODS["mr"]):
-            profile_step(model, prompt, s, None, False, len(prompt) + new, new)
+            profile_step(model, prompt, s, None, fused, len(prompt) + new, new)
 
 
 if __name__ == "__main__":
