@@ -18,8 +18,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from jfmini.runtime.common import (UserError, check_writable, cli, field, file_sha256, load_checkpoint, out_dir_lock,
-                                   parse_config, write_failed)
+from jfmini.runtime.common import (UserError, check_writable, cli, field, file_sha256, out_dir_lock, parse_config,
+                                   write_failed)
+from jfmini.runtime.files import load_checkpoint
 from train import ROUND_FLAGS, Run, TrainConfig, changed_flags, checks, distill_round, evaluate, pretrain, with_preset
 
 

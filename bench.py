@@ -36,12 +36,11 @@ from pathlib import Path
 
 import torch
 
-from jfmini.runtime.common import (UserError, atomic_write, check_writable, cli, default_checkpoint, field, load_checkpoint,
-                                   parse_config, pick_device)
+from jfmini.runtime.common import UserError, atomic_write, check_writable, cli, field, parse_config, pick_device
 from jfmini.runtime.data import completion_text, heldout_prompts, model_tokenizer, read_prompts
-from jfmini.runtime.files import read_sweep
-from jfmini.jacobi import Jacobi
-from jfmini.runtime.engine import METHODS, Stats, finish, generate_ar, sync
+from jfmini.runtime.files import default_checkpoint, load_checkpoint, read_sweep
+from jfmini.jacobi import Jacobi, generate_ar
+from jfmini.runtime.engine import METHODS, Stats
 from jfmini.runtime.quality import LOOP_DISTINCT4, distinct4, score, summarize, truth_loss
 from jfmini.runtime.stop import function_stops
 

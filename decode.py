@@ -24,11 +24,11 @@ from pathlib import Path
 
 import torch
 
-from jfmini.runtime.common import UserError, cli, default_checkpoint, field, load_checkpoint, parse_config, pick_device
+from jfmini.runtime.common import UserError, cli, field, parse_config, pick_device
 from jfmini.runtime.data import model_tokenizer
 from jfmini.jacobi import Jacobi
 from jfmini.runtime.engine import METHODS, SETTINGS, finish
-from jfmini.runtime.files import read_sweep
+from jfmini.runtime.files import default_checkpoint, load_checkpoint, read_sweep
 from jfmini.runtime.stop import StopAtFunctionEnd, token_pieces
 
 

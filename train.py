@@ -33,16 +33,17 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from jfmini.runtime.common import (UserError, atomic_save, atomic_write, check_device, check_writable, cli, distributed_env,
-                                   field, file_sha256, interrupted, load_checkpoint, out_dir_lock, parse_config, pick_device,
+                                   field, file_sha256, interrupted, out_dir_lock, parse_config, pick_device,
                                    quiet_stdout, signals_deferred, world_size)
-from jfmini.runtime.files import (check_npz, check_token_files, check_token_meta, check_trajectories, load_optimizer_state,
-                                  gb, memory_bytes, model_config_problem, param_count, rng_state, set_rng_state)
+from jfmini.runtime.files import (check_npz, check_token_files, check_token_meta, check_trajectories, gb, load_checkpoint,
+                                  load_optimizer_state, memory_bytes, model_config_problem, param_count, rng_state,
+                                  set_rng_state)
 from jfmini.runtime.data import (TOKENIZERS, completion_text, full_vocab, get_batch, heldout_prompts, load_split,
                                  model_tokenizer, prepare_corpus, read_prompts, token_cache, tokenizer, trajectory_prompts,
                                  TRAJ_SOURCES)
-from jfmini.runtime.engine import decode_many
-from jfmini.forcing import ce_chunk, collect_trajectories, pack_rows, row_length, row_objective
-from jfmini.runtime.trajectories import Trajectories, accuracy_by_distance, repetitive
+from jfmini.jacobi import decode_many
+from jfmini.forcing import accuracy_by_distance, ce_chunk, collect_trajectories, pack_rows, row_length, row_objective
+from jfmini.runtime.trajectories import Trajectories, repetitive
 from jfmini.runtime.quality import LOOP_DISTINCT4, distinct4, paired_difference, score, summarize, truth_loss
 from jfmini.runtime.stop import function_stops
 from jfmini.masks import dense_mask, flex_mask, row_mask

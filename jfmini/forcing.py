@@ -5,7 +5,7 @@
     rows --one forward with the noise-aware mask--> L = L_pc + lambda * L_AR            row_objective
 
 The Jacobi iteration used to collect trajectories is the decoder's own (jfmini.jacobi.Jacobi), with a
-hook that records each block's state before every iteration (jfmini.runtime.trajectories.Recorder).
+hook that records each block's state before every iteration (Recorder).
 Training packs compact rows (pack_rows, jfmini.masks.row_mask): the paper's row [prompt | k_0 | l_0 |
 ...] (pack, noise_aware_mask, forcing_loss: the literal statement, kept for the diagnostics and as the
 tests' reference) with every token no loss needs left out, so the same losses cost fewer tokens.
@@ -13,7 +13,9 @@ Beyond the paper, marked "jfmini" where they appear: a consistency window (cons_
 (the AR term as a KL divergence from a frozen anchor model, train.py's base model by default, instead of
 cross-entropy to the greedy tokens); a replay term on corpus text; and a term on the real code after
 each trajectory prompt (the truth segment: cross-entropy to it, or the anchor's KL there).
-Storage and checks of trajectories live in jfmini.runtime.trajectories.
+Storage and checks of trajectories live in jfmini.runtime.trajectories. accuracy_by_distance is a
+diagnostic: how often the model predicts a noisy position's next clean token, by distance from the
+block's first divergence.
 """
 import contextlib
 import math
@@ -25,8 +27,8 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from jfmini.jacobi import Jacobi
-from jfmini.masks import MAIN, PAD, TRUTH
-from jfmini.runtime.trajectories import Recorder, Trajectories
+from jfmini.masks import MAIN, PAD, TRUTH, dense_mask, noise_aware_mask
+from jfmini.runtime.trajectories import Trajectories
 
 
 @torch.no_grad()
@@ -70,6 +72,14 @@ def noise_ratio(states, fixed_point):
     diff = states != fixed_point
     first = np.where(diff.any(-1), diff.argmax(-1), n)
     return (n - first) / n
+
+
+def state_ratios(traj):
+    """The noise ratio of every recorded state of traj against its block's fixed point (S,), computed once
+    per Trajectories (packing asks for it at every batch)."""
+    if getattr(traj, "_ratios", None) is None:
+        traj._ratios = noise_ratio(traj.states, traj.fixed.reshape(-1, traj.block_len)[traj.owner])
+    return traj._ratios
 
 
 def target_ratios(num_blocks, schedule, rng, t_min=0.0, t_max=1.0, window=16, phase=0):
@@ -130,7 +140,7 @@ def choose_states(traj, i, by_owner, ratios, wanted, rng, fresh, tolerance):
 def draw(traj, i, schedule, rng, eot, window, fresh, by_owner, ratios):
     """One packing of prompt i: (prompt (P,), fixed point (T, n), the noisy state chosen for each block
     by the schedule (T, n), the stream index of the first end-of-text (T*n = none)). by_owner: where each
-    block's states begin in traj.states; ratios: traj.ratios()."""
+    block's states begin in traj.states; ratios: state_ratios(traj)."""
     T = traj.fixed.shape[1]
     prompt, fixed = traj.prompt(i).astype(np.int64), traj.fixed[i].astype(np.int64)
     cut = np.flatnonzero(fixed.reshape(-1) == eot)
@@ -157,7 +167,7 @@ def pack(traj, rows, length, schedule, rng, eot, window=16, fresh=True, cons_win
                  np.full((B, length), -1, np.int64), np.zeros((B, T * n), np.int64),
                  np.zeros((B, T * n), np.float32), np.full((B, T), n, np.int64), np.zeros(B, np.int64),
                  np.zeros(B, np.int64))
-    by_owner, ratios = np.searchsorted(traj.owner, np.arange(len(traj) * T + 1)), traj.ratios()  # owner is sorted
+    by_owner, ratios = np.searchsorted(traj.owner, np.arange(len(traj) * T + 1)), state_ratios(traj)  # owner is sorted
     reach = cons_window if cons_window > 0 else n
     for r, i in enumerate(rows):
         prompt, fixed, noisy, valid_until = draw(traj, i, schedule, rng, eot, window, fresh, by_owner, ratios)
@@ -227,7 +237,7 @@ def pack_rows(traj, rows, length, schedule, rng, eot, window=16, fresh=True, con
     out = Rows(tokens=zeros(), pos=zeros(), group=np.full((B, length), PAD, np.int64), start=zeros(),
                ar_targets=none(), truth_targets=none(), cons_weight=np.zeros((B, length), np.float32),
                teacher=zeros(), windows=base)
-    by_owner, ratios = np.searchsorted(traj.owner, np.arange(len(traj) * T + 1)), traj.ratios()
+    by_owner, ratios = np.searchsorted(traj.owner, np.arange(len(traj) * T + 1)), state_ratios(traj)
     slot = np.arange(w)
     for r, i in enumerate(rows):
         prompt, fixed, noisy, valid_until = draw(traj, i, schedule, rng, eot, window, fresh, by_owner, ratios)
@@ -459,3 +469,59 @@ def forcing_loss(logits, ar_targets, noisy_idx, cons_weight, block_len, target="
         teacher = logits.gather(1, idx + block_len).detach().softmax(-1)
         pc = -(teacher * student).sum(-1)                            # (B, T*n)
     return masked_mean(pc, cons_weight), ar
+
+
+class Recorder:
+    """The Jacobi decoder's pre_step hook behind jfmini.forcing.collect_trajectories: before every
+    iteration it stores each row's current block as n tokens (committed part + drafts), graph-safe."""
+
+    def __init__(self, jac, num_blocks):
+        B, n = jac.B, jac.n
+        self.T = num_blocks
+        self.states = torch.zeros(B, num_blocks, n, n, dtype=torch.long, device=jac.dev)
+        self.count = torch.zeros(B, num_blocks, dtype=torch.long, device=jac.dev)
+
+    def tensors(self):
+        """The recorder's state: the decoder puts it back after the warm-up steps of a CUDA graph capture
+        (without that, the first batch's block 0 counted 4 extra iterations and the states of every later
+        block were filed under the wrong block)."""
+        return [self.states, self.count]
+
+    def __call__(self, jac):
+        n, ar_n, bidx, s = jac.n, jac.ar_n, jac.bidx, jac.state
+        committed = n - s.block0_left                              # (B,) tokens of the block already committed
+        first = s.length - committed                               # block start position
+        blk = ((first - s.prompt_len) // n).clamp(max=self.T - 1)
+        from_text = s.text.gather(1, (first[:, None] + ar_n).clamp(max=jac.C - 1))
+        from_draft = s.draft.gather(1, (ar_n - committed[:, None]).clamp(0, jac.W - 1))
+        state = torch.where(ar_n < committed[:, None], from_text, from_draft)   # (B, n)
+        k = self.count[bidx, blk].clamp(max=n - 1)
+        ok = ~s.done
+        self.states[bidx, blk, k] = torch.where(ok[:, None], state, self.states[bidx, blk, k])
+        self.count[bidx, blk] += ok.long()
+
+
+@torch.no_grad()
+def accuracy_by_distance(model, traj, eot, context="clean", batch=16, seed=0, autocast=None):
+    """Diagnostics on trajectories the model has not trained on: at every noisy position k_j[t] from the
+    first divergence d_j on, is the model's greedy prediction the fixed point's next token l_j[t+1]?
+    Returns (hits, counts), each (n,), indexed by the distance t - d_j (the progressive schedule packs
+    one state per block)."""
+    n, T = traj.block_len, traj.fixed.shape[1]
+    dev = model.embed.weight.device
+    L = packed_length(int(np.diff(traj.prompt_offsets).max()), n, T)
+    rng = np.random.default_rng(seed)
+    hits, counts = np.zeros(n, np.int64), np.zeros(n, np.int64)
+    for lo in range(0, len(traj), batch):
+        p = pack(traj, range(lo, min(lo + batch, len(traj))), L, "progressive", rng, eot, window=min(16, T))
+        t = {k: torch.from_numpy(getattr(p, k)).to(dev) for k in ("tokens", "pos", "ar_targets", "noisy_idx")}
+        mask = dense_mask(noise_aware_mask(torch.from_numpy(p.prompt_len).to(dev),
+                                           torch.from_numpy(p.pad_start).to(dev), n, context), len(p.tokens), L, dev)
+        with autocast or contextlib.nullcontext():
+            guess = model(t["tokens"], t["pos"], mask).argmax(-1).gather(1, t["noisy_idx"]).cpu().numpy()
+        label = t["ar_targets"].gather(1, t["noisy_idx"] + n).cpu().numpy()           # (B, T*n)
+        dist = np.arange(T * n)[None] % n - np.repeat(p.first_div, n, axis=1)          # t - d_j
+        keep = (dist >= 0) & (label >= 0)
+        np.add.at(hits, dist[keep], (guess == label)[keep])
+        np.add.at(counts, dist[keep], 1)
+    return hits, counts

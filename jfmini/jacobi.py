@@ -2,8 +2,9 @@
 recycling, multi-block decoding and (jfmini, beyond the paper) context n-gram candidates.
 
 Every decoder here commits exactly the tokens greedy AR would produce; they differ only in how many
-forwards that takes (tokens per forward, TPF). `jacobi_reference` is the algorithm in ~25 eager lines;
-`Jacobi` runs it fast. One Jacobi iteration (`Jacobi._step`) is a single fixed-shape forward over the
+forwards that takes (tokens per forward, TPF). `generate_ar` is that AR oracle (one token per forward,
+greedy or sampled from `distribution`); `jacobi_reference` is the algorithm in ~25 eager lines; `Jacobi`
+runs it fast, and `decode_many` runs it over many prompts in batches. One Jacobi iteration (`Jacobi._step`) is a single fixed-shape forward over the
 KV cache:
 
     cache: [ candidate scratch (R*c slots) | committed x[0:m] | main row's drafts ... ]
@@ -20,11 +21,12 @@ best row, the commit, the draft update, multi-block growth and recycling are ten
 that replays the iteration as one CUDA graph and drives the host loop is jfmini.runtime.engine.Engine.
 """
 import math
+import time
 
 import torch
 
 from jfmini.masks import cache_mask
-from jfmini.runtime.engine import Engine, check_args, check_prompts, distribution, finish, top_k
+from jfmini.runtime.engine import Engine, Stats, check_args, check_prompts, finish, sync, top_k
 
 
 NGRAM_KEY = 4     # a context n-gram matches up to the verified next token and the 3 tokens before it
@@ -45,6 +47,61 @@ def guesses(text, m, it, slots):
     h = (it[:, None] + 1) * 1000003 + (slots + 1) * 7919 + m[:, None] * 31
     h = (h * 2654435761) % 2147483647
     return text.gather(1, h % m[:, None])
+
+
+def distribution(logits, temperature, top_k=0, top_p=1.0):
+    """AR sampling's next-token distribution after every position: softmax(logits / temperature) over the
+    top_k most likely tokens (0 = all), then over the smallest set of most likely tokens whose mass reaches
+    top_p (1 = all), renormalised. (..., V) -> (..., V) probabilities, in float32 at least."""
+    z = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
+    if top_k:
+        z = z.masked_fill(z < z.topk(min(top_k, z.shape[-1]), -1).values[..., -1:], float("-inf"))
+    p = z.softmax(-1)
+    if top_p < 1:
+        sorted_p, order = p.sort(-1, descending=True)
+        drop = sorted_p.cumsum(-1) - sorted_p >= top_p        # the mass before this token already reaches top_p
+        p = p.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), 0)
+        p = p / p.sum(-1, keepdim=True)
+    return p
+
+
+@torch.no_grad()
+def generate_ar(model, prompt, max_new_tokens, eot=None, temperature=0.0, top_k=0, top_p=1.0, stop=None):
+    """The oracle: prefill, then one token per forward through the KV cache, plain eager PyTorch; greedy,
+    or sampled at temperature > 0 (top_k, top_p: see distribution). It ends at end-of-text, after
+    max_new_tokens, or where `stop` (a jfmini.runtime.stop rule, checked after every token) finds the end.
+    Returns (new tokens, Stats). This is also the 'AR eager' baseline of bench.py."""
+    check_args(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
+    def next_token(logits):                               # logits (V,)
+        if not temperature:
+            return int(logits.argmax())
+        p = distribution(logits, temperature, top_k, top_p)
+        return int(draw(p, torch.empty_like(p).exponential_()))
+    dev = model.embed.weight.device
+    P = len(prompt)
+    S = P + max_new_tokens
+    model.new_cache(1, S)
+    t0 = time.perf_counter()
+    idx = torch.tensor([prompt], device=dev)
+    slots = torch.arange(P, device=dev)[None]
+    zero = torch.zeros(1, dtype=torch.long, device=dev)
+    logits = model(idx, slots, cache_mask(zero, zero[:, None], slots, S), slots)
+    tok = next_token(logits[0, -1])
+    sync(dev)
+    t1 = time.perf_counter()
+    out, forwards, kept = [], 0, None
+    while True:
+        out.append(tok)
+        m = torch.tensor([[P + len(out) - 1]], device=dev)  # the slot of the token being committed
+        logits = model(torch.tensor([[tok]], device=dev), m, cache_mask(m[0], m, m, S), m)
+        forwards += 1
+        kept = stop.kept(out) if stop is not None else None
+        if tok == eot or len(out) == max_new_tokens or kept is not None:
+            break
+        tok = next_token(logits[0, -1])
+    sync(dev)
+    out = out if kept is None else out[:kept]
+    return out, Stats(len(out), len(out), t1 - t0, time.perf_counter() - t1, forwards)
 
 
 @torch.no_grad()
@@ -375,3 +432,21 @@ class Jacobi(Engine):
         follow = text.gather(1, at.clamp(max=C - 1).view(B, -1)).view(B, G, c - 1)
         ok = (at < length[:, None, None]) & (values >= 0)[..., None]
         return torch.cat([v[:, None, None].expand(B, G, 1), torch.where(ok, follow, fallback[..., 1:])], 2)
+
+
+@torch.no_grad()
+def decode_many(model, prompts, max_new_tokens, eot=None, batch=64, stops=None, **settings):
+    """Decode many prompts, `batch` at a time (rows that finish early stay frozen), each to end-of-text,
+    max_new_tokens or its stop rule's end (stops: one per prompt, or None). Returns (outputs, forwards that
+    committed each prompt's tokens, histogram of tokens committed per forward run). train.py checks a model
+    with it; bench.py decodes one prompt at a time, with timing."""
+    outs, forwards, hist = [], [], 0
+    jac = Jacobi(model, batch=min(batch, len(prompts)), eot=eot,
+                 max_len=max(len(p) for p in prompts) + max_new_tokens, **settings)
+    for lo in range(0, len(prompts), jac.B):
+        chunk = prompts[lo:lo + jac.B]
+        o, f, _, _ = jac.decode_batch(chunk, max_new_tokens, None if stops is None else stops[lo:lo + jac.B])
+        outs += o
+        forwards += f
+        hist = hist + jac.state.accepted[:len(chunk)].sum(0).cpu()
+    return outs, forwards, hist

@@ -20,7 +20,8 @@ import pytest
 import torch
 
 from conftest import ROOT
-from jfmini.runtime.common import UserError, atomic_save, atomic_write, check_writable, field, load_checkpoint, parse_config
+from jfmini.runtime.common import UserError, atomic_save, atomic_write, check_writable, field, parse_config
+from jfmini.runtime.files import load_checkpoint
 from test_scripts import TINY, assert_clean_failure, no_temp_files, run, tiny_base
 
 slow = pytest.mark.slow

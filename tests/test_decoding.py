@@ -6,8 +6,7 @@ import torch
 
 from conftest import cuda, tiny_model
 from jfmini.runtime.common import UserError
-from jfmini.jacobi import Jacobi, jacobi_reference
-from jfmini.runtime.engine import decode_many, generate_ar
+from jfmini.jacobi import Jacobi, decode_many, generate_ar, jacobi_reference
 
 GRID = list(itertools.product([1, 2, 3, 8, 16], [0, 1, 4], [1, 2, 3], [0.5, 0.85, 1.0]))
 # candidate rows: block length x (recycled, n-gram) x candidate length (None = n) x blocks

@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from conftest import ROOT, tiny_model
-from jfmini.runtime.common import atomic_save, load_checkpoint
+from jfmini.runtime.common import atomic_save
+from jfmini.runtime.files import load_checkpoint
 from jfmini.model import GPT, GPTConfig
 
 pytestmark = pytest.mark.slow

@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from conftest import cuda, tiny_model
-from jfmini.jacobi import Jacobi
-from jfmini.runtime.engine import decode_many, generate_ar
+from jfmini.jacobi import Jacobi, decode_many, generate_ar
 from jfmini.runtime.stop import FunctionEnd, StopAtFunctionEnd, kept_text
 
 DOC = 'def f(x):\n    """Doc."""\n'

@@ -23,7 +23,8 @@ import pytest
 import torch
 
 from conftest import ROOT
-from jfmini.runtime.common import file_sha256, load_checkpoint, parse_config
+from jfmini.runtime.common import file_sha256, parse_config
+from jfmini.runtime.files import load_checkpoint
 from test_scripts import LONG, PY, TINY, fake_token_cache, no_temp_files, tiny_base
 
 sys.path.insert(0, str(ROOT))

@@ -1,5 +1,5 @@
-"""Plumbing shared by the scripts: config dataclasses as flags, atomic files, the one checkpoint
-loader, one-line errors for bad input, signals that save instead of kill, and the out_dir lock."""
+"""Plumbing shared by the scripts: config dataclasses as flags, atomic files, one-line errors for bad
+input, signals that save instead of kill, and the out_dir lock."""
 import argparse
 import dataclasses
 import errno
@@ -342,38 +342,6 @@ def file_sha256(path):
         while chunk := f.read(1 << 20):
             h.update(chunk)
     return h.hexdigest()
-
-
-def load_checkpoint(path, device="cpu", flag=None, kinds=("base", "jacobi_forcing", "pretrain_state",
-                                                           "jacobi_forcing_state")):
-    """The one checkpoint loader: returns (model, checkpoint dict) or raises a UserError that says
-    what is wrong with the file and what to do. `flag` is the option that named the file ("--ckpt"),
-    so the message says what to pass instead; None for a file a script finds itself (train.py's own).
-    `kinds`: the kinds of file the caller takes (a *_state.pt holds a model too: decode.py runs it; train.py
-    asks for the kind it continues). The file is read without running code and checked whole (jfmini.runtime.files)."""
-    from jfmini.runtime.files import read_checkpoint
-    path = Path(path)
-    instead = f"pass {flag} with a .pt file written by train.py" if flag else \
-        "delete it and run the stage again without --resume" if all(k.endswith("_state") for k in kinds) else \
-        "move it away and run the stage of train.py that writes it again"
-    if path.is_dir():
-        inside = default_checkpoint(path)
-        raise UserError(f"{path} is a directory, not a checkpoint; "
-                        + (f"pass a file in it, e.g. {flag} {inside}" if flag and Path(inside).is_file() else instead))
-    if path.exists() and not path.is_file():
-        raise UserError(f"{path} is not a regular file (a device or a pipe), not a checkpoint; {instead}")
-    if not path.is_file():
-        raise UserError(f"checkpoint {path} not found" + (f"; run `python train.py` first or pass {flag} PATH"
-                                                           if flag else ""))
-    model, ckpt = read_checkpoint(path, instead, kinds)
-    return model.to(device).eval(), ckpt
-
-
-def default_checkpoint(out_dir="out"):
-    """The newest Jacobi Forcing round in out_dir, else the base model (what decode.py uses)."""
-    rounds = sorted(Path(out_dir).glob("jf[0-9]*.pt"), key=lambda p: int(p.stem[2:]) if p.stem[2:].isdigit() else -1)
-    rounds = [p for p in rounds if p.stem[2:].isdigit()]
-    return str(rounds[-1] if rounds else Path(out_dir) / "base.pt")
 
 
 @contextmanager

@@ -1,9 +1,8 @@
 """Running a decoder fast: the machinery under jfmini.jacobi.
 
 - `Engine`, the base of `jfmini.jacobi.Jacobi`: one iteration replayed as a CUDA graph (`step`), warm-up
-  steps that leave no trace (`undone`), and the host loop that decodes one prompt (`generate`).
-- `decode_many`: many prompts in fixed-shape batches, finished rows frozen.
-- `generate_ar`: the AR oracle with a KV cache, plain eager PyTorch (the 'AR eager' baseline of bench.py).
+  steps that leave no trace (`undone`), and the host loops that decode one prompt (`generate`) or a
+  batch (`decode_batch`).
 - `METHODS`, `SETTINGS`: decoder settings by name; `Stats`, `check_args`, `finish`, `top_k`: counters,
   the settings' checks, the end-of-text cut, a fusable top-k.
 """
@@ -15,7 +14,6 @@ from dataclasses import dataclass
 
 import torch
 
-from jfmini.masks import cache_mask
 from jfmini.runtime.common import UserError
 
 
@@ -113,62 +111,6 @@ def finish(tokens, max_new_tokens, eot):
     """Cut a committed stream at max_new_tokens and just after the first end-of-text."""
     tokens = tokens[:max_new_tokens]
     return tokens[:tokens.index(eot) + 1] if eot is not None and eot in tokens else tokens
-
-
-def distribution(logits, temperature, top_k=0, top_p=1.0):
-    """AR sampling's next-token distribution after every position: softmax(logits / temperature) over the
-    top_k most likely tokens (0 = all), then over the smallest set of most likely tokens whose mass reaches
-    top_p (1 = all), renormalised. (..., V) -> (..., V) probabilities, in float32 at least."""
-    z = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
-    if top_k:
-        z = z.masked_fill(z < z.topk(min(top_k, z.shape[-1]), -1).values[..., -1:], float("-inf"))
-    p = z.softmax(-1)
-    if top_p < 1:
-        sorted_p, order = p.sort(-1, descending=True)
-        drop = sorted_p.cumsum(-1) - sorted_p >= top_p        # the mass before this token already reaches top_p
-        p = p.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), 0)
-        p = p / p.sum(-1, keepdim=True)
-    return p
-
-
-@torch.no_grad()
-def generate_ar(model, prompt, max_new_tokens, eot=None, temperature=0.0, top_k=0, top_p=1.0, stop=None):
-    """The oracle: prefill, then one token per forward through the KV cache, plain eager PyTorch; greedy,
-    or sampled at temperature > 0 (top_k, top_p: see distribution). It ends at end-of-text, after
-    max_new_tokens, or where `stop` (a jfmini.runtime.stop rule, checked after every token) finds the end.
-    Returns (new tokens, Stats). This is also the 'AR eager' baseline of bench.py."""
-    check_args(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
-    from jfmini.jacobi import draw
-    def next_token(logits):                               # logits (V,)
-        if not temperature:
-            return int(logits.argmax())
-        p = distribution(logits, temperature, top_k, top_p)
-        return int(draw(p, torch.empty_like(p).exponential_()))
-    dev = model.embed.weight.device
-    P = len(prompt)
-    S = P + max_new_tokens
-    model.new_cache(1, S)
-    t0 = time.perf_counter()
-    idx = torch.tensor([prompt], device=dev)
-    slots = torch.arange(P, device=dev)[None]
-    zero = torch.zeros(1, dtype=torch.long, device=dev)
-    logits = model(idx, slots, cache_mask(zero, zero[:, None], slots, S), slots)
-    tok = next_token(logits[0, -1])
-    sync(dev)
-    t1 = time.perf_counter()
-    out, forwards, kept = [], 0, None
-    while True:
-        out.append(tok)
-        m = torch.tensor([[P + len(out) - 1]], device=dev)  # the slot of the token being committed
-        logits = model(torch.tensor([[tok]], device=dev), m, cache_mask(m[0], m, m, S), m)
-        forwards += 1
-        kept = stop.kept(out) if stop is not None else None
-        if tok == eot or len(out) == max_new_tokens or kept is not None:
-            break
-        tok = next_token(logits[0, -1])
-    sync(dev)
-    out = out if kept is None else out[:kept]
-    return out, Stats(len(out), len(out), t1 - t0, time.perf_counter() - t1, forwards)
 
 
 class Engine:
@@ -317,22 +259,3 @@ class Engine:
             if kept[b] is not None and not done[b]:
                 ended.append(b)
         return ended
-
-
-@torch.no_grad()
-def decode_many(model, prompts, max_new_tokens, eot=None, batch=64, stops=None, **settings):
-    """Decode many prompts, `batch` at a time (rows that finish early stay frozen), each to end-of-text,
-    max_new_tokens or its stop rule's end (stops: one per prompt, or None). Returns (outputs, forwards that
-    committed each prompt's tokens, histogram of tokens committed per forward run). train.py checks a model
-    with it; bench.py decodes one prompt at a time, with timing."""
-    outs, forwards, hist = [], [], 0
-    from jfmini.jacobi import Jacobi
-    jac = Jacobi(model, batch=min(batch, len(prompts)), eot=eot,
-                 max_len=max(len(p) for p in prompts) + max_new_tokens, **settings)
-    for lo in range(0, len(prompts), jac.B):
-        chunk = prompts[lo:lo + jac.B]
-        o, f, _, _ = jac.decode_batch(chunk, max_new_tokens, None if stops is None else stops[lo:lo + jac.B])
-        outs += o
-        forwards += f
-        hist = hist + jac.state.accepted[:len(chunk)].sum(0).cpu()
-    return outs, forwards, hist

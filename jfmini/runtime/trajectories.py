@@ -1,21 +1,15 @@
-"""Jacobi trajectories on disk and in memory, their filters, and a diagnostic: the machinery under
-jfmini.forcing.
+"""Jacobi trajectories on disk and in memory, and their filters: the machinery under jfmini.forcing
+(which records them and packs them into training rows).
 
 - `Trajectories`: N prompts' fixed points and every recorded Jacobi state, stored compactly, saved and
   loaded as plain arrays (no code), checked whole.
 - `longest_run`, `repetitive`: which fixed points are greedy loops.
-- `Recorder`: the decoder hook that records every block's state before each iteration, graph-safe.
-- `accuracy_by_distance`: on held-out trajectories, how often the model predicts a noisy position's
-  next clean token, by distance from the block's first divergence.
 """
-import contextlib
 import io
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
-from jfmini.masks import dense_mask, noise_aware_mask
 from jfmini.runtime.common import UserError, atomic_write
 
 
@@ -66,13 +60,6 @@ class Trajectories:
 
     def prompt(self, i):
         return self.prompts[self.prompt_offsets[i]:self.prompt_offsets[i + 1]]
-
-    def ratios(self):
-        """The noise ratio of every state against its block's fixed point (S,), computed once."""
-        if getattr(self, "_ratios", None) is None:
-            from jfmini.forcing import noise_ratio      # the schedule's measure, in the idea layer
-            self._ratios = noise_ratio(self.states, self.fixed.reshape(-1, self.block_len)[self.owner])
-        return self._ratios
 
     def problem(self):
         """What is inconsistent (a string), or None. Every block has 1..n states, each in order and each
@@ -155,60 +142,3 @@ def repetitive(traj, max_repeat, eot):
     loops, which teach the consistency loss to predict repetition. CLLM drops such samples."""
     stream = traj.fixed.reshape(len(traj), -1)
     return np.array([longest_run(row, eot) >= max_repeat for row in stream], dtype=bool)
-
-
-@torch.no_grad()
-def accuracy_by_distance(model, traj, eot, context="clean", batch=16, seed=0, autocast=None):
-    """Diagnostics on trajectories the model has not trained on: at every noisy position k_j[t] from the
-    first divergence d_j on, is the model's greedy prediction the fixed point's next token l_j[t+1]?
-    Returns (hits, counts), each (n,), indexed by the distance t - d_j (the progressive schedule packs
-    one state per block)."""
-    n, T = traj.block_len, traj.fixed.shape[1]
-    dev = model.embed.weight.device
-    from jfmini.forcing import pack, packed_length
-    L = packed_length(int(np.diff(traj.prompt_offsets).max()), n, T)
-    rng = np.random.default_rng(seed)
-    hits, counts = np.zeros(n, np.int64), np.zeros(n, np.int64)
-    for lo in range(0, len(traj), batch):
-        p = pack(traj, range(lo, min(lo + batch, len(traj))), L, "progressive", rng, eot, window=min(16, T))
-        t = {k: torch.from_numpy(getattr(p, k)).to(dev) for k in ("tokens", "pos", "ar_targets", "noisy_idx")}
-        mask = dense_mask(noise_aware_mask(torch.from_numpy(p.prompt_len).to(dev),
-                                           torch.from_numpy(p.pad_start).to(dev), n, context), len(p.tokens), L, dev)
-        with autocast or contextlib.nullcontext():
-            guess = model(t["tokens"], t["pos"], mask).argmax(-1).gather(1, t["noisy_idx"]).cpu().numpy()
-        label = t["ar_targets"].gather(1, t["noisy_idx"] + n).cpu().numpy()           # (B, T*n)
-        dist = np.arange(T * n)[None] % n - np.repeat(p.first_div, n, axis=1)          # t - d_j
-        keep = (dist >= 0) & (label >= 0)
-        np.add.at(hits, dist[keep], (guess == label)[keep])
-        np.add.at(counts, dist[keep], 1)
-    return hits, counts
-
-
-class Recorder:
-    """The Jacobi decoder's pre_step hook behind jfmini.forcing.collect_trajectories: before every
-    iteration it stores each row's current block as n tokens (committed part + drafts), graph-safe."""
-
-    def __init__(self, jac, num_blocks):
-        B, n = jac.B, jac.n
-        self.T = num_blocks
-        self.states = torch.zeros(B, num_blocks, n, n, dtype=torch.long, device=jac.dev)
-        self.count = torch.zeros(B, num_blocks, dtype=torch.long, device=jac.dev)
-
-    def tensors(self):
-        """The recorder's state: the decoder puts it back after the warm-up steps of a CUDA graph capture
-        (without that, the first batch's block 0 counted 4 extra iterations and the states of every later
-        block were filed under the wrong block)."""
-        return [self.states, self.count]
-
-    def __call__(self, jac):
-        n, ar_n, bidx, s = jac.n, jac.ar_n, jac.bidx, jac.state
-        committed = n - s.block0_left                              # (B,) tokens of the block already committed
-        first = s.length - committed                               # block start position
-        blk = ((first - s.prompt_len) // n).clamp(max=self.T - 1)
-        from_text = s.text.gather(1, (first[:, None] + ar_n).clamp(max=jac.C - 1))
-        from_draft = s.draft.gather(1, (ar_n - committed[:, None]).clamp(0, jac.W - 1))
-        state = torch.where(ar_n < committed[:, None], from_text, from_draft)   # (B, n)
-        k = self.count[bidx, blk].clamp(max=n - 1)
-        ok = ~s.done
-        self.states[bidx, blk, k] = torch.where(ok[:, None], state, self.states[bidx, blk, k])
-        self.count[bidx, blk] += ok.long()
