@@ -39,10 +39,12 @@ import torch
 from jfmini.runtime.common import UserError, atomic_write, check_writable, cli, field, parse_config, pick_device
 from jfmini.runtime.data import completion_text, heldout_prompts, model_tokenizer, read_prompts
 from jfmini.runtime.files import default_checkpoint, load_checkpoint, read_sweep
-from jfmini.jacobi import Jacobi, generate_ar
-from jfmini.runtime.engine import METHODS, Stats
+from jfmini.runtime.engine import METHODS
 from jfmini.runtime.quality import LOOP_DISTINCT4, distinct4, score, summarize, truth_loss
 from jfmini.runtime.stop import function_stops
+from jfmini.tools.report import TIE_ULPS, charts, print_batch_table, print_table, redraw
+from jfmini.tools.rows import (SWEEP, SWEEP_BASE, batch_sizes, batch_table, describe, profile_lines, profile_step,
+                               run_row, sweep, total, verified_per_step)
 
 
 @dataclass
@@ -84,20 +86,6 @@ class BenchConfig:
     batch_prompts: int = field(64, "prompts per --batch measurement")
 
 
-def batch_sizes(text):
-    """'1,4,16,64' -> [1, 4, 16, 64]; None if it is not a list of positive integers."""
-    try:
-        sizes = [int(x) for x in text.split(",")]
-    except ValueError:
-        return None
-    return sizes if sizes and min(sizes) >= 1 else None
-
-
-def sampling(cfg):
-    """The decoders' sampling settings from the flags (temperature 0: greedy)."""
-    return dict(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
-
-
 def checks(c):
     yield c.temperature >= 0 and math.isfinite(c.temperature), f"--temperature must be 0 (greedy) or more (got {c.temperature})"
     yield c.top_k >= 0, f"--top_k must be 0 (all tokens) or more (got {c.top_k})"
@@ -111,95 +99,7 @@ def checks(c):
     yield c.limit is None or c.limit >= 0, f"--limit must be 0 (all) or more (got {c.limit})"
 
 
-# A greedy flip is a floating-point tie, not a decoder error, when the float32 model's two candidates are
-# within TIE_ULPS rounding steps of the decoding dtype at that logit's size: bfloat16 keeps 8 significant
-# bits, so logits of 16-32 are stored in steps of 0.125, and a multi-token forward rounds differently from
-# a one-token one.
-TIE_ULPS = 2
-
-# The sweep: block length x blocks in flight x (recycled, n-gram) candidates x candidate length.
-CANDIDATES = [(0, 0, None), (0, 1, 16), (0, 2, 8), (4, 0, 16), (4, 2, 16)]
-SWEEP = [dict(block_len=n, num_blocks=k, pool_size=p, ngram=g, cand_len=c, activation_ratio=0.85)
-         for n, k in ((16, 1), (32, 1), (32, 2), (64, 1), (64, 2)) for p, g, c in CANDIDATES]
-SWEEP_BASE = [dict(block_len=n, ngram=g, cand_len=c) for n in (16, 32) for g, c in ((1, 16), (2, 8))]
 CPU_LIMIT = 20                                        # prompts when --limit is not given, on a CPU
-
-
-def describe(settings):
-    """'n=64 K=2 pool 4 ngram 2 c=16' from a settings dict."""
-    s = dict(settings)
-    parts = [f"n={s.get('block_len', 1)}"] + ([f"K={s['num_blocks']}"] if s.get("num_blocks", 1) > 1 else [])
-    parts += [f"pool {s['pool_size']}"] if s.get("pool_size") else []
-    parts += [f"ngram {s['ngram']}"] if s.get("ngram") else []
-    parts += [f"c={s['cand_len']}"] if s.get("cand_len") and (s.get("pool_size") or s.get("ngram")) else []
-    return " ".join(parts)
-
-
-@torch.no_grad()
-def run_row(model, settings, prompts, cfg, eot, compile, passes, max_len=None):
-    """Decode every prompt once per pass, (sync_every, stops: a stop rule per prompt, or None), with one
-    decoder (compiled and captured once); returns ([(outputs, Stats per prompt)] per pass, us per captured
-    step or None). settings None = the AR eager loop. max_len sizes the static cache (longest prompt + new
-    tokens): attention reads every slot of it each step."""
-    results, none = [], [None] * len(prompts)
-    if settings is None:
-        generate_ar(model, prompts[0], cfg.max_new_tokens, eot, **sampling(cfg))          # warm-up
-        for _, stops in passes:
-            torch.manual_seed(cfg.seed)
-            results.append([list(x) for x in zip(*(generate_ar(model, p, cfg.max_new_tokens, eot, **sampling(cfg),
-                                                                stop=stop) for p, stop in zip(prompts, stops or none)))])
-        return results, None
-    jac = Jacobi(model, eot=eot, compile=compile, max_len=max_len, **settings, **sampling(cfg))
-    jac.generate(prompts[0], cfg.max_new_tokens, passes[0][0])              # warm-up, capture
-    for every, stops in passes:
-        torch.manual_seed(cfg.seed)
-        results.append([list(x) for x in zip(*(jac.generate(p, cfg.max_new_tokens, every, stop=stop)
-                                               for p, stop in zip(prompts, stops or none)))])
-    return results, step_us(jac, prompts[0], cfg.max_new_tokens) if jac.graph_enabled else None
-
-
-def total(stats):
-    out = Stats()
-    for st in stats:
-        out += st
-    return out
-
-
-def step_us(jac, prompt, max_new_tokens, iters=100):
-    """One captured iteration's time (graph replays between CUDA events), measured where a decode spends
-    its average step: with half the new tokens already in the cache (the live length sets the attention
-    cost). The state is scratch afterwards; the next generate() prefills anew."""
-    jac.prefill([prompt], max_new_tokens)
-    jac.state.length.add_(max_new_tokens // 2)
-    jac.state.done.fill_(True)          # frozen: every kernel still runs, nothing moves past the cache
-    jac.step()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        jac.step()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / iters
-
-
-def verified_per_step(settings):
-    """Tokens one iteration feeds the model: the main row (K blocks of n drafts) plus every candidate row
-    (pool + n-gram rows of c tokens each); 1 for AR."""
-    s = {**dict(block_len=1, num_blocks=1, pool_size=0, ngram=0, cand_len=None), **(settings or {})}
-    n = s["block_len"]
-    rows = s["pool_size"] + s["ngram"] if n > 1 else 0
-    return s["num_blocks"] * n + rows * min(s["cand_len"] or n, n)
-
-
-def profile_lines(results):
-    """One line per decoder row: what a step verifies, what it costs, what it commits per microsecond."""
-    lines = [f"{'row':<9}{'model':<6}{'decoder':<24}{'verified/step':>14}{'us/step':>9}{'TPF':>7}{'tokens/us':>11}"]
-    for r in results:
-        us = r["step_us"] or r["us_per_forward"]
-        lines.append(f"{r['row']:<9}{r['model']:<6}{r['decoder']:<24}{r['verified_per_step']:>14}{us:>9.0f}"
-                     f"{r['tokens_per_forward']:>7.2f}{r['tokens_per_forward'] / us:>11.4f}")
-    return "\n".join(lines + ["us/step: one captured iteration (graph replay) where available, else the mean "
-                              "decode time per forward; tokens/us = TPF / us per step."])
 
 
 def first_divergence(ref, out):
@@ -217,110 +117,6 @@ def tie_gap(model32, prompt, ref, i, tok, dtype):
     a, b = logits[ref[i]].item(), logits[tok].item()
     step = torch.finfo(dtype).eps * 2.0 ** math.floor(math.log2(max(abs(a), abs(b), 1e-30)))
     return a - b, step
-
-
-def profile_step(model, prompt, settings, eot, compile, max_len, max_new_tokens):
-    """Where one iteration's time goes: the CUDA kernels of the same (inductor-fused) step, run uncaptured
-    so the profiler sees each kernel, with half the new tokens in the cache; the biggest first."""
-    jac = Jacobi(model, eot=eot, graph=False, compile=compile, max_len=max_len, **settings)
-    jac.prefill([prompt], max_new_tokens)
-    jac.state.length.add_(max_new_tokens // 2)
-    jac.state.done.fill_(True)          # frozen: every kernel still runs, nothing moves past the cache
-    for _ in range(3):
-        jac.step()
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(10):
-            jac.step()
-        torch.cuda.synchronize()
-    kernels = [e for e in prof.key_averages() if e.self_device_time_total > 0]
-    total = sum(e.self_device_time_total for e in kernels) / 10
-    print(f"profile of one iteration, {describe(settings)}: {total:.0f} us of kernel time in "
-          f"{sum(e.count for e in kernels) / 10:.0f} kernels")
-    for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:12]:
-        print(f"  {e.self_device_time_total / 10:7.1f} us  {e.count / 10:4.0f}x  {e.key[:100]}")
-
-
-def sweep(model, grid, prompts, cfg, eot, compile, log, max_len, stops, finalists=3):
-    """Every configuration with graph capture only (cheap to set up), then the fastest few again with
-    inductor too (as the table rows run), on the text the table measures (stops(prompts): the stop rules,
-    or None); returns all results and the fastest settings."""
-    results = []
-    for s in grid:
-        st = total(run_row(model, s, prompts, cfg, eot, False, [(1, stops(prompts))], max_len)[0][0][1])
-        results.append({**s, "tokens_per_forward": st.tokens_per_forward, "tokens_per_s": st.tokens_per_s})
-        log(f"  sweep {describe(s):<28}: TPF {st.tokens_per_forward:5.2f}, {st.tokens_per_s:8,.0f} tokens/s")
-        gc.collect()
-    top = sorted(results, key=lambda r: -r["tokens_per_s"])[:finalists if compile else 1]
-    for r in top if compile else []:
-        s = {k: r[k] for k in grid[0]}
-        st = total(run_row(model, s, prompts, cfg, eot, True, [(1, stops(prompts))], max_len)[0][0][1])
-        r["compiled_tokens_per_s"] = st.tokens_per_s
-        log(f"  finalist {describe(s)}: {st.tokens_per_s:,.0f} tokens/s compiled")
-        gc.collect()
-    best = max(top, key=lambda r: r.get("compiled_tokens_per_s", r["tokens_per_s"]))
-    return results, {k: best[k] for k in grid[0]}
-
-
-def bars(items, width=32):
-    """Plain-text horizontal bars, one line per (label, value, note); the largest value gets `width` cells."""
-    top = max(v for _, v, _ in items) or 1.0
-    pad = max(len(label) for label, _, _ in items)
-    lines = []
-    for label, v, note in items:
-        eighths = round(8 * width * v / top)
-        bar = "\u2588" * (eighths // 8) + " \u258f\u258e\u258d\u258c\u258b\u258a\u2589"[eighths % 8].strip()
-        lines.append(f"{label:<{pad}}  {bar:<{width + 1}} {note}")
-    return "\n".join(lines)
-
-
-def charts(record):
-    """The pictures of a run: tokens/s of every table row, and of every sweep setting of the JF model
-    grouped by decoder and block length (TPF after each bar). `record` is bench.py's JSON line or a
-    --sweep_file."""
-    out = []
-    if record.get("rows"):
-        p = "kept_" if "kept_tokens_per_s" in record["rows"][0] else ""
-        out.append(f"{'kept ' if p else ''}tokens/s by row ({record['device']}, {record['prompts']} prompts; TPF "
-                   f"after the bar)")
-        out.append(bars([(f"{r['row']} ({r['model']}, {r['decoder']})", r[f"{p}tokens_per_s"],
-                          f"{r[f'{p}tokens_per_s']:>7,.0f}/s  TPF {r[f'{p}tokens_per_forward']:.2f}")
-                         for r in record["rows"]]))
-    jf = (record.get("sweep") or record.get("results") or {}).get("jf")
-    if jf:
-        order = sorted(jf, key=lambda s: (s["pool_size"], s["ngram"], s["cand_len"] or 0, s["num_blocks"],
-                                          s["block_len"]))
-        out.append("JF model by decoder and block length (sweep: a few prompts, CUDA graph without inductor)")
-        out.append(bars([(describe(s), s["tokens_per_s"], f"{s['tokens_per_s']:>7,.0f}/s  TPF "
-                          f"{s['tokens_per_forward']:.2f}") for s in order]))
-    return "\n\n".join(out)
-
-
-def drawable(record):
-    """Does a JSON value hold bench rows or the JF model's sweep results?"""
-    if not isinstance(record, dict):
-        return False
-    sweep = record.get("sweep") or record.get("results")
-    return bool(record.get("rows")) or (isinstance(sweep, dict) and bool(sweep.get("jf")))
-
-
-def read_record(path):
-    """The last JSON object with bench rows or sweep results in a file (a bench log, its JSON line, or a
-    --sweep_file)."""
-    try:
-        text = Path(path).read_text()
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"--chart {path}: cannot read it as text ({getattr(e, 'strerror', None) or e.reason}); "
-                        f"pass bench.py's log or --sweep_file") from None
-    for line in reversed(text.strip().splitlines()):
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if drawable(record):
-            return record
-    raise UserError(f"--chart {path}: no bench.py JSON line or sweep results in it; pass bench.py's log or "
-                    f"--sweep_file")
 
 
 def load_models(cfg, device, dtype):
@@ -492,152 +288,6 @@ def check_lossless(results, outputs, refs, prompts, paths, device, dtype, sample
             r[f"{p}tie_gaps"] = sorted([round(g, 4), round(abs(g) / st, 2)] for g, st in filter(None, gaps)) \
                 + [None] * gaps.count(None)    # [gap in nats, gap in rounding steps]
             r[f"{p}lossless_ties_aside"] = (len(outs) - len(gaps) + ties) / len(outs)
-
-
-def print_table(results, max_new_tokens):
-    """The results table (kept text beside full length), its legend, each row's mismatches, then every row's
-    speed on bodies that loop and on bodies that do not."""
-    ar_eager, ar_fast = results[0], results[1]
-    kept = "kept_tokens" in ar_fast
-    p = "kept_" if kept else ""
-    if kept:
-        print(f"kept: what a user keeps of each completion, up to the function's end (before the first new line "
-              f"of code that is not blank and is indented at or left of the prompt's last def), end-of-text or "
-              f"{max_new_tokens} tokens; full: all {max_new_tokens} new tokens (or up to end-of-text).")
-    head = f"{'row':<9}{'model':<6}{'decoder':<22}" + (f"{'kept':>7}{'TPF':>6}{'tokens/s':>9}{'chars/s':>9}{'vs fast':>8}"
-                                                       f"{'vs own':>7} |" if kept else "") + \
-           f"{'full TPF' if kept else 'TPF':>9}{'tokens/s':>9}{'vs fast':>8} |{'step us':>8}{'lossless':>9}" \
-           f"{'parse':>7}{'loop':>7}{'blank':>7}{'edit':>6}{'body':>6}"
-    print(head + "\n" + "-" * len(head))
-    for r in results:
-        step = f"{r['step_us']:.0f}" if r["step_us"] else "-"
-        edit = f"{r['edit_sim']:.3f}" if "edit_sim" in r else "-"
-        body = f"{r['body_loss']:.3f}" if r["body_loss"] is not None else "-"
-        lossless = r[f"{p}lossless_ties_aside"]
-        lossless = f"{lossless:.1%}" if lossless is not None else "-"
-        line = f"{r['row']:<9}{r['model']:<6}{r['decoder']:<22}"
-        if kept:
-            line += f"{r['kept_tokens'] / r['prompts']:>7.1f}{r['kept_tokens_per_forward']:>6.2f}" \
-                    f"{r['kept_tokens_per_s']:>9,.0f}{r['kept_chars_per_s']:>9,.0f}{r['kept_speedup_vs_ar_fast']:>7.2f}x" \
-                    f"{r['kept_token_speedup_vs_own_ar_fast']:>6.2f}x |"
-        line += f"{r['tokens_per_forward']:>9.2f}{r['tokens_per_s']:>9,.0f}{r['speedup_vs_ar_fast']:>7.2f}x |" \
-                f"{step:>8}{lossless:>9}{r['parse']:>7.1%}{r['loop']:>7.1%}{r['blank']:>7.1%}{edit:>6}{body:>6}"
-        print(line)
-    print((f"kept: kept tokens per prompt; TPF: kept tokens / the forwards that committed them; tokens/s, chars/s: "
-           f"kept text over the decode time to the stop (the host checks for the function's end at every sync: "
-           f"each forward, AR fast every few; the forwards past the end before a check count in the time). "
-           if kept else "") + "vs fast: characters/s over the base model's AR fast; vs own: tokens/s over the same "
-          f"model's AR fast. lossless: {'kept ' if kept else ''}outputs equal to the model's AR fast, floating-point ties aside. "
-          f"parse/loop/blank: rates over the {'kept ' if kept else ''}bodies of {ar_fast['prompts']} prompts (AR eager: "
-          f"{ar_eager['prompts']}; the standard error of the base's parse rate is {100 * ar_fast['parse_se']:.1f} points); "
-          f"edit: edit similarity of the body to the true one; body: the true body's teacher-forced loss (nats/token).")
-    for kind in ("kept_", "") if kept else ("",):
-        for r in results:
-            if r[f"{kind}mismatches"]:
-                gaps = [g for g in r[f"{kind}tie_gaps"] if g is not None]
-                lengths = r[f"{kind}tie_gaps"].count(None)
-                print(f"{r['row']} ({r['model']}), {'kept' if kind else 'full length'}: {r[f'{kind}mismatches']} of "
-                      f"{r['prompts']} differ from AR fast; fp32 logit gap at the first divergence: "
-                      + (f"max {max(abs(g) for g, _ in gaps):.3f} nats, at most {max(st for _, st in gaps):.2f} "
-                         f"rounding steps" if gaps else "-")
-                      + (f" ({lengths} differ only in length)" if lengths else "")
-                      + f" -> {r[f'{kind}lossless_ties_aside']:.1%} lossless ties aside (gap <= {TIE_ULPS} steps)")
-    print_loop_split(results, p)
-
-
-def print_loop_split(results, p):
-    """Speed on bodies that loop and on bodies that do not: how much of each decoder's speed is repetition."""
-    what = "kept bodies" if p else "completions"
-    print(f"\n{what} that loop (distinct-4 below {LOOP_DISTINCT4} in the model's own AR output) and that do not:")
-    head = f"{'row':<9}{'model':<6}{'decoder':<22}{'loop: n':>8}{'TPF':>6}{'tokens/s':>9} |{'no loop: n':>11}" \
-           f"{'TPF':>6}{'tokens/s':>9} |{'tokens in loops':>16}"
-    print(head + "\n" + "-" * len(head))
-    fmt = lambda v, spec: "-" if v is None else format(v, spec)
-    for r in results:
-        share = r[f"{p}loop_tokens"] / max(r[f"{p}loop_tokens"] + r[f"{p}noloop_tokens"], 1)
-        print(f"{r['row']:<9}{r['model']:<6}{r['decoder']:<22}{r[f'{p}loop_prompts']:>8}"
-              f"{fmt(r[f'{p}loop_tokens_per_forward'], '.2f'):>6}{fmt(r[f'{p}loop_tokens_per_s'], ',.0f'):>9} |"
-              f"{r[f'{p}noloop_prompts']:>11}{fmt(r[f'{p}noloop_tokens_per_forward'], '.2f'):>6}"
-              f"{fmt(r[f'{p}noloop_tokens_per_s'], ',.0f'):>9} |{share:>16.1%}")
-
-
-def batch_run(jac, prompts, max_new_tokens, stops=None, sync_every=4):
-    """Decode the prompts jac.B at a time, each to its stop rule's end (stops: one per prompt, or None).
-    Returns (outputs, forwards that committed them, decode seconds, latency per token of each prompt: the
-    decode time of its batch over its tokens)."""
-    outs, forwards, seconds, latency = [], [], 0.0, []
-    for lo in range(0, len(prompts), jac.B):
-        chunk = prompts[lo:lo + jac.B]
-        o, f, _, t = jac.decode_batch(chunk, max_new_tokens, None if stops is None else stops[lo:lo + jac.B], sync_every)
-        outs += o
-        forwards += f
-        latency += [t / max(len(x), 1) for x in o]
-        seconds += t
-    return outs, forwards, seconds, latency
-
-
-def batch_table(cfg, model, prompts, best, eot, compile, max_len, log, stops):
-    """Throughput as B prompts decode together, for AR fast, Jacobi and the best decoder of the JF model, on
-    the kept text (stops(prompts): the stop rules, or None for full length): one row per (decoder, B) with
-    total tokens/s, TPF per row, latency per token and the outputs' agreement with the same decoder at B = 1
-    (greedy)."""
-    decoders = [("AR fast", METHODS["ar"]), ("Jacobi", METHODS["jacobi"]),
-                ("best" if best else "n-gram", best.get("jf") or METHODS["ngram"])]
-    use, results = prompts[:cfg.batch_prompts], []
-    for name, settings in decoders:
-        first = None
-        for B in batch_sizes(cfg.batch):
-            torch.manual_seed(cfg.seed)
-            jac = Jacobi(model, batch=B, eot=eot, compile=compile, max_len=max_len, **settings, **sampling(cfg))
-            batch_run(jac, use[:B], cfg.max_new_tokens)                          # warm-up, capture
-            outs, forwards, seconds, latency = batch_run(jac, use, cfg.max_new_tokens, stops(use))
-            first = first or outs
-            tokens = sum(map(len, outs))
-            results.append({"row": name, "decoder": describe(settings), "batch": B, "prompts": len(use),
-                            "tokens": tokens, "tokens_per_s": tokens / max(seconds, 1e-9),
-                            "tokens_per_forward": tokens / max(sum(forwards), 1),
-                            "ms_per_token": 1e3 * sum(latency) / len(latency),
-                            "same_as_b1": sum(a == b for a, b in zip(outs, first)) / len(outs)})
-            log(f"batch {B:>3} {name} ({describe(settings)}): {results[-1]['tokens_per_s']:,.0f} tokens/s, TPF "
-                f"{results[-1]['tokens_per_forward']:.2f}, {results[-1]['ms_per_token']:.2f} ms/token per row")
-            del jac
-            gc.collect()
-    return results
-
-
-def print_batch_table(results, sampled):
-    """The batch table, the batch size where a parallel decoder stops paying, and a chart."""
-    head = f"{'row':<9}{'decoder':<24}{'B':>4}{'tokens/s':>10}{'vs AR':>7}{'TPF/row':>8}{'ms/token':>9}{'same as B=1':>12}"
-    print(head + "\n" + "-" * len(head))
-    ar = {r["batch"]: r for r in results if r["row"] == "AR fast"}
-    for r in results:
-        same = "-" if sampled else f"{r['same_as_b1']:.0%}"
-        print(f"{r['row']:<9}{r['decoder']:<24}{r['batch']:>4}{r['tokens_per_s']:>10,.0f}"
-              f"{r['tokens_per_s'] / ar[r['batch']]['tokens_per_s']:>6.2f}x{r['tokens_per_forward']:>8.2f}"
-              f"{r['ms_per_token']:>9.2f}{same:>12}")
-    print("tokens/s: all rows' kept tokens (to the function's end, unless --stop none) over the decode time (prefill "
-          "apart); vs AR: over AR fast at the "
-          "same B; TPF/row: tokens per forward of each row; ms/token: a row's wait per token (its batch's decode "
-          "time over its tokens); same as B=1: outputs equal to that decoder's at B=1 (bfloat16 kernels round "
-          "differently by batch size).")
-    for name in dict.fromkeys(r["row"] for r in results if r["row"] != "AR fast"):
-        below = [r["batch"] for r in results if r["row"] == name and r["tokens_per_s"] < ar[r["batch"]]["tokens_per_s"]]
-        print(f"{name}: " + (f"total throughput falls below AR fast's from B = {min(below)}" if below
-                             else "total throughput stays above AR fast's at every B measured"))
-    try:
-        print("\n" + bars([(f"{r['row']} B={r['batch']}", r["tokens_per_s"], f"{r['tokens_per_s']:>9,.0f}/s  TPF "
-                            f"{r['tokens_per_forward']:.2f}") for r in results]))
-    except UnicodeEncodeError:
-        pass
-
-
-def redraw(path):
-    """--chart: print the charts of an earlier run's record."""
-    try:
-        print(charts(read_record(path)))
-    except (KeyError, TypeError, AttributeError, ValueError) as e:
-        raise UserError(f"--chart {path}: not a bench.py record this version can draw ({e!r}); pass "
-                        f"bench.py's log or --sweep_file") from None
 
 
 @cli

@@ -230,10 +230,10 @@ def test_bench_runs_and_prints_a_json_line(files):
                                       dict(block_len=8, pool_size=2, ngram=1)])
 def test_bench_counts_the_tokens_a_step_verifies(settings):
     """--profile's tokens verified per step is the length of the input one Jacobi iteration feeds the model."""
-    import bench
+    from jfmini.tools import rows
     from jfmini.jacobi import Jacobi
     jac = Jacobi(tiny_model(), graph=False, compile=False, max_len=64, **settings)
-    assert bench.verified_per_step(settings) == len(jac.offs)
+    assert rows.verified_per_step(settings) == len(jac.offs)
 
 
 def test_bench_tie_analysis_helpers():
@@ -632,14 +632,14 @@ def test_resumed_round_keeps_its_starting_model_as_the_kl_anchor(tmp_path, files
 
 
 def test_bench_charts_scale_bars_and_read_the_last_json_line(tmp_path):
-    import bench
+    from jfmini.tools import report
     rows = [{"row": "AR fast", "model": "base", "decoder": "n=1", "tokens_per_s": 1000.0, "tokens_per_forward": 1.0},
             {"row": "Jacobi", "model": "jf", "decoder": "n=32", "tokens_per_s": 4000.0, "tokens_per_forward": 4.5}]
     sweep = {"jf": [{"block_len": n, "num_blocks": 1, "pool_size": 0, "ngram": 0, "cand_len": None,
                      "tokens_per_s": 100.0 * n, "tokens_per_forward": n / 8} for n in (64, 16)]}
     log = tmp_path / "bench.log"
     log.write_text("a table line\n" + json.dumps({"device": "X", "prompts": 2, "rows": rows, "sweep": sweep}) + "\n")
-    text = bench.charts(bench.read_record(log))
+    text = report.charts(report.read_record(log))
     lines = {line.split("  ")[0]: line for line in text.splitlines()}
     full = "\u2588"
     assert lines["Jacobi (jf, n=32)"].count(full) == 32 and lines["AR fast (base, n=1)"].count(full) == 8

@@ -67,10 +67,12 @@ def test_no_module_imports_itself_back():
 
 
 def test_imports_run_one_way_between_the_layers():
-    """The idea layer never imports the hardened file handling; the machinery imports the idea layer only
-    where files.py builds the model a checkpoint describes."""
+    """The idea layer never imports the hardened file handling or the scripts' tools; the machinery imports
+    neither the tools nor the idea layer, except where files.py builds the model a checkpoint describes."""
     graph = import_graph()
+    tools = {m for m in graph if m.startswith("jfmini.tools")}
+    assert "jfmini.tools.rows" in tools
     for m in IDEA:
-        assert not graph[m] & {"jfmini.runtime.common", "jfmini.runtime.files"}, m
-    upward = {(m, i) for m, deps in graph.items() if m.startswith("jfmini.runtime") for i in deps & IDEA}
+        assert not graph[m] & ({"jfmini.runtime.common", "jfmini.runtime.files"} | tools), m
+    upward = {(m, i) for m, deps in graph.items() if m.startswith("jfmini.runtime") for i in deps & (IDEA | tools)}
     assert upward == {("jfmini.runtime.files", "jfmini.model")}

@@ -550,12 +550,12 @@ def test_an_ignored_signal_stays_ignored():
 
 def test_the_sweep_file_bench_writes_passes_the_check(tmp_path):
     """read_sweep refuses what bench.py --sweep could never write, and takes all it does write."""
-    import bench
+    from jfmini.tools import rows
     from jfmini.runtime.files import read_sweep
     row = {"tokens_per_forward": 1.5, "tokens_per_s": 900.0}
-    saved = {"device": "cpu", "best": bench.SWEEP[-1], "base_best": bench.SWEEP_BASE[0],
-             "results": {"jf": [{**s, **row, "compiled_tokens_per_s": 1000.0} for s in bench.SWEEP],
-                         "base": [{**s, **row} for s in bench.SWEEP_BASE]}}
+    saved = {"device": "cpu", "best": rows.SWEEP[-1], "base_best": rows.SWEEP_BASE[0],
+             "results": {"jf": [{**s, **row, "compiled_tokens_per_s": 1000.0} for s in rows.SWEEP],
+                         "base": [{**s, **row} for s in rows.SWEEP_BASE]}}
     (tmp_path / "sweep.json").write_text(json.dumps(saved))
     assert read_sweep(tmp_path / "sweep.json", "--sweep_file") == saved
 

@@ -2,7 +2,7 @@
 vocabulary) with random weights (a step's cost does not depend on what the model knows), one prompt of
 160 tokens with 128 new tokens in the cache, every decoder's row kinds alone and together. Per setting:
 us per captured iteration (CUDA graph replay, no inductor, as bench.py --sweep times it) and the
-uncaptured iteration's kernel time by kind (bench.profile_step). Run from the repository root:
+uncaptured iteration's kernel time by kind (jfmini.tools.rows.profile_step). Run from the repository root:
   python results/defaults/profile_decoders.py [--compile] > profile_decoders.log
 --compile adds inductor-fused timings for six of them (a compile each), before the kernel tables; --fused
 makes the kernel tables those of the inductor-fused iteration (six more compiles)."""
@@ -12,7 +12,7 @@ import time
 import torch
 
 sys.path.insert(0, ".")
-from bench import describe, profile_step, step_us, verified_per_step  # noqa: E402
+from jfmini.tools.rows import describe, profile_step, step_us, verified_per_step  # noqa: E402
 from jfmini.jacobi import Jacobi  # noqa: E402
 from jfmini.model import GPT, GPTConfig  # noqa: E402
 from jfmini.runtime.engine import METHODS  # noqa: E402
