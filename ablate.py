@@ -21,7 +21,9 @@ from pathlib import Path
 from jfmini.runtime.common import (UserError, check_writable, cli, field, file_sha256, out_dir_lock, parse_config,
                                    write_failed)
 from jfmini.runtime.files import load_checkpoint
-from train import ROUND_FLAGS, Run, TrainConfig, changed_flags, checks, distill_round, evaluate, pretrain, with_preset
+from jfmini.runtime.training import Run, changed_flags
+from jfmini.tools.evaluate import evaluate
+from train import ROUND_FLAGS, TrainConfig, checks, distill_round, pretrain, with_preset
 
 
 @dataclass

