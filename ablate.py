@@ -23,7 +23,8 @@ from jfmini.runtime.common import (UserError, check_writable, cli, field, file_s
 from jfmini.runtime.files import load_checkpoint
 from jfmini.runtime.training import Run, changed_flags
 from jfmini.tools.evaluate import evaluate
-from train import ROUND_FLAGS, TrainConfig, checks, distill_round, pretrain, with_preset
+from jfmini.tools.config import ROUND_FLAGS, TrainConfig, checks, with_preset
+from train import distill_round, pretrain
 
 
 @dataclass

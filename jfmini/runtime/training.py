@@ -1,6 +1,7 @@
 """Training plumbing shared by pretraining and every Jacobi Forcing round: the process (device, DDP rank,
 logging, autocast), the learning-rate schedule and optimizer, resumable states and their checks, the one
-training loop (logging, NaN stops, checkpoints, stop signals) and the validation loss."""
+training loop (logging, NaN stops, checkpoints, stop signals), the validation loss, and the check that
+data-parallel replicas ended identical."""
 import dataclasses
 import math
 import time
@@ -212,3 +213,14 @@ def val_loss(model, data, mcfg, batches, batch_size, run, seed=0):
         total += F.cross_entropy(logits.flatten(0, 1), y.flatten()).item()
     model.train()
     return total / batches
+
+
+def check_replicas(model, run):
+    """DDP keeps one model per rank; after training they must be bit-identical. Compare checksums."""
+    flat = torch.cat([p.detach().float().flatten() for p in model.parameters()])
+    mine = torch.stack([flat.sum(), (flat * torch.arange(len(flat), device=flat.device) % 9973).sum()]).double()
+    sums = [torch.zeros_like(mine) for _ in range(run.world)]
+    dist.all_gather(sums, mine)
+    if any(not torch.equal(s, sums[0]) for s in sums):
+        raise RuntimeError(f"DDP replicas diverged: weight checksums {[s.tolist() for s in sums]}")
+    run.log(f"weights identical on all {run.world} ranks (checksum {sums[0][0].item():.6f})")

@@ -4,6 +4,7 @@
 - `Trajectories`: N prompts' fixed points and every recorded Jacobi state, stored compactly, saved and
   loaded as plain arrays (no code), checked whole.
 - `longest_run`, `repetitive`: which fixed points are greedy loops.
+- `merge_trajectories`: one set from the shares that data-parallel ranks collected.
 """
 import io
 from dataclasses import dataclass
@@ -142,3 +143,21 @@ def repetitive(traj, max_repeat, eot):
     loops, which teach the consistency loss to predict repetition. CLLM drops such samples."""
     stream = traj.fixed.reshape(len(traj), -1)
     return np.array([longest_run(row, eot) >= max_repeat for row in stream], dtype=bool)
+
+
+def merge_trajectories(parts):
+    """Concatenate per-rank Trajectories (prompt indices renumbered)."""
+    prompts, offsets, fixed, states, owner = [], [0], [], [], []
+    n_before = 0
+    T = parts[0].fixed.shape[1]
+    for t in parts:
+        prompts.append(t.prompts)
+        offsets += list(offsets[-1] + t.prompt_offsets[1:])
+        fixed.append(t.fixed)
+        states.append(t.states)
+        owner.append(t.owner + n_before * T)
+        n_before += len(t)
+    width = max(t.truth.shape[1] for t in parts)
+    truth = np.concatenate([np.pad(t.truth, ((0, 0), (0, width - t.truth.shape[1])), constant_values=-1) for t in parts])
+    return Trajectories(np.concatenate(prompts), np.asarray(offsets, dtype=np.int64), np.concatenate(fixed),
+                        np.concatenate(states), np.concatenate(owner), parts[0].source, truth)
