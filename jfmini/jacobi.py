@@ -251,6 +251,27 @@ class Jacobi(Engine):
     # ------------------------------------------------------------------ one iteration, in the paper's order
     @torch.no_grad()
     def _step(self):
+        """One iteration. A worked example, n=4, K=2 blocks, activation ratio 0.5, greedy: the prompt is
+        "x y z", greedy AR continues it with A B C D E F G H I ..., and ? is a wrong prediction (a model that
+        needs the right token before some positions, and guesses others right anyway). Block 0 starts as
+        the verified next token A and three guesses drawn from the text so far:
+
+            iteration  drafts in flight   predictions    accepted   committed        next drafts
+            1          A x x z            B ? ? E        A          A                B ? ? | E y x A
+            2          B ? ? | E y x A    C ? E F ? H I  B          A B              C ? | E F ? H
+            3          C ? | E F ? H      D E F G H I    C          A B C            D | E F G H
+            4          D | E F G H        E F G H I      D E F G H  A B C D E F G H  I y B E
+
+        1. Verify: one forward over the drafts gives the prediction after each. The first draft is always
+           right (it was verified last iteration); each later one is accepted while it equals the
+           prediction before it (iteration 1: x is not B, so only A). Commit the accepted tokens.
+        2. The Jacobi update: the drafts after them become the predictions shifted in (B ? ?).
+        3. Multi-block: block 0 has now 2 = 0.5 * 4 converged tokens (A committed, B known), so a
+           pseudo-active block 1 joins it: the prediction after the last draft (E), then fresh guesses.
+           It is refined by every forward but commits only behind block 0.
+        4. Iteration 4: D is verified and the refined block 1 equals the predictions after it, so one
+           forward commits 5 tokens and retires both blocks; a new block 0 starts from I.
+        tests/test_decoding.py replays this table."""
         if self.pre_step is not None:
             self.pre_step(self)
         drawn, guess = self._verify()                        # 1. draft + verify: one forward over every row

@@ -7,6 +7,7 @@ import torch
 from conftest import cuda, tiny_model
 from jfmini.runtime.common import UserError
 from jfmini.jacobi import Jacobi, decode_many, generate_ar, jacobi_reference
+from jfmini.model import GPT, GPTConfig
 
 GRID = list(itertools.product([1, 2, 3, 8, 16], [0, 1, 4], [1, 2, 3], [0.5, 0.85, 1.0]))
 # candidate rows: block length x (recycled, n-gram) x candidate length (None = n) x blocks
@@ -247,3 +248,32 @@ def test_fast_jacobi_is_the_reference_loop(seed, with_eot):
         assert tokens == out == ref, n
         assert forwards == stats.forwards, n
         assert forwards <= len(ref), "every forward commits at least the verified token"
+
+
+def test_the_worked_example_of_the_step_holds():
+    """Jacobi._step's docstring table, replayed: a model that predicts the AR text's next token where the
+    token before is right, or where the next position is an easy one, and a wrong token (?) otherwise."""
+    text = [7, 8, 9] + list(range(11, 40))               # "x y z", then A B C ...
+    hard, junk = {5, 6, 9}, 1
+    letters = {7: "x", 8: "y", 9: "z", junk: "?", **{11 + i: chr(65 + i) for i in range(26)}}
+
+    class Oracle(GPT):
+        def forward(self, idx, pos, mask=None, slots=None, hidden=False):
+            pos, logits = pos.expand(idx.shape), torch.full((*idx.shape, 64), -10.0)
+            for b, t in itertools.product(range(idx.shape[0]), range(idx.shape[1])):
+                p, tok = int(pos[b, t]), int(idx[b, t])
+                logits[b, t, text[p + 1] if tok == text[p] or p + 1 not in hard else junk] = 10.0
+            return logits
+
+    model = Oracle(GPTConfig(vocab_size=64, seq_len=128, n_layer=1, n_head=1, d_model=8, tokenizer="p50k"))
+    jac = Jacobi(model, block_len=4, num_blocks=2, activation_ratio=0.5, graph=False, compile=False, max_len=64)
+    jac.prefill([text[:3]], 16)
+    s = jac.state
+    spell = lambda xs: " ".join(letters[int(x)] for x in xs)                     # noqa: E731
+    drafts = lambda: spell(s.draft[0, :int(s.in_flight[0])])                     # noqa: E731
+    assert drafts() == "A x x z"
+    for committed, after in [("A", "B ? ? E y x A"), ("A B", "C ? E F ? H"), ("A B C", "D E F G H"),
+                             ("A B C D E F G H", "I y B E")]:
+        jac.step()
+        assert (spell(s.text[0, 3:int(s.length[0])]), drafts()) == (committed, after)
+    assert int(s.forwards[0]) == 4 and int(s.blocks[0]) == 1
