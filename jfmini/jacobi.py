@@ -22,6 +22,7 @@ that replays the iteration as one CUDA graph and drives the host loop is jfmini.
 """
 import math
 import time
+from typing import NamedTuple
 
 import torch
 
@@ -129,6 +130,28 @@ def jacobi_reference(model, prompt, block_len, max_new_tokens, eot=None):
         text += block[:a]
         block = pred[a - 1:len(block) - 1] if a < len(block) else new_block(pred[a - 1], forwards - 1)
     return finish(text[len(prompt):], max_new_tokens, eot), forwards
+
+
+class Verdict(NamedTuple):
+    """What one forward decided, per row: `a` tokens accepted (the verified one at least), `a_main` the main
+    row's own count (recycling files the rest of its drafts), and, laid over the main row (B, W), the
+    winning row's `tokens`, the token `drawn` after each of them and the greedy `guess` after each."""
+    a: torch.Tensor
+    a_main: torch.Tensor
+    tokens: torch.Tensor
+    drawn: torch.Tensor
+    guess: torch.Tensor
+
+
+class Flight(NamedTuple):
+    """The blocks in flight for the next iteration: the `draft` tokens (B, W), block 0's uncommitted tokens
+    `left0`, the number of `blocks` and the drafts `in_flight` (B,), and `reset`: every block retired, so a
+    fresh block 0 starts."""
+    draft: torch.Tensor
+    left0: torch.Tensor
+    blocks: torch.Tensor
+    in_flight: torch.Tensor
+    reset: torch.Tensor
 
 
 class State:
@@ -274,25 +297,25 @@ class Jacobi(Engine):
         tests/test_decoding.py replays this table."""
         if self.pre_step is not None:
             self.pre_step(self)
-        drawn, guess = self._verify()                        # 1. draft + verify: one forward over every row
-        a, a_main, chosen, drawn, guess = self._accept(drawn, guess)  # 2. the longest verified run; the best row wins
-        a, length, ended = self._commit(a, chosen)           # 3. commit it
-        draft, left0, blocks, in_flight, reset = self._update(a, drawn, guess, length)  # 4. the Jacobi update
-        if self.K > 1:                                       # 5. multi-block: grow a pseudo-active block
-            draft, blocks, in_flight = self._grow(a, guess, draft, left0, blocks, in_flight, reset)
-        if self.rows:                                        # 6. candidates for the next iteration
-            self._recycle(a_main, draft, length)
-        self._store(a, length, ended, draft, left0, blocks, in_flight)  # 7. the new state, in place
+        drawn, guess = self._verify()              # 1. draft + verify: one forward over every row
+        verdict = self._accept(drawn, guess)       # 2. the longest verified run; the best row wins
+        verdict, length, ended = self._commit(verdict)   # 3. commit it
+        flight = self._update(verdict, length)     # 4. the Jacobi update: the next drafts
+        if self.K > 1:                             # 5. multi-block: grow a pseudo-active block
+            flight = self._grow(verdict, flight)
+        if self.rows:                              # 6. candidates for the next iteration
+            self._recycle(verdict.a_main, flight.draft, length)
+        self._store(verdict.a, length, ended, flight)    # 7. the new state, in place
 
-    def _store(self, a, length, ended, draft, left0, blocks, in_flight):
+    def _store(self, a, length, ended, flight):
         """Write the iteration's results into the state (in place: a captured graph replays on the same
         memory). Rows that had already finished keep their state; count this forward for the others."""
         s = self.state
         done = s.done
-        s.draft.copy_(torch.where(done[:, None], s.draft, draft))
-        s.block0_left.copy_(torch.where(done, s.block0_left, left0))
-        s.blocks.copy_(torch.where(done, s.blocks, blocks))
-        s.in_flight.copy_(torch.where(done, s.in_flight, in_flight))
+        s.draft.copy_(torch.where(done[:, None], s.draft, flight.draft))
+        s.block0_left.copy_(torch.where(done, s.block0_left, flight.left0))
+        s.blocks.copy_(torch.where(done, s.blocks, flight.blocks))
+        s.in_flight.copy_(torch.where(done, s.in_flight, flight.in_flight))
         s.forwards.add_((~done).long())
         s.accepted.scatter_add_(1, a[:, None], (~done).long()[:, None])
         s.length.copy_(length)
@@ -329,17 +352,15 @@ class Jacobi(Engine):
         ok = (x[..., 1:] == preds[..., :-1]) & (torch.arange(L - 1, device=self.dev) < limit[:, None, None] - 1)
         return 1 + ok.long().cumprod(-1).sum(-1)
 
-    def _accept(self, preds, guess=None):
+    def _accept(self, preds, guess):
         """Accepted tokens of every row (its first token is the verified one, so always >= 1): those equal
-        to the token drawn after the tokens before them (preds). The longest run wins, ties go to the main
-        row; a winning candidate's K/V are moved into the main row's slots. Returns (a, a of the main row,
-        and laid over the main row (B, W): the winner's tokens, its drawn tokens, its guesses)."""
+        to the token drawn after the tokens before them (preds; greedy: the guesses). The longest run wins,
+        ties go to the main row; a winning candidate's K/V are moved into the main row's slots. A Verdict."""
         B, W, R, c, s = self.B, self.W, self.rows, self.c, self.state
-        guess = preds if guess is None else guess
         pred_main = preds[:, :W]
         a_main = self._run(s.draft[:, None], pred_main[:, None], s.in_flight)[:, 0]
         if not R:
-            return a_main, a_main, s.draft, pred_main, guess[:, :W]
+            return Verdict(a_main, a_main, s.draft, pred_main, guess[:, :W])
         cand, pred_cand = s.cand[:, :R], preds[:, W:].view(B, R, c)
         # a candidate is verified on its own c tokens, so it may commit past block 0's end (the blocks it
         # completes retire in _update); capping it at the drafts in flight would only cost forwards
@@ -351,29 +372,30 @@ class Jacobi(Engine):
                                       x[:, c:W]], 1)                       # the winning row over the main row
         chosen = torch.cat([torch.where(use, cand[self.bidx, cw], s.draft[:, :c]), s.draft[:, c:]], 1)
         pred = winner(preds)
-        guess = pred if guess is preds else winner(guess)
+        guess = winner(guess) if self.sampling else pred
         # a winning candidate's K/V move from its scratch slots into place (a no-op when the main row wins)
         dst = self.base + s.length[:, None] + self.ar_c
         self.cache.copy(torch.where(use, cw[:, None] * c + self.ar_c, dst), dst)
-        return a_all.gather(1, win[:, None])[:, 0], a_main, chosen, pred, guess
+        return Verdict(a_all.gather(1, win[:, None])[:, 0], a_main, chosen, pred, guess)
 
-    def _commit(self, a, chosen):
-        """Write the accepted tokens into the text (their K/V are already in the cache). Returns (a, the
-        new committed length, whether end-of-text was committed), each (B,)."""
-        s = self.state
-        a = torch.where(s.done, 0, a)                                  # finished rows stay frozen
+    def _commit(self, verdict):
+        """Write the accepted tokens into the text (their K/V are already in the cache). Returns (the
+        verdict with 0 accepted for finished rows, the new committed length, whether end-of-text was
+        committed), the last two (B,)."""
+        s, chosen = self.state, verdict.tokens
+        a = torch.where(s.done, 0, verdict.a)                          # finished rows stay frozen
         commit = self.ar_W < a[:, None]
         dst = s.length[:, None] + self.ar_W
         s.text.scatter_(1, dst, torch.where(commit, chosen, s.text.gather(1, dst)))
         s.committed_by.scatter_(1, dst, torch.where(commit, s.forwards[:, None] + 1, s.committed_by.gather(1, dst)))
-        return a, s.length + a, ((chosen == self.eot) & commit).any(1)
+        return verdict._replace(a=a), s.length + a, ((chosen == self.eot) & commit).any(1)
 
-    def _update(self, a, drawn, guess, length):
+    def _update(self, verdict, length):
         """Blocks whose n tokens are all committed retire (block 1 becomes block 0); the next drafts are
         the winner's guesses shifted past the accepted tokens (the Jacobi update), the first being the
         verified next token (the token drawn after the last accepted one), and slots past the drafts in
-        flight get fresh guesses."""
-        n, W, s = self.n, self.W, self.state
+        flight get fresh guesses. A Flight."""
+        n, W, s, (a, drawn, guess) = self.n, self.W, self.state, (verdict.a, verdict.drawn, verdict.guess)
         over = a - s.block0_left
         retired = torch.where(over >= 0, 1 + over.clamp(min=0) // n, 0)
         left0 = torch.where(over >= 0, n - over.clamp(min=0) % n, s.block0_left - a)
@@ -385,24 +407,25 @@ class Jacobi(Engine):
         if self.sampling:
             shifted = torch.where(self.ar_W == 0, drawn.gather(1, (a[:, None] - 1).clamp(min=0)), shifted)
         draft = torch.where(self.ar_W < keep[:, None], shifted, self._guesses(length))
-        return draft, left0, blocks, torch.where(reset, n, s.in_flight - a), reset
+        return Flight(draft, left0, blocks, torch.where(reset, n, s.in_flight - a), reset)
 
-    def _grow(self, a, guess, draft, left0, blocks, in_flight, reset):
+    def _grow(self, verdict, flight):
         """Count the newest block's converged tokens (committed ones, the verified next token when it is in
         that block, plus a leading run of drafts this update left unchanged); past activation_ratio*n,
         append a pseudo-active block after it, whose first guess is the prediction after the newest block's
-        last draft."""
+        last draft. The Flight with the block added where it grows."""
         n, W, ar_W, s = self.n, self.W, self.ar_W, self.state
+        a, draft, left0, blocks, in_flight = verdict.a, flight.draft, flight.left0, flight.blocks, flight.in_flight
         unchanged = draft == s.draft.gather(1, (a[:, None] + ar_W).clamp(max=W - 1))
         unchanged = unchanged | (ar_W == 0)        # draft[0] is the verified next token: known, not a guess
         first = torch.where(blocks == 1, 0, left0 + (blocks - 2) * n)   # the newest block's first draft slot
         lead = (unchanged | (ar_W < first[:, None])) & (ar_W < in_flight[:, None])
         run = (lead.long().cumprod(1).sum(1) - first).clamp(min=0)
         converged = run + torch.where(blocks == 1, n - left0, 0)
-        grow = (blocks < self.K) & (converged >= self.threshold) & ~reset
-        after = guess.gather(1, (s.in_flight - 1)[:, None])           # the prediction after the last draft
+        grow = (blocks < self.K) & (converged >= self.threshold) & ~flight.reset
+        after = verdict.guess.gather(1, (s.in_flight - 1)[:, None])   # the prediction after the last draft
         draft = torch.where(grow[:, None] & (ar_W == in_flight[:, None]), after, draft)
-        return draft, blocks + grow, in_flight + grow * n
+        return flight._replace(draft=draft, blocks=blocks + grow, in_flight=in_flight + grow * n)
 
     def _recycle(self, a_main, draft, length):
         """Candidate rows for the next iteration, each starting with the verified next token v:

@@ -6,7 +6,7 @@ import torch
 
 from conftest import cuda, tiny_model
 from jfmini.runtime.common import UserError
-from jfmini.jacobi import Jacobi, decode_many, generate_ar, jacobi_reference
+from jfmini.jacobi import Flight, Jacobi, Verdict, decode_many, generate_ar, jacobi_reference
 from jfmini.model import GPT, GPTConfig
 
 GRID = list(itertools.product([1, 2, 3, 8, 16], [0, 1, 4], [1, 2, 3], [0.5, 0.85, 1.0]))
@@ -204,8 +204,10 @@ def test_a_block_whose_drafts_converged_grows_a_pseudo_active_block(run, grows):
     one = torch.ones(1, dtype=torch.long)
     draft = converging_update(jac, run)
     s = jac.state
-    _, nb, V = jac._grow(one, torch.zeros_like(draft), draft, s.block0_left - 1, s.blocks, s.in_flight - 1, one < 0)
-    assert int(nb) == (2 if grows else 1) and int(V) == (7 + 8 if grows else 7)
+    zeros = torch.zeros_like(draft)
+    grown = jac._grow(Verdict(one, one, zeros, zeros, zeros),
+                      Flight(draft, s.block0_left - 1, s.blocks, s.in_flight - 1, one < 0))
+    assert int(grown.blocks) == (2 if grows else 1) and int(grown.in_flight) == (7 + 8 if grows else 7)
 
 
 def test_a_candidate_row_may_commit_past_the_end_of_block_zero():
@@ -219,8 +221,8 @@ def test_a_candidate_row_may_commit_past_the_end_of_block_zero():
     g = torch.zeros(1, jac.W + 8, dtype=torch.long)
     g[:, jac.W:jac.W + 7] = cand[:, 1:]                 # the model's prediction after each candidate token
     g[:, 0] = (jac.state.draft[:, 1] + 1) % 256                # the main row fails at its first draft
-    a, a_main, chosen, _, _ = jac._accept(g)
-    assert int(a_main) == 1 and int(a) == 8 and chosen[0, :8].tolist() == cand[0].tolist()
+    verdict = jac._accept(g, g)
+    assert int(verdict.a_main) == 1 and int(verdict.a) == 8 and verdict.tokens[0, :8].tolist() == cand[0].tolist()
 
 
 def test_top_k_picks_what_torch_topk_picks():
