@@ -488,13 +488,13 @@ class Recorder:
         return [self.states, self.count]
 
     def __call__(self, jac):
-        n, ar_n, bidx, s = jac.n, jac.ar_n, jac.bidx, jac.state
+        n, slot, bidx, s = jac.n, jac.arange_n, jac.bidx, jac.state
         committed = n - s.block0_left                              # (B,) tokens of the block already committed
         first = s.length - committed                               # block start position
         blk = ((first - s.prompt_len) // n).clamp(max=self.T - 1)
-        from_text = s.text.gather(1, (first[:, None] + ar_n).clamp(max=jac.C - 1))
-        from_draft = s.draft.gather(1, (ar_n - committed[:, None]).clamp(0, jac.W - 1))
-        state = torch.where(ar_n < committed[:, None], from_text, from_draft)   # (B, n)
+        from_text = s.text.gather(1, (first[:, None] + slot).clamp(max=jac.C - 1))
+        from_draft = s.draft.gather(1, (slot - committed[:, None]).clamp(0, jac.W - 1))
+        state = torch.where(slot < committed[:, None], from_text, from_draft)   # (B, n)
         k = self.count[bidx, blk].clamp(max=n - 1)
         ok = ~s.done
         self.states[bidx, blk, k] = torch.where(ok[:, None], state, self.states[bidx, blk, k])

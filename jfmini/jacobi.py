@@ -17,7 +17,8 @@ KV cache:
 v is the verified next token, d draft guesses; everything an iteration reads and writes is a `State`.
 Every row attends to the committed prefix plus its own
 tokens causally (jfmini.masks.cache_mask), so all rows read the same cache. Acceptance, choosing the
-best row, the commit, the draft update, multi-block growth and recycling are tensor ops; the machinery
+best row, the commit, the draft update, multi-block growth and recycling are tensor ops (the candidate
+rows and the growth of blocks are jfmini.candidates' functions); the machinery
 that replays the iteration as one CUDA graph and drives the host loop is jfmini.runtime.engine.Engine.
 """
 import math
@@ -26,11 +27,10 @@ from typing import NamedTuple
 
 import torch
 
+from jfmini.candidates import file_rejected, grow, ngram_rows, recycled_rows
 from jfmini.masks import cache_mask
-from jfmini.runtime.engine import Engine, Stats, check_args, check_prompts, finish, sync, top_k
+from jfmini.runtime.engine import Engine, Stats, check_args, check_prompts, finish, sync
 
-
-NGRAM_KEY = 4     # a context n-gram matches up to the verified next token and the 3 tokens before it
 KV_TILE = 128     # the cache length is a multiple of this (regular kernel shapes)
 
 
@@ -223,10 +223,10 @@ class Jacobi(Engine):
         self.C = self.S - self.base
         B, n, W, c = batch, self.n, self.W, self.c
         self.cache = model.new_cache(B, self.S)           # this decoder owns its cache buffer
-        ar = lambda k: torch.arange(k, device=dev)
-        self.ar_n, self.ar_W, self.ar_c, self.ar_C, self.bidx = ar(n), ar(W), ar(c), ar(self.C), ar(B)
-        cand = ar(self.rows * c)
-        self.offs = torch.cat([ar(W), cand % c])          # position offsets of the T = W + R*c tokens
+        arange = lambda k: torch.arange(k, device=dev)
+        self.arange_n, self.arange_W, self.arange_c, self.bidx = arange(n), arange(W), arange(c), arange(B)
+        cand = arange(self.rows * c)
+        self.offs = torch.cat([arange(W), cand % c])      # position offsets of the T = W + R*c tokens
         self.cand_slots = cand                            # scratch slots of candidate rows
         self.cand_seg = (cand // c) * c                   # first scratch slot of each candidate row
         self.state = State(B, self.C, W, n, max(self.pool_slots, 1), max(self.rows, 1), c, dev)
@@ -257,7 +257,7 @@ class Jacobi(Engine):
         s.block0_left.fill_(n)
         s.in_flight.fill_(n)
         v = self._next(logits[self.bidx, start - 1])                   # the next token after each prompt (B,)
-        s.draft.copy_(torch.where(self.ar_W == 0, v[:, None], self._guesses(start)))
+        s.draft.copy_(torch.where(self.arange_W == 0, v[:, None], self._guesses(start)))
         s.cand.copy_(s.draft[:, None, :self.c].expand_as(s.cand))
 
     def _next(self, logits):
@@ -269,7 +269,7 @@ class Jacobi(Engine):
 
     def _guesses(self, length):
         """Initial guesses for every draft slot (B, W), from the text so far."""
-        return guesses(self.state.text, length, self.state.iteration, self.ar_W)
+        return guesses(self.state.text, length, self.state.iteration, self.arange_W)
 
     # ------------------------------------------------------------------ one iteration, in the paper's order
     @torch.no_grad()
@@ -374,8 +374,8 @@ class Jacobi(Engine):
         pred = winner(preds)
         guess = winner(guess) if self.sampling else pred
         # a winning candidate's K/V move from its scratch slots into place (a no-op when the main row wins)
-        dst = self.base + s.length[:, None] + self.ar_c
-        self.cache.copy(torch.where(use, cw[:, None] * c + self.ar_c, dst), dst)
+        dst = self.base + s.length[:, None] + self.arange_c
+        self.cache.copy(torch.where(use, cw[:, None] * c + self.arange_c, dst), dst)
         return Verdict(a_all.gather(1, win[:, None])[:, 0], a_main, chosen, pred, guess)
 
     def _commit(self, verdict):
@@ -384,8 +384,8 @@ class Jacobi(Engine):
         committed), the last two (B,)."""
         s, chosen = self.state, verdict.tokens
         a = torch.where(s.done, 0, verdict.a)                          # finished rows stay frozen
-        commit = self.ar_W < a[:, None]
-        dst = s.length[:, None] + self.ar_W
+        commit = self.arange_W < a[:, None]
+        dst = s.length[:, None] + self.arange_W
         s.text.scatter_(1, dst, torch.where(commit, chosen, s.text.gather(1, dst)))
         s.committed_by.scatter_(1, dst, torch.where(commit, s.forwards[:, None] + 1, s.committed_by.gather(1, dst)))
         return verdict._replace(a=a), s.length + a, ((chosen == self.eot) & commit).any(1)
@@ -403,79 +403,34 @@ class Jacobi(Engine):
         reset = blocks <= 0                    # every block retired (K=1: at each block's end): start a fresh one
         blocks, left0 = torch.where(reset, 1, blocks), torch.where(reset, n, left0)
         keep = (s.in_flight - a).clamp(min=1)
-        shifted = guess.gather(1, (a[:, None] - 1 + self.ar_W).clamp(0, W - 1))
+        shifted = guess.gather(1, (a[:, None] - 1 + self.arange_W).clamp(0, W - 1))
         if self.sampling:
-            shifted = torch.where(self.ar_W == 0, drawn.gather(1, (a[:, None] - 1).clamp(min=0)), shifted)
-        draft = torch.where(self.ar_W < keep[:, None], shifted, self._guesses(length))
+            shifted = torch.where(self.arange_W == 0, drawn.gather(1, (a[:, None] - 1).clamp(min=0)), shifted)
+        draft = torch.where(self.arange_W < keep[:, None], shifted, self._guesses(length))
         return Flight(draft, left0, blocks, torch.where(reset, n, s.in_flight - a), reset)
 
     def _grow(self, verdict, flight):
-        """Count the newest block's converged tokens (committed ones, the verified next token when it is in
-        that block, plus a leading run of drafts this update left unchanged); past activation_ratio*n,
-        append a pseudo-active block after it, whose first guess is the prediction after the newest block's
-        last draft. The Flight with the block added where it grows."""
-        n, W, ar_W, s = self.n, self.W, self.ar_W, self.state
-        a, draft, left0, blocks, in_flight = verdict.a, flight.draft, flight.left0, flight.blocks, flight.in_flight
-        unchanged = draft == s.draft.gather(1, (a[:, None] + ar_W).clamp(max=W - 1))
-        unchanged = unchanged | (ar_W == 0)        # draft[0] is the verified next token: known, not a guess
-        first = torch.where(blocks == 1, 0, left0 + (blocks - 2) * n)   # the newest block's first draft slot
-        lead = (unchanged | (ar_W < first[:, None])) & (ar_W < in_flight[:, None])
-        run = (lead.long().cumprod(1).sum(1) - first).clamp(min=0)
-        converged = run + torch.where(blocks == 1, n - left0, 0)
-        grow = (blocks < self.K) & (converged >= self.threshold) & ~flight.reset
-        after = verdict.guess.gather(1, (s.in_flight - 1)[:, None])   # the prediction after the last draft
-        draft = torch.where(grow[:, None] & (ar_W == in_flight[:, None]), after, draft)
-        return flight._replace(draft=draft, blocks=blocks + grow, in_flight=in_flight + grow * n)
+        """Multi-block: a pseudo-active block joins once the newest block has converged activation_ratio*n
+        tokens (jfmini.candidates.grow)."""
+        return grow(flight, verdict.a, verdict.guess, self.state.draft, self.state.in_flight, self.n, self.K,
+                    self.threshold)
 
     def _recycle(self, a_main, draft, length):
         """Candidate rows for the next iteration, each starting with the verified next token v:
         rejection recycling (rejected tails in the pool that contain v, from v on) and context n-grams
         (what followed the latest earlier occurrence of v and the tokens before it). Rows with nothing to
         offer repeat the main draft."""
-        c, s = self.c, self.state
-        v = draft[:, 0]
-        fallback = draft[:, None, :c]                                      # (B, 1, c)
+        s = self.state
+        v, fallback = draft[:, 0], draft[:, None, :self.c]                 # (B,), (B, 1, c)
         rows, nxt = [], s.pool_next
         if self.pool_size:
-            rows.append(self._pool_rows(a_main, v, fallback))
+            s.pool.copy_(file_rejected(s.pool, s.pool_next, s.draft, a_main, s.in_flight))
+            rows.append(recycled_rows(s.pool, s.pool_next, v, fallback, self.pool_size))
             nxt = (nxt + 1) % self.pool_slots
         if self.ngram:
-            rows.append(self._ngrams(v, length, fallback))
+            rows.append(ngram_rows(s.text, length, v, fallback, self.ngram))
         s.pool_next.copy_(torch.where(s.done, s.pool_next, nxt))
         s.cand[:, :self.rows].copy_(torch.where(s.done[:, None, None], s.cand[:, :self.rows], torch.cat(rows, 1)))
-
-    def _pool_rows(self, a_main, v, fallback):
-        """Rejection recycling: file the main row's rejected tail in the pool, then return the newest pool
-        entries that contain v, each from v on (B, pool_size, c)."""
-        B, n, M, P, s = self.B, self.n, self.pool_slots, self.pool_size, self.state
-        tail = a_main[:, None] + self.ar_n                                 # the main row's rejected tail
-        tail = torch.where(tail < s.in_flight[:, None], s.draft.gather(1, tail.clamp(max=self.W - 1)), -1)
-        s.pool.scatter_(1, s.pool_next[:, None, None].expand(B, 1, n), tail[:, None])
-        hit = s.pool[..., :-1] == v[:, None, None]                         # (B, M, n-1)
-        age = (s.pool_next[:, None] - torch.arange(M, device=self.dev)) % M    # 0 = the entry just filed
-        score = torch.where(hit.any(-1), M - age, 0)                       # newest hits first
-        top = top_k(score, P)[1]                                           # (B, P)
-        at = hit.long().argmax(-1).gather(1, top)[..., None] + self.ar_c   # (B, P, c)
-        cand = s.pool.gather(1, top[..., None].expand(B, P, n)).gather(2, at.clamp(max=n - 1))
-        ok = (at < n) & (cand >= 0) & (score.gather(1, top) > 0)[..., None]
-        return torch.where(ok, cand, fallback)
-
-    def _ngrams(self, v, length, fallback):
-        """Prompt lookup: positions j where the committed text holds v preceded by the same tokens as the
-        newest committed ones; the longest match wins, then the latest. A row is v + the text after j
-        (B, ngram, c)."""
-        B, C, c, G, text, j = self.B, self.C, self.c, self.ngram, self.state.text, self.ar_C
-        hit = (text == v[:, None]) & (j < (length - 1)[:, None])    # v at j, with a committed token after it
-        match = hit.long()                                           # (B, C) matched key length at j
-        for i in range(1, NGRAM_KEY):
-            key = text.gather(1, (length - i).clamp(min=0)[:, None])   # the i-th newest committed token (B, 1)
-            hit = hit & (j >= i) & (text.roll(i, 1) == key) & (length - i >= 0)[:, None]
-            match = match + hit.long()
-        values, indices = top_k(torch.where(match > 0, match * C + j, -1), G)   # (B, G)
-        at = indices[..., None] + 1 + self.ar_c[:-1]                             # (B, G, c-1) text after j
-        follow = text.gather(1, at.clamp(max=C - 1).view(B, -1)).view(B, G, c - 1)
-        ok = (at < length[:, None, None]) & (values >= 0)[..., None]
-        return torch.cat([v[:, None, None].expand(B, G, 1), torch.where(ok, follow, fallback[..., 1:])], 2)
 
 
 @torch.no_grad()

@@ -226,7 +226,7 @@ def test_a_candidate_row_may_commit_past_the_end_of_block_zero():
 
 
 def test_top_k_picks_what_torch_topk_picks():
-    from jfmini.runtime.engine import top_k
+    from jfmini.candidates import top_k
     g = torch.Generator().manual_seed(0)
     for k in (1, 2, 4):
         x = torch.randperm(50, generator=g)[None].repeat(3, 1) * torch.tensor([[1], [3], [-2]])

@@ -1,5 +1,4 @@
 """Compact training rows: the same losses and gradients as the paper's layout, with fewer tokens."""
-import contextlib
 import itertools
 
 import numpy as np

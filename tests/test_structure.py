@@ -3,7 +3,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-IDEA = {"jfmini.model", "jfmini.masks", "jfmini.forcing", "jfmini.jacobi"}
+IDEA = {"jfmini.model", "jfmini.masks", "jfmini.forcing", "jfmini.jacobi", "jfmini.candidates"}
 
 
 def module_name(path):

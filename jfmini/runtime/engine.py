@@ -3,8 +3,8 @@
 - `Engine`, the base of `jfmini.jacobi.Jacobi`: one iteration replayed as a CUDA graph (`step`), warm-up
   steps that leave no trace (`undone`), and the host loops that decode one prompt (`generate`) or a
   batch (`decode_batch`).
-- `METHODS`, `SETTINGS`: decoder settings by name; `Stats`, `check_args`, `finish`, `top_k`: counters,
-  the settings' checks, the end-of-text cut, a fusable top-k.
+- `METHODS`, `SETTINGS`: decoder settings by name; `Stats`, `check_args`, `finish`: counters, the settings'
+  checks, the end-of-text cut.
 """
 import contextlib
 import gc
@@ -92,19 +92,6 @@ def check_prompts(prompts, batch, max_new_tokens, context, capacity):
     if max(lens) + max_new_tokens > capacity:
         raise ValueError(f"this decoder was built for max_len {capacity} tokens")
     return lens
-
-
-def top_k(x, k):
-    """(values, indices) of the k largest entries of each row of x (B, L), largest first, ties to the lower
-    index: k argmax reductions, which inductor fuses. A topk kernel costs more for the small k used here
-    (pool and n-gram candidates: ~30 us of a 440 us multi-block step on an H200)."""
-    values, indices = [], []
-    for _ in range(k):
-        i = x.argmax(1, keepdim=True)
-        values.append(x.gather(1, i))
-        indices.append(i)
-        x = x.scatter(1, i, torch.iinfo(x.dtype).min)
-    return torch.cat(values, 1), torch.cat(indices, 1)
 
 
 def finish(tokens, max_new_tokens, eot):
