@@ -1,4 +1,5 @@
-"""The machinery beside the idea layer (jfmini.model, masks, forcing, jacobi): nothing here is the method.
+"""The machinery beside the idea layer (jfmini.model, masks, forcing, jacobi, candidates): nothing here is the
+method.
 
 - engine:       a Jacobi decoder run fast (CUDA graph replay, the host loops for one prompt and for a batch)
 - trajectories: trajectories stored, loaded and checked; loop filters; merging the ranks' shares
