@@ -40,8 +40,7 @@ def collect_trajectories(model, prompts, block_len, num_blocks, batch_size, eot,
     fixed, states, owner = [], [], []
     jac = rec = None
     for lo in range(0, len(prompts), batch_size):
-        chunk = prompts[lo:lo + batch_size]
-        chunk = chunk + [chunk[-1]] * (batch_size - len(chunk))      # fixed batch shape; extras dropped
+        chunk = prompts[lo:lo + batch_size]                          # a short last batch: padding rows frozen
         if jac is None:
             jac = Jacobi(model, block_len=n, batch=batch_size, eot=None, compile=compile, graph=graph,
                          max_len=max(len(p) for p in prompts) + n * T)
@@ -49,11 +48,7 @@ def collect_trajectories(model, prompts, block_len, num_blocks, batch_size, eot,
             jac.pre_step = rec
         rec.states.zero_()
         rec.count.zero_()
-        jac.prefill(chunk, n * T)
-        for _ in range(n * T):                                       # at most n iterations per block
-            jac.step()
-            if bool(jac.state.done.all()):
-                break
+        jac.decode_batch(chunk, n * T)                               # at most n iterations per block
         start = jac.state.prompt_len[:, None] + torch.arange(n * T, device=jac.dev)
         fx = jac.state.text.gather(1, start).view(batch_size, T, n).cpu().numpy().copy()  # own memory: buffers are reused
         st, cnt = rec.states.cpu().numpy().copy(), rec.count.cpu().numpy().copy()
