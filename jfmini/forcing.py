@@ -132,7 +132,7 @@ def choose_states(traj, i, by_owner, ratios, wanted, rng, fresh, tolerance):
     return np.stack(noisy)
 
 
-def draw(traj, i, schedule, rng, eot, window, fresh, by_owner, ratios):
+def draw_packing(traj, i, schedule, rng, eot, window, fresh, by_owner, ratios):
     """One packing of prompt i: (prompt (P,), fixed point (T, n), the noisy state chosen for each block
     by the schedule (T, n), the stream index of the first end-of-text (T*n = none)). by_owner: where each
     block's states begin in traj.states; ratios: state_ratios(traj)."""
@@ -165,7 +165,7 @@ def pack(traj, rows, length, schedule, rng, eot, window=16, fresh=True, cons_win
     by_owner, ratios = np.searchsorted(traj.owner, np.arange(len(traj) * T + 1)), state_ratios(traj)  # owner is sorted
     reach = cons_window if cons_window > 0 else n
     for r, i in enumerate(rows):
-        prompt, fixed, noisy, valid_until = draw(traj, i, schedule, rng, eot, window, fresh, by_owner, ratios)
+        prompt, fixed, noisy, valid_until = draw_packing(traj, i, schedule, rng, eot, window, fresh, by_owner, ratios)
         P, clean = len(prompt), fixed.reshape(-1)
         toks, pos = [prompt], [np.arange(P)]
         ar = [np.append(prompt[1:], clean[0])]                     # prompt predicts its next token, then l_0[0]
@@ -235,7 +235,7 @@ def pack_rows(traj, rows, length, schedule, rng, eot, window=16, fresh=True, con
     by_owner, ratios = np.searchsorted(traj.owner, np.arange(len(traj) * T + 1)), state_ratios(traj)
     slot = np.arange(w)
     for r, i in enumerate(rows):
-        prompt, fixed, noisy, valid_until = draw(traj, i, schedule, rng, eot, window, fresh, by_owner, ratios)
+        prompt, fixed, noisy, valid_until = draw_packing(traj, i, schedule, rng, eot, window, fresh, by_owner, ratios)
         P, clean = len(prompt), fixed.reshape(-1)
         S = len(clean)
         real = traj.truth[i][:S] if truth else np.zeros(0, np.int64)
