@@ -35,7 +35,8 @@ from jfmini.runtime.data import (get_batch, load_split, model_tokenizer, prepare
                                  trajectory_prompts)
 from jfmini.runtime.training import (Run, changed_flags, check_replicas, flops_per_token, make_optimizer, resume,
                                      save_state, train_loop, val_loss)
-from jfmini.forcing import ce_chunk, collect_trajectories, pack_rows, row_length, row_objective
+from jfmini.forcing import collect_trajectories, pack_rows, row_length, row_objective
+from jfmini.runtime.chunked_ce import ce_chunk
 from jfmini.runtime.trajectories import Trajectories, merge_trajectories, repetitive
 from jfmini.masks import dense_mask, flex_mask, row_mask
 from jfmini.model import GPT, GPTConfig

@@ -1,9 +1,7 @@
 """Who may attend to whom: the noise-aware causal mask of training (the paper's layout, and the compact
 row training packs) and the visibility rule of decoding.
 
-Training. The noise-aware causal mask of Jacobi Forcing, written once as a pure function.
-
-A packed training row (block length n, T blocks) and its position ids:
+Training. The paper packs a training row (block length n, T blocks) with these position ids:
 
     [ prompt | k_0 | l_0 | k_1 | l_1 | ... | k_{T-1} | l_{T-1} | padding ]
       0..P-1  P+0..P+n-1 (same ids for k_j and l_j)  ...
@@ -22,10 +20,12 @@ Who may look at whom (1 = may attend), P=1, n=2, T=2:
     l1a     1          1   1            1
     l1b     1          1   1            1   1
 
-Clean queries see the prompt and the clean stream (plain AR). Noisy queries see the prompt, earlier
-blocks and their own block causally. Which earlier blocks: context="noisy" (the paper's mask, drawn
-above) lets them see earlier *noisy* blocks; context="clean" (jfmini's default, beyond the paper) lets
-them see earlier *clean* blocks, the committed text a decoder really has when it refines a block.
+This is the noise-aware causal mask. Clean queries see the prompt and the clean stream (plain AR). Noisy
+queries see the prompt, earlier blocks and their own block causally. Which earlier blocks:
+context="noisy" (the paper's mask, drawn above) lets them see earlier *noisy* blocks; context="clean"
+(jfmini's default, beyond the paper) lets them see earlier *clean* blocks, the committed text a decoder
+really has when it refines a block. Training uses `row_mask`, the same attention on a compact row (the
+literal layout and mask are jfmini/tools/paper.py's `pack` and `noise_aware_mask`, the tests' reference).
 
 Decoding. Every row of a Jacobi iteration (the main draft row and each candidate row) reads the
 committed prefix from the KV cache and its own tokens causally (`may_read`, `cache_mask`), so all rows
@@ -33,31 +33,6 @@ share one cache without copies.
 """
 import torch
 from torch.nn.attention.flex_attention import create_block_mask
-
-
-def noise_aware_mask(prompt_len, pad_start, block_len, context="clean"):
-    """mask_mod(b, h, q, kv) -> bool for FlexAttention and the dense form alike.
-
-    prompt_len, pad_start: (B,) tensors, per batch row (indexed by b, so one compiled kernel serves
-    rows of any prompt length and block count). block_len: n, the same for the whole batch.
-    """
-    if context not in ("noisy", "clean"):
-        raise ValueError(f"context must be 'noisy' or 'clean', not {context!r}")
-    n, clean_context = block_len, context == "clean"
-
-    def mask_mod(b, h, q, kv):
-        P, end = prompt_len[b], pad_start[b]
-        rq, rk = q - P, kv - P                                # offsets after the prompt
-        blk_q, blk_k = rq // (2 * n), rk // (2 * n)           # block index j
-        clean_q, clean_k = rq % (2 * n) >= n, rk % (2 * n) >= n
-        off_q, off_k = rq % n, rk % n                         # offset inside the block
-        sees_prompt = (kv < P) & (kv <= q)
-        own_block = (blk_k == blk_q) & (clean_k == clean_q) & (off_k <= off_q)
-        earlier_block = (blk_k < blk_q) & (clean_k == (clean_q | clean_context))
-        body = (q >= P) & (kv >= P) & (own_block | earlier_block)
-        real = (q < end) & (kv < end)
-        return (real & (sees_prompt | body)) | ((q >= end) & (kv == q))  # padding rows see themselves only
-    return mask_mod
 
 
 MAIN, TRUTH, PAD = 0, 1, -1    # groups of a compact training row; noisy window j is group 2 + j

@@ -8,9 +8,10 @@ from conftest import EOT, cuda, tiny_model
 from jfmini.runtime.common import UserError
 from jfmini.jacobi import Jacobi
 from jfmini.jacobi import generate_ar
-from jfmini.forcing import collect_trajectories, forcing_loss, noise_ratio, pack, packed_length, target_ratios
+from jfmini.forcing import collect_trajectories, noise_ratio, target_ratios
 from jfmini.runtime.trajectories import Trajectories
-from jfmini.masks import dense_mask, noise_aware_mask
+from jfmini.masks import dense_mask
+from jfmini.tools.paper import accuracy_by_distance, forcing_loss, noise_aware_mask, pack, packed_length
 
 
 def synthetic(prompts, T, n, seed=0, states_per_block=None):
@@ -302,7 +303,6 @@ def test_hard_consistency_is_cross_entropy_to_the_fixed_points_next_token():
 
 
 def test_accuracy_by_distance_counts_every_kept_noisy_position():
-    from jfmini.forcing import accuracy_by_distance
     model = tiny_model(seed=2)
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, 256, int(rng.integers(3, 10))).tolist() for _ in range(6)]

@@ -2,7 +2,8 @@
 import torch
 
 from conftest import cuda
-from jfmini.masks import dense_mask, flex_mask, noise_aware_mask
+from jfmini.masks import dense_mask, flex_mask
+from jfmini.tools.paper import noise_aware_mask
 
 WORKED = """
 1 . . . . . . . .

@@ -9,12 +9,13 @@ import torch
 
 from jfmini.runtime.common import UserError
 from jfmini.runtime.data import P50K_SHA256, byte_tokenizer, p50k_table, token_cache, tokenizer
-from jfmini.forcing import forcing_loss, pack_rows
+from jfmini.forcing import pack_rows
 from jfmini.masks import TRUTH
 from jfmini.runtime.trajectories import Trajectories, longest_run, repetitive
 from jfmini.runtime.quality import (edit_similarity, first_line, function_body, paired_difference, parses, score, summarize,
                                     truth_loss)
 from tests.conftest import tiny_model
+from jfmini.tools.paper import forcing_loss
 
 
 def test_p50k_table_is_tiktokens_file_byte_for_byte():

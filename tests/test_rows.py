@@ -7,10 +7,11 @@ import torch
 import torch.nn.functional as F
 
 from conftest import EOT, cuda, tiny_model
-from jfmini.forcing import (ce_chunk, forcing_loss, kl, masked_mean, pack, pack_rows, packed_length, row_length,
-                            row_objective, soft_cross_entropy)
-from jfmini.masks import MAIN, PAD, TRUTH, dense_mask, noise_aware_mask, row_mask
+from jfmini.forcing import pack_rows, row_length, row_objective
+from jfmini.masks import MAIN, PAD, TRUTH, dense_mask, row_mask
+from jfmini.runtime.chunked_ce import ce_chunk, soft_cross_entropy
 from jfmini.runtime.trajectories import Trajectories
+from jfmini.tools.paper import forcing_loss, kl, masked_mean, noise_aware_mask, pack, packed_length
 
 
 # ----------------------------------------------------------------------------- the reference: the paper's layout

@@ -519,7 +519,8 @@ def test_same_seed_same_losses_twice(tmp_path):
 
 def test_same_seed_same_trajectories_twice():
     from conftest import tiny_model
-    from jfmini.forcing import collect_trajectories, pack
+    from jfmini.forcing import collect_trajectories
+    from jfmini.tools.paper import pack
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
     a, b = (collect_trajectories(tiny_model(seed=2), prompts, 4, 3, 2, None, log=lambda *_: None) for _ in range(2))
     assert np.array_equal(a.states, b.states) and np.array_equal(a.fixed, b.fixed)

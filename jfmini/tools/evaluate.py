@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from jfmini.forcing import accuracy_by_distance, collect_trajectories
+from jfmini.forcing import collect_trajectories
+from jfmini.tools.paper import accuracy_by_distance
 from jfmini.jacobi import decode_many
 from jfmini.runtime.common import UserError, atomic_write, file_sha256
 from jfmini.runtime.data import completion_text, heldout_prompts, model_tokenizer, read_prompts
