@@ -270,7 +270,7 @@ def main(argv=None):
         print(render(enc, frames, tokens, len(prompt), sys.stdout.isatty()))
     ended = "end-of-text" if tokens and tokens[-1] == enc.eot_token else \
         f"--max_new_tokens {cfg.max_new_tokens}" if len(tokens) == cfg.max_new_tokens else "the function's end"
-    capture = " including the one-off CUDA graph capture" if jac.graph_enabled else ""
+    capture = " including the one-off CUDA graph capture" if jac.step.enabled else ""
     print(f"\n# {stats.new_tokens} tokens to {ended} in {stats.forwards} forwards: {stats.tokens_per_forward:.2f} "
           f"tokens per forward, {stats.tokens_per_s:,.0f} tokens/s{capture} (prefill {stats.prefill_s * 1e3:.1f} ms)",
           file=sys.stderr)

@@ -1,11 +1,7 @@
-"""Jacobi decoding: the paper's plain loop, then the same iteration batched in fixed shapes, with rejection
-recycling, multi-block decoding and (jfmini, beyond the paper) context n-gram candidates.
-
-Every decoder here commits exactly the tokens greedy AR would produce; they differ only in how many
-forwards that takes (tokens per forward, TPF). `generate_ar` is that AR oracle (one token per forward,
-greedy or sampled from `distribution`); `jacobi_reference` is the algorithm in ~25 eager lines; `Jacobi`
-runs it fast, and `decode_many` runs it over many prompts in batches. One Jacobi iteration (`Jacobi._step`) is a single fixed-shape forward over the
-KV cache:
+"""Jacobi decoding, batched in fixed shapes, with rejection recycling, multi-block decoding and (jfmini,
+beyond the paper) context n-gram candidates. The paper's plain loop, in ~25 eager lines, is
+jfmini.tools.paper.jacobi_reference; AR decoding, the oracle every decoder here equals token for token, is
+jfmini.tools.ar.generate_ar. One iteration (`Jacobi._step`) is one fixed-shape forward over the KV cache:
 
     cache: [ candidate scratch (R*c slots) | committed x[0:m] | main row's drafts ... ]
     main row     [ v d d d d d d d ][ d d d d d d d d ]   W = K*n tokens at positions m..m+W-1
@@ -15,21 +11,18 @@ KV cache:
     candidate R   earlier occurrences of the newest tokens in the prompt and text so far)
 
 v is the verified next token, d draft guesses; everything an iteration reads and writes is a `State`.
-Every row attends to the committed prefix plus its own
-tokens causally (jfmini.masks.cache_mask), so all rows read the same cache. Acceptance, choosing the
-best row, the commit, the draft update, multi-block growth and recycling are tensor ops (the candidate
-rows and the growth of blocks are jfmini.candidates' functions); the machinery
-that replays the iteration as one CUDA graph and drives the host loop is jfmini.runtime.engine.Engine.
+Every row attends to the committed prefix and its own tokens causally (jfmini.masks.cache_mask), so all
+rows read one cache. The candidate rows and the growth of blocks are jfmini.candidates' functions; the
+machinery that replays the iteration as a CUDA graph and runs the host loop is jfmini.runtime.engine.
 """
 import math
-import time
 from typing import NamedTuple
 
 import torch
 
 from jfmini.candidates import file_rejected, grow, ngram_rows, recycled_rows
 from jfmini.masks import cache_mask
-from jfmini.runtime.engine import Engine, Stats, check_args, check_prompts, finish, sync
+from jfmini.runtime.engine import Replay, check_args, check_prompts, decode_batch, generate
 
 KV_TILE = 128     # the cache length is a multiple of this (regular kernel shapes)
 
@@ -64,72 +57,6 @@ def distribution(logits, temperature, top_k=0, top_p=1.0):
         p = p.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), 0)
         p = p / p.sum(-1, keepdim=True)
     return p
-
-
-@torch.no_grad()
-def generate_ar(model, prompt, max_new_tokens, eot=None, temperature=0.0, top_k=0, top_p=1.0, stop=None):
-    """The oracle: prefill, then one token per forward through the KV cache, plain eager PyTorch; greedy,
-    or sampled at temperature > 0 (top_k, top_p: see distribution). It ends at end-of-text, after
-    max_new_tokens, or where `stop` (a jfmini.runtime.stop rule, checked after every token) finds the end.
-    Returns (new tokens, Stats). This is also the 'AR eager' baseline of bench.py."""
-    check_args(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
-    def next_token(logits):                               # logits (V,)
-        if not temperature:
-            return int(logits.argmax())
-        p = distribution(logits, temperature, top_k, top_p)
-        return int(draw(p, torch.empty_like(p).exponential_()))
-    dev = model.embed.weight.device
-    P = len(prompt)
-    S = P + max_new_tokens
-    model.new_cache(1, S)
-    t0 = time.perf_counter()
-    idx = torch.tensor([prompt], device=dev)
-    slots = torch.arange(P, device=dev)[None]
-    zero = torch.zeros(1, dtype=torch.long, device=dev)
-    logits = model(idx, slots, cache_mask(zero, zero[:, None], slots, S), slots)
-    tok = next_token(logits[0, -1])
-    sync(dev)
-    t1 = time.perf_counter()
-    out, forwards, kept = [], 0, None
-    while True:
-        out.append(tok)
-        m = torch.tensor([[P + len(out) - 1]], device=dev)  # the slot of the token being committed
-        logits = model(torch.tensor([[tok]], device=dev), m, cache_mask(m[0], m, m, S), m)
-        forwards += 1
-        kept = stop.kept(out) if stop is not None else None
-        if tok == eot or len(out) == max_new_tokens or kept is not None:
-            break
-        tok = next_token(logits[0, -1])
-    sync(dev)
-    out = out if kept is None else out[:kept]
-    return out, Stats(len(out), len(out), t1 - t0, time.perf_counter() - t1, forwards)
-
-
-@torch.no_grad()
-def jacobi_reference(model, prompt, block_len, max_new_tokens, eot=None):
-    """The paper's Jacobi decoding, batch 1, eager, no cache: the plain loop the fast Jacobi class runs in
-    fixed shapes. A block is the verified next token v and n-1 guesses. Each iteration is one parallel
-    forward over prompt + committed + block; the greedy prediction after every position is the Jacobi
-    update. The block's leading tokens that equal the prediction before them are verified (v always is)
-    and committed; the rest of the block becomes the predictions after them. A block fully committed
-    starts the next one. Returns (new tokens, forwards); the tokens are exactly greedy AR's."""
-    dev, n = model.embed.weight.device, block_len
-    text = list(prompt)
-    def predict(tokens):                                         # greedy next token after every position
-        return model(torch.tensor([tokens], device=dev), torch.arange(len(tokens), device=dev))[0].argmax(-1).tolist()
-    def new_block(v, it):                                        # v + n-1 guesses, as the fast decoder draws them
-        t, m = torch.tensor([text]), torch.tensor([len(text)])
-        return [v] + guesses(t, m, torch.tensor([it]), torch.arange(n))[0, 1:].tolist()
-    block, forwards = new_block(predict(text)[-1], 0), 0
-    while len(text) - len(prompt) < max_new_tokens and (eot is None or eot not in text[len(prompt):]):
-        pred = predict(text + block)[len(text):]                # pred[i]: the prediction after block[i]
-        forwards += 1
-        a = 1                                                    # verified: block[0], then each match
-        while a < len(block) and block[a] == pred[a - 1]:
-            a += 1
-        text += block[:a]
-        block = pred[a - 1:len(block) - 1] if a < len(block) else new_block(pred[a - 1], forwards - 1)
-    return finish(text[len(prompt):], max_new_tokens, eot), forwards
 
 
 class Verdict(NamedTuple):
@@ -181,7 +108,7 @@ class State:
         return list(vars(self).values())
 
 
-class Jacobi(Engine):
+class Jacobi:
     """Batched Jacobi decoding in fixed shapes, greedy or sampled; block_len=1 is plain AR.
 
     block_len n, num_blocks K (multi-block: a new pseudo-active block is appended once the newest block
@@ -230,7 +157,14 @@ class Jacobi(Engine):
         self.cand_slots = cand                            # scratch slots of candidate rows
         self.cand_seg = (cand // c) * c                   # first scratch slot of each candidate row
         self.state = State(B, self.C, W, n, max(self.pool_slots, 1), max(self.rows, 1), c, dev)
-        self.setup_engine(graph, compile)
+        self.step = Replay(self._step, self._tensors, dev, graph, compile)   # one iteration, fast
+
+    generate, decode_batch = generate, decode_batch       # the host loop (jfmini.runtime.engine.decode)
+
+    def _tensors(self):
+        """Every tensor an iteration writes: the state, the cache and a pre_step hook's (its `tensors()`)."""
+        hook = self.pre_step.tensors() if hasattr(self.pre_step, "tensors") else []
+        return [*self.state.tensors(), *self.cache.buffers(), *hook]
 
     @torch.no_grad()
     def prefill(self, prompts, max_new_tokens):
@@ -432,20 +366,3 @@ class Jacobi(Engine):
         s.pool_next.copy_(torch.where(s.done, s.pool_next, nxt))
         s.cand[:, :self.rows].copy_(torch.where(s.done[:, None, None], s.cand[:, :self.rows], torch.cat(rows, 1)))
 
-
-@torch.no_grad()
-def decode_many(model, prompts, max_new_tokens, eot=None, batch=64, stops=None, **settings):
-    """Decode many prompts, `batch` at a time (rows that finish early stay frozen), each to end-of-text,
-    max_new_tokens or its stop rule's end (stops: one per prompt, or None). Returns (outputs, forwards that
-    committed each prompt's tokens, histogram of tokens committed per forward run). train.py checks a model
-    with it; bench.py decodes one prompt at a time, with timing."""
-    outs, forwards, hist = [], [], 0
-    jac = Jacobi(model, batch=min(batch, len(prompts)), eot=eot,
-                 max_len=max(len(p) for p in prompts) + max_new_tokens, **settings)
-    for lo in range(0, len(prompts), jac.B):
-        chunk = prompts[lo:lo + jac.B]
-        o, f, _, _ = jac.decode_batch(chunk, max_new_tokens, None if stops is None else stops[lo:lo + jac.B])
-        outs += o
-        forwards += f
-        hist = hist + jac.state.accepted[:len(chunk)].sum(0).cpu()
-    return outs, forwards, hist

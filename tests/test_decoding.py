@@ -6,7 +6,10 @@ import torch
 
 from conftest import cuda, tiny_model
 from jfmini.runtime.common import UserError
-from jfmini.jacobi import Flight, Jacobi, Verdict, decode_many, generate_ar, jacobi_reference
+from jfmini.jacobi import Flight, Jacobi, Verdict
+from jfmini.tools.ar import generate_ar
+from jfmini.tools.evaluate import decode_many
+from jfmini.tools.paper import jacobi_reference
 from jfmini.model import GPT, GPTConfig
 
 GRID = list(itertools.product([1, 2, 3, 8, 16], [0, 1, 4], [1, 2, 3], [0.5, 0.85, 1.0]))
@@ -141,7 +144,7 @@ def test_cuda_graph_decoders_are_lossless(compile):
     for n, P, G, c, K in ((1, 0, 0, None, 1), (8, 0, 0, None, 1), (16, 4, 0, None, 2), (64, 4, 2, 16, 2),
                           (32, 0, 2, 8, 1)):
         jac = Jacobi(model, block_len=n, pool_size=P, ngram=G, cand_len=c, num_blocks=K, compile=compile)
-        assert jac.graph_enabled
+        assert jac.step.enabled
         for _ in range(2):                                # the second run replays the captured graph
             out, stats = jac.generate(prompt, 64, sync_every=3)
             assert out == ref, (n, P, K)

@@ -7,8 +7,9 @@ import torch.nn.functional as F
 from conftest import EOT, cuda, tiny_model
 from jfmini.runtime.common import UserError
 from jfmini.jacobi import Jacobi
-from jfmini.jacobi import generate_ar
+from jfmini.tools.ar import generate_ar
 from jfmini.forcing import collect_trajectories, noise_ratio, target_ratios
+from jfmini.runtime.engine import Replay
 from jfmini.runtime.trajectories import Trajectories
 from jfmini.masks import dense_mask
 from jfmini.tools.paper import accuracy_by_distance, forcing_loss, noise_aware_mask, pack, packed_length
@@ -139,14 +140,14 @@ def test_trajectories_end_at_the_greedy_ar_continuation(seed):
 
 
 def capture_like_step(self):
-    """Jacobi.step as on CUDA, without a GPU: the first call runs the real steps a graph capture runs
-    (3 warm-ups + the capture) and undoes them, then every call runs one step."""
+    """A decoder's step (engine.Replay) as on CUDA, without a GPU: the first call runs the real steps a
+    graph capture runs (3 warm-ups + the capture) and undoes them, then every call runs one step."""
     if not getattr(self, "_warmed", False):
         with self.undone():
             for _ in range(4):
-                self._fn()
+                self.fn()
         self._warmed = True
-    self._fn()
+    self.fn()
 
 
 def collect(model, prompts, n, T, batch_size):
@@ -162,7 +163,7 @@ def test_graph_warm_up_leaves_trajectories_unchanged(monkeypatch, seed):
     prompts = [rng.integers(0, 256, int(rng.integers(3, 12))).tolist() for _ in range(7)]
     n, T = 6, 3
     plain = collect(model, prompts, n, T, batch_size=4)
-    monkeypatch.setattr(Jacobi, "step", capture_like_step)
+    monkeypatch.setattr(Replay, "__call__", capture_like_step)
     warmed = collect(model, prompts, n, T, batch_size=4)
     assert plain.problem() is None and warmed.problem() is None
     for k in ("fixed", "states", "owner"):
@@ -185,7 +186,7 @@ def test_undone_puts_back_the_hook_tensors():
     hook = Hook()
     jac = Jacobi(model, block_len=4, pre_step=hook, graph=False)
     jac.prefill([[1, 2, 3]], 16)
-    with jac.undone():
+    with jac.step.undone():
         for _ in range(3):
             jac.step()
         assert int(hook.calls) == 3 and int(jac.state.forwards[0]) == 3

@@ -20,7 +20,7 @@ import torch
 from conftest import cuda, tiny_model
 from jfmini.jacobi import Jacobi
 from jfmini.runtime.common import UserError
-from jfmini.jacobi import generate_ar
+from jfmini.tools.ar import generate_ar
 from jfmini.runtime.stop import StopAtFunctionEnd
 
 V, L = 3, 5                           # vocabulary and continuation length: V**L = 243 cells

@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from conftest import cuda, tiny_model
-from jfmini.jacobi import Jacobi, decode_many, generate_ar
+from jfmini.jacobi import Jacobi
+from jfmini.tools.ar import generate_ar
+from jfmini.tools.evaluate import decode_many
 from jfmini.runtime.stop import FunctionEnd, StopAtFunctionEnd, kept_text
 
 DOC = 'def f(x):\n    """Doc."""\n'
@@ -227,7 +229,7 @@ def test_kept_text_is_lossless_in_cuda_graphs(compile):
     for settings in (dict(block_len=1), dict(block_len=8, ngram=2, cand_len=4),
                      dict(block_len=6, num_blocks=2, pool_size=2, cand_len=4)):
         jac = Jacobi(model, compile=compile, max_len=64, **settings)
-        assert jac.graph_enabled
+        assert jac.step.enabled
         assert [jac.generate(p, 48, sync_every=3, stop=make())[0] for p, make in zip(prompts, stops)] == list(refs)
         jac = Jacobi(model, batch=3, compile=compile, max_len=64, **settings)
         outs = []

@@ -1,8 +1,9 @@
-"""Running a decoder fast: the machinery under jfmini.jacobi.
+"""Running a decoder fast: the machinery under jfmini.jacobi.Jacobi.
 
-- `Engine`, the base of `jfmini.jacobi.Jacobi`: one iteration replayed as a CUDA graph (`step`), warm-up
-  steps that leave no trace (`undone`), and the host loops that decode one prompt (`generate`) or a
-  batch (`decode_batch`).
+- `Replay`: one decoder iteration compiled and, on CUDA, captured once as a CUDA graph and replayed on the
+  live state; warm-up steps leave no trace (`undone`).
+- `decode`: the one host loop (prefill, iterations between host syncs, stop rules, the cut at the end);
+  `generate` (one prompt, streaming) and `decode_batch` (up to B prompts) are the decoder's two ways in.
 - `METHODS`, `SETTINGS`: decoder settings by name; `Stats`, `check_args`, `finish`: counters, the settings'
   checks, the end-of-text cut.
 """
@@ -100,54 +101,50 @@ def finish(tokens, max_new_tokens, eot):
     return tokens[:tokens.index(eot) + 1] if eot is not None and eot in tokens else tokens
 
 
-class Engine:
-    """How a Jacobi decoder runs: the subclass defines `_step` (one iteration), `state` (its tensors) and
-    `prefill`; this class compiles the iteration, replays it as a CUDA graph and drives the host loop."""
+class Replay:
+    """One decoder iteration `fn`, run fast. compile: fuse its small tensor ops with inductor first (each
+    decoder configuration compiles anew; past dynamo's default limit of 8 it would silently run eagerly,
+    and bench.py --sweep compiles many, hence the higher limit). graph: capture it as a CUDA graph
+    (default: on CUDA), replayed on the same memory: `tensors()` lists every tensor an iteration reads and
+    writes (state, cache, a hook's), which the warm-up steps before a capture leave as they found them."""
 
-    def setup_engine(self, graph=None, compile=False):
-        """graph: capture the iteration as a CUDA graph (default: on CUDA). compile: fuse its small tensor
-        ops with inductor first. Each decoder configuration compiles the same method anew; past dynamo's
-        default limit of 8 it would silently run eagerly (bench.py --sweep compiles many), hence the
-        higher limit."""
-        self.graph_enabled = (self.dev.type == "cuda") if graph is None else graph
-        self._graph = None
+    def __init__(self, fn, tensors, device, graph=None, compile=False):
+        self.enabled = (device.type == "cuda") if graph is None else graph
+        self.tensors, self.device, self.graph = tensors, device, None
         if compile:
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
-        self._fn = torch.compile(self._step, dynamic=False) if compile else self._step
+        self.fn = torch.compile(fn, dynamic=False) if compile else fn
 
-    def step(self):
+    def __call__(self):
         """One iteration: replays the captured CUDA graph, or runs eagerly (CPU)."""
-        if not self.graph_enabled:
-            return self._fn()
-        if self._graph is None:
-            self._capture()
-        self._graph.replay()
+        if not self.enabled:
+            return self.fn()
+        if self.graph is None:
+            self.capture()
+        self.graph.replay()
 
-    def _capture(self):
-        """Warm up on a side stream, then capture one iteration. The state tensors and the cache are
-        the same memory at every replay, so the graph reads and writes the live state."""
-        with self.undone(), torch.cuda.device(self.dev):   # real steps, undone afterwards; on our GPU
+    def capture(self):
+        """Warm up on a side stream, then capture one iteration."""
+        with self.undone(), torch.cuda.device(self.device):   # real steps, undone afterwards; on our GPU
             s = torch.cuda.Stream()
             s.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(s):
                 for _ in range(3):
-                    self._fn()
+                    self.fn()
             torch.cuda.current_stream().wait_stream(s)
-            self._graph = torch.cuda.CUDAGraph()
+            self.graph = torch.cuda.CUDAGraph()
             gc.collect()
             gc.disable()  # a finalizer of an unreachable older graph must not run in the middle of this capture
             try:
-                with torch.cuda.graph(self._graph):
-                    self._fn()
+                with torch.cuda.graph(self.graph):
+                    self.fn()
             finally:
                 gc.enable()
 
     @contextlib.contextmanager
     def undone(self):
-        """Steps run inside this block leave no trace: every state tensor, the cache and the tensors of a
-        pre_step hook (its `tensors()`, e.g. a trajectory recorder's counts) are put back afterwards."""
-        hook = list(self.pre_step.tensors()) if hasattr(self.pre_step, "tensors") else []
-        tensors = [*self.state.tensors(), *self.cache.buffers(), *hook]
+        """Steps run inside this block leave no trace: every tensor of `tensors()` is put back afterwards."""
+        tensors = list(self.tensors())
         saved = [t.clone() for t in tensors]
         try:
             yield
@@ -155,94 +152,78 @@ class Engine:
             for t, v in zip(tensors, saved):
                 t.copy_(v)
 
-    @torch.no_grad()
-    def generate(self, prompt, max_new_tokens, sync_every=1, on_step=None, stop=None):
-        """Decode one prompt (batch=1) until end-of-text, max_new_tokens or, with `stop` (a
-        jfmini.runtime.stop rule), the end it finds in the committed tokens. The host looks once per
-        `sync_every` iterations (one sync); tokens committed past the end are trimmed. on_step(self, kept)
-        is called after each host sync (streaming, the trajectory view), kept being the stop rule's count of
-        kept tokens once it found the end, else None. Returns (new tokens, Stats)."""
-        check_args(max_new_tokens=max_new_tokens)
-        t0 = time.perf_counter()
-        self.prefill([prompt], max_new_tokens)
-        sync(self.dev)
-        t1 = time.perf_counter()
-        s, P, committed, kept = self.state, len(prompt), [], None
-        while kept is None:
-            for _ in range(sync_every):
-                self.step()
-            if stop is None:
-                done = bool(s.done[0])              # the one host sync per `sync_every` iterations
-            else:                                   # the same sync, reading the newly committed tokens too
-                done, committed = self._progress(P, committed, sync_every * self.W)
-                kept = stop.kept(committed)
-            if on_step is not None:
-                on_step(self, kept)
-            if done:
-                break
-        sync(self.dev)
-        t2 = time.perf_counter()
-        tokens = s.text[0, P:int(s.length[0])].tolist()
-        tokens = finish(tokens if kept is None else tokens[:kept], max_new_tokens, self.eot)
-        return tokens, Stats(len(tokens), self.forwards_for(0, P, len(tokens)), t1 - t0, t2 - t1,
-                             int(s.forwards[0]))
 
-    def _progress(self, prompt_len, committed, most):
-        """(done, the committed new tokens) of row 0, in one device-to-host copy: the tokens committed since
-        `committed` were read are at most `most` (the drafts of every iteration since)."""
-        s, start = self.state, prompt_len + len(committed)
-        v = torch.cat([s.done[:1].long(), s.length[:1], s.text[0, start:start + most]]).tolist()
-        return bool(v[0]), committed + v[2:2 + v[1] - start]
+@torch.no_grad()
+def decode(dec, prompts, max_new_tokens, stops=None, sync_every=8, on_sync=None):
+    """The host loop every caller uses. Prefill up to dec.B prompts (a short batch's padding rows repeat the
+    last prompt and stay frozen), then run `sync_every` iterations (dec.step) per host sync until every row
+    is done: at end-of-text, after max_new_tokens or, with stops (a jfmini.runtime.stop rule per prompt, or
+    None), where its rule finds the end in the committed tokens; that row is frozen then, and tokens
+    committed past the end are cut. on_sync(kept) runs after each sync (streaming): kept holds each row's
+    kept count once its rule found the end, else None. Returns (new tokens per prompt, the forwards that
+    committed them, the forwards run, prefill seconds, decode seconds)."""
+    check_args(max_new_tokens=max_new_tokens)
+    n, s, lens = len(prompts), dec.state, [len(p) for p in prompts]
+    t0 = time.perf_counter()
+    dec.prefill(prompts + [prompts[-1]] * (dec.B - n), max_new_tokens)
+    s.done[n:] = True
+    sync(dec.dev)
+    t1 = time.perf_counter()
+    committed, kept = [[] for _ in range(n)], [None] * n
+    while True:
+        for _ in range(sync_every):
+            dec.step()
+        if stops is None:
+            done = s.done[:n].tolist()                  # the one host sync per `sync_every` iterations
+        else:                                           # the same sync, reading the new tokens too
+            done = read_progress(s, lens, committed, sync_every * dec.W)
+            ended = []
+            for b, stop in enumerate(stops):
+                if stop is not None and kept[b] is None:
+                    kept[b] = stop.kept(committed[b])
+                    if kept[b] is not None and not done[b]:
+                        ended.append(b)
+            if ended:
+                s.done[ended] = True
+                done = [d or b in ended for b, d in enumerate(done)]
+        if on_sync is not None:
+            on_sync(kept)
+        if all(done):
+            break
+    sync(dec.dev)
+    t2 = time.perf_counter()
+    lengths, text, committed_by = s.length.tolist(), s.text[:n].cpu(), s.committed_by[:n].cpu()
+    outs, needed = [], []
+    for b, P in enumerate(lens):
+        tokens = text[b, P:lengths[b]].tolist()
+        outs.append(finish(tokens if kept[b] is None else tokens[:kept[b]], max_new_tokens, dec.eot))
+        needed.append(int(committed_by[b, P + len(outs[-1]) - 1]) if outs[-1] else 0)
+    return outs, needed, s.forwards[:n].tolist(), t1 - t0, t2 - t1
 
-    def forwards_for(self, b, prompt_len, count):
-        """The forwards row b needed to commit its first `count` new tokens."""
-        return int(self.state.committed_by[b, prompt_len + count - 1]) if count else 0
 
-    @torch.no_grad()
-    def decode_batch(self, prompts, max_new_tokens, stops=None, sync_every=8):
-        """Decode up to B prompts together: rows that finish stay frozen, and so do the padding rows of a
-        batch of fewer than B prompts. stops: a stop rule per prompt (or None), checked once per
-        `sync_every` iterations; a row that reached its end is frozen then. Returns (new tokens per prompt,
-        forwards that committed them, forwards run, decode seconds)."""
-        n, s = len(prompts), self.state
-        self.prefill(prompts + [prompts[-1]] * (self.B - n), max_new_tokens)
-        s.done[n:] = True
-        sync(self.dev)
-        t0 = time.perf_counter()
-        committed, kept = [[] for _ in range(n)], [None] * n
-        while True:
-            for _ in range(sync_every):
-                self.step()
-            done = s.done.tolist()                 # the host syncs once per `sync_every` iterations
-            if stops is not None:                  # (and reads the new tokens of the rows still running)
-                ended = self._check_stops(prompts, stops, committed, kept, done)
-                if ended:
-                    s.done[ended] = True
-                    done = [d or b in ended for b, d in enumerate(done)]
-            if all(done):
-                break
-        sync(self.dev)
-        seconds = time.perf_counter() - t0
-        lengths, outs, needed = s.length.tolist(), [], []
-        text = s.text[:n].cpu()
-        for b, p in enumerate(prompts):
-            tokens = text[b, len(p):lengths[b]].tolist()
-            outs.append(finish(tokens if kept[b] is None else tokens[:kept[b]], max_new_tokens, self.eot))
-            needed.append(self.forwards_for(b, len(p), len(outs[-1])))
-        return outs, needed, s.forwards[:n].tolist(), seconds
+def read_progress(s, lens, committed, most):
+    """Each row's done flag, and the tokens it committed since `committed` was last read appended to it, in
+    one device-to-host copy: at most `most` new tokens a row (the drafts of every iteration since)."""
+    n, starts = len(lens), [P + len(c) for P, c in zip(lens, committed)]
+    lo, hi = min(starts), min(max(starts) + most, s.text.shape[1])
+    v = torch.cat([s.done[:n, None].long(), s.length[:n, None], s.text[:n, lo:hi]], 1).tolist()
+    for b, start in enumerate(starts):
+        committed[b] += v[b][2 + start - lo:2 + v[b][1] - lo]
+    return [bool(row[0]) for row in v]
 
-    def _check_stops(self, prompts, stops, committed, kept, done):
-        """Read the newly committed tokens of every row still running; returns the rows whose stop rule
-        found the end (their kept counts go into `kept`)."""
-        lengths, ended = self.state.length.tolist(), []
-        rows = [b for b, stop in enumerate(stops) if stop is not None and kept[b] is None]
-        if not rows:
-            return ended
-        lo = min(len(prompts[b]) + len(committed[b]) for b in rows)      # one copy: the columns any row needs
-        text = self.state.text[:len(prompts), lo:max(lengths[b] for b in rows)].cpu()
-        for b in rows:
-            committed[b] += text[b, len(prompts[b]) + len(committed[b]) - lo:lengths[b] - lo].tolist()
-            kept[b] = stops[b].kept(committed[b])
-            if kept[b] is not None and not done[b]:
-                ended.append(b)
-        return ended
+
+def generate(dec, prompt, max_new_tokens, sync_every=1, on_step=None, stop=None):
+    """Decode one prompt until end-of-text, max_new_tokens or the end `stop` finds; the host looks once per
+    `sync_every` iterations. on_step(dec, kept) after each look (streaming, the trajectory view). Returns
+    (new tokens, Stats)."""
+    on_sync = None if on_step is None else lambda kept: on_step(dec, kept[0])
+    outs, needed, ran, prefill_s, decode_s = decode(dec, [prompt], max_new_tokens, None if stop is None else [stop],
+                                                    sync_every, on_sync)
+    return outs[0], Stats(len(outs[0]), needed[0], prefill_s, decode_s, ran[0])
+
+
+def decode_batch(dec, prompts, max_new_tokens, stops=None, sync_every=8):
+    """Decode up to B prompts together. Returns (new tokens per prompt, forwards that committed them,
+    forwards run, decode seconds)."""
+    outs, needed, ran, _, seconds = decode(dec, prompts, max_new_tokens, stops, sync_every)
+    return outs, needed, ran, seconds

@@ -11,7 +11,7 @@ import torch
 
 from jfmini.forcing import collect_trajectories
 from jfmini.tools.paper import accuracy_by_distance
-from jfmini.jacobi import decode_many
+from jfmini.jacobi import Jacobi
 from jfmini.runtime.common import UserError, atomic_write, file_sha256
 from jfmini.runtime.data import completion_text, heldout_prompts, model_tokenizer, read_prompts
 from jfmini.runtime.files import load_checkpoint
@@ -19,6 +19,24 @@ from jfmini.runtime.quality import LOOP_DISTINCT4, distinct4, paired_difference,
 from jfmini.runtime.stop import function_stops
 
 QUALITY = ("parse", "blank", "loop", "distinct4", "edit_sim", "first_line", "body_loss", "body_loss_char")
+
+
+@torch.no_grad()
+def decode_many(model, prompts, max_new_tokens, eot=None, batch=64, stops=None, **settings):
+    """Decode many prompts, `batch` at a time (rows that finish early stay frozen), each to end-of-text,
+    max_new_tokens or its stop rule's end (stops: one per prompt, or None). Returns (outputs, forwards that
+    committed each prompt's tokens, histogram of tokens committed per forward run). train.py checks a model
+    with it; bench.py decodes one prompt at a time, with timing."""
+    outs, forwards, hist = [], [], 0
+    jac = Jacobi(model, batch=min(batch, len(prompts)), eot=eot,
+                 max_len=max(len(p) for p in prompts) + max_new_tokens, **settings)
+    for lo in range(0, len(prompts), jac.B):
+        chunk = prompts[lo:lo + jac.B]
+        o, f, _, _ = jac.decode_batch(chunk, max_new_tokens, None if stops is None else stops[lo:lo + jac.B])
+        outs += o
+        forwards += f
+        hist = hist + jac.state.accepted[:len(chunk)].sum(0).cpu()
+    return outs, forwards, hist
 
 
 def eval_sets(cfg, enc, seq_len, new, corpus):

@@ -1,4 +1,5 @@
-"""The paper's training row, mask and loss, written literally:
+"""The paper's statements, written literally: its Jacobi decoding loop (`jacobi_reference`, the algorithm
+jfmini.jacobi.Jacobi runs batched in fixed shapes), and its training row, mask and loss:
 
     [ prompt | k_0 | l_0 | k_1 | l_1 | ... | k_{T-1} | l_{T-1} | padding ]
 
@@ -19,7 +20,36 @@ import torch
 import torch.nn.functional as F
 
 from jfmini.forcing import draw_packing, state_ratios
+from jfmini.jacobi import guesses
 from jfmini.masks import dense_mask
+from jfmini.runtime.engine import finish
+
+
+@torch.no_grad()
+def jacobi_reference(model, prompt, block_len, max_new_tokens, eot=None):
+    """The paper's Jacobi decoding, batch 1, eager, no cache: the plain loop the fast Jacobi class runs in
+    fixed shapes. A block is the verified next token v and n-1 guesses. Each iteration is one parallel
+    forward over prompt + committed + block; the greedy prediction after every position is the Jacobi
+    update. The block's leading tokens that equal the prediction before them are verified (v always is)
+    and committed; the rest of the block becomes the predictions after them. A block fully committed
+    starts the next one. Returns (new tokens, forwards); the tokens are exactly greedy AR's."""
+    dev, n = model.embed.weight.device, block_len
+    text = list(prompt)
+    def predict(tokens):                                         # greedy next token after every position
+        return model(torch.tensor([tokens], device=dev), torch.arange(len(tokens), device=dev))[0].argmax(-1).tolist()
+    def new_block(v, it):                                        # v + n-1 guesses, as the fast decoder draws them
+        t, m = torch.tensor([text]), torch.tensor([len(text)])
+        return [v] + guesses(t, m, torch.tensor([it]), torch.arange(n))[0, 1:].tolist()
+    block, forwards = new_block(predict(text)[-1], 0), 0
+    while len(text) - len(prompt) < max_new_tokens and (eot is None or eot not in text[len(prompt):]):
+        pred = predict(text + block)[len(text):]                # pred[i]: the prediction after block[i]
+        forwards += 1
+        a = 1                                                    # verified: block[0], then each match
+        while a < len(block) and block[a] == pred[a - 1]:
+            a += 1
+        text += block[:a]
+        block = pred[a - 1:len(block) - 1] if a < len(block) else new_block(pred[a - 1], forwards - 1)
+    return finish(text[len(prompt):], max_new_tokens, eot), forwards
 
 
 def noise_aware_mask(prompt_len, pad_start, block_len, context="clean"):

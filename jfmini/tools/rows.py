@@ -4,7 +4,8 @@ import gc
 
 import torch
 
-from jfmini.jacobi import Jacobi, generate_ar
+from jfmini.jacobi import Jacobi
+from jfmini.tools.ar import generate_ar
 from jfmini.runtime.engine import METHODS, Stats
 
 # The sweep: block length x blocks in flight x (recycled, n-gram) candidates x candidate length.
@@ -58,7 +59,7 @@ def run_row(model, settings, prompts, cfg, eot, compile, passes, max_len=None):
         torch.manual_seed(cfg.seed)
         results.append([list(x) for x in zip(*(jac.generate(p, cfg.max_new_tokens, every, stop=stop)
                                                for p, stop in zip(prompts, stops or none)))])
-    return results, step_us(jac, prompts[0], cfg.max_new_tokens) if jac.graph_enabled else None
+    return results, step_us(jac, prompts[0], cfg.max_new_tokens) if jac.step.enabled else None
 
 
 def total(stats):
