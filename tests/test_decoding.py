@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import cuda, tiny_model
-from jfmini.runtime.common import UserError
+from jfmini.runtime.errors import UserError
 from jfmini.jacobi import Flight, Jacobi, Verdict, decode_many, generate_ar, jacobi_reference
 from jfmini.model import GPT, GPTConfig
 

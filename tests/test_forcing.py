@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import EOT, cuda, tiny_model
-from jfmini.runtime.common import UserError
+from jfmini.runtime.errors import UserError
 from jfmini.jacobi import Jacobi
 from jfmini.jacobi import generate_ar
 from jfmini.forcing import collect_trajectories, forcing_loss, noise_ratio, pack, packed_length, target_ratios

@@ -11,9 +11,11 @@ import torch
 
 from jfmini.forcing import accuracy_by_distance, collect_trajectories
 from jfmini.jacobi import decode_many
-from jfmini.runtime.common import UserError, atomic_write, file_sha256
-from jfmini.runtime.data import completion_text, heldout_prompts, model_tokenizer, read_prompts
-from jfmini.runtime.files import load_checkpoint
+from jfmini.runtime.errors import UserError
+from jfmini.runtime.writes import atomic_write, file_sha256
+from jfmini.runtime.tokenizers import completion_text, model_tokenizer
+from jfmini.runtime.prompts import heldout_prompts, read_prompts
+from jfmini.runtime.checkpoints import load_checkpoint
 from jfmini.runtime.quality import LOOP_DISTINCT4, distinct4, paired_difference, score, summarize, truth_loss
 from jfmini.runtime.stop import function_stops
 
