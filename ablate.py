@@ -18,9 +18,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from jfmini.runtime.common import (UserError, check_writable, cli, field, file_sha256, out_dir_lock, parse_config,
-                                   write_failed)
-from jfmini.runtime.files import load_checkpoint
+from jfmini.runtime.errors import UserError
+from jfmini.runtime.cli import cli, field, parse_config
+from jfmini.runtime.writes import check_writable, file_sha256, out_dir_lock, write_failed
+from jfmini.runtime.checkpoints import load_checkpoint
 from jfmini.runtime.training import Run, changed_flags
 from jfmini.tools.evaluate import evaluate
 from jfmini.tools.config import ROUND_FLAGS, TrainConfig, checks, with_preset

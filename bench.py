@@ -36,9 +36,13 @@ from pathlib import Path
 
 import torch
 
-from jfmini.runtime.common import UserError, atomic_write, check_writable, cli, field, parse_config, pick_device
-from jfmini.runtime.data import completion_text, heldout_prompts, model_tokenizer, read_prompts
-from jfmini.runtime.files import default_checkpoint, load_checkpoint, read_sweep
+from jfmini.runtime.errors import UserError
+from jfmini.runtime.cli import cli, field, parse_config, pick_device
+from jfmini.runtime.writes import atomic_write, check_writable
+from jfmini.runtime.tokenizers import completion_text, model_tokenizer
+from jfmini.runtime.prompts import heldout_prompts, read_prompts
+from jfmini.runtime.files import read_sweep
+from jfmini.runtime.checkpoints import default_checkpoint, load_checkpoint
 from jfmini.runtime.engine import METHODS
 from jfmini.runtime.quality import LOOP_DISTINCT4, distinct4, score, summarize, truth_loss
 from jfmini.runtime.stop import function_stops

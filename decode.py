@@ -24,11 +24,13 @@ from pathlib import Path
 
 import torch
 
-from jfmini.runtime.common import UserError, cli, field, parse_config, pick_device
-from jfmini.runtime.data import model_tokenizer
+from jfmini.runtime.errors import UserError
+from jfmini.runtime.cli import cli, field, parse_config, pick_device
+from jfmini.runtime.tokenizers import model_tokenizer
 from jfmini.jacobi import Jacobi
 from jfmini.runtime.engine import METHODS, SETTINGS, finish
-from jfmini.runtime.files import default_checkpoint, load_checkpoint, read_sweep
+from jfmini.runtime.files import read_sweep
+from jfmini.runtime.checkpoints import default_checkpoint, load_checkpoint
 from jfmini.runtime.stop import StopAtFunctionEnd, token_pieces
 
 

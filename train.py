@@ -29,10 +29,14 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from jfmini.runtime.common import UserError, atomic_save, check_writable, cli, file_sha256, out_dir_lock, parse_config
-from jfmini.runtime.files import check_npz, check_token_files, check_token_meta, check_trajectories, load_checkpoint
-from jfmini.runtime.data import (get_batch, load_split, model_tokenizer, prepare_corpus, token_cache, tokenizer,
-                                 trajectory_prompts)
+from jfmini.runtime.errors import UserError
+from jfmini.runtime.cli import cli, parse_config
+from jfmini.runtime.writes import atomic_save, check_writable, file_sha256, out_dir_lock
+from jfmini.runtime.files import check_npz, check_token_files, check_token_meta, check_trajectories
+from jfmini.runtime.checkpoints import load_checkpoint
+from jfmini.runtime.tokenizers import model_tokenizer, tokenizer
+from jfmini.runtime.corpus import get_batch, load_split, prepare_corpus, token_cache
+from jfmini.runtime.prompts import trajectory_prompts
 from jfmini.runtime.training import (Run, changed_flags, check_replicas, flops_per_token, make_optimizer, resume,
                                      save_state, train_loop, val_loss)
 from jfmini.forcing import collect_trajectories, pack_rows, row_length, row_objective

@@ -31,7 +31,7 @@ class GPTConfig:
     n_head: int = 8
     d_model: int = 512
     rope_base: float = 10000.0
-    tokenizer: str = "gpt2"  # the encoding (jfmini.runtime.data.tokenizer): gpt2, or p50k with tokens for runs of spaces
+    tokenizer: str = "gpt2"  # the encoding (jfmini.runtime.tokenizers.tokenizer): gpt2, or p50k with tokens for runs of spaces
 
     def to_dict(self):
         return asdict(self)

@@ -20,8 +20,10 @@ import pytest
 import torch
 
 from conftest import ROOT
-from jfmini.runtime.common import UserError, atomic_save, atomic_write, check_writable, field, parse_config
-from jfmini.runtime.files import load_checkpoint
+from jfmini.runtime.errors import UserError
+from jfmini.runtime.cli import field, parse_config
+from jfmini.runtime.writes import atomic_save, atomic_write, check_writable
+from jfmini.runtime.checkpoints import load_checkpoint
 from test_scripts import TINY, assert_clean_failure, no_temp_files, run, tiny_base
 
 slow = pytest.mark.slow
@@ -237,7 +239,7 @@ def test_disk_full_save_is_a_user_error_and_keeps_the_old_file(tmp_path, monkeyp
 def test_a_real_full_disk_reaches_the_save_helper_as_enospc():
     """torch.save given a file name reports a full disk as an opaque RuntimeError; atomic_save writes
     through a Python file, so the OSError(ENOSPC) that the one-line message needs comes through."""
-    from jfmini.runtime.common import _torch_save
+    from jfmini.runtime.writes import _torch_save
     with pytest.raises(OSError) as e:
         _torch_save({"x": torch.zeros(1 << 16)}, "/dev/full")
     assert e.value.errno == errno.ENOSPC

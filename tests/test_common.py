@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from jfmini.runtime.common import atomic_save, atomic_write
+from jfmini.runtime.writes import atomic_save, atomic_write
 
 
 def dead_pid():

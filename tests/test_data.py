@@ -3,9 +3,10 @@ import socket
 
 import pytest
 
-from jfmini.runtime.common import UserError
-from jfmini.runtime.data import (SKIP_DIRS, byte_tokenizer, corpus_files, function_prompts, gpt2_tokenizer, heldout_prompts,
-                                 line_prompts, read_prompts, read_source, split_of, tokenizer, trajectory_prompts)
+from jfmini.runtime.errors import UserError
+from jfmini.runtime.tokenizers import byte_tokenizer, gpt2_tokenizer, tokenizer
+from jfmini.runtime.corpus import SKIP_DIRS, corpus_files, read_source, split_of
+from jfmini.runtime.prompts import function_prompts, heldout_prompts, line_prompts, read_prompts, trajectory_prompts
 
 
 def test_gpt2_tokenizer_offline_known_ids(monkeypatch):
@@ -155,7 +156,7 @@ def test_fit_lines_takes_as_many_whole_lines_as_the_plain_rule(budget):
     the guess is good or bad."""
     import ast
     import random
-    from jfmini.runtime.data import fit_lines, line_tokens
+    from jfmini.runtime.prompts import fit_lines, line_tokens
     enc = gpt2_tokenizer()
     files = corpus_files("stdlib", "traj")[:12]
     checked = 0

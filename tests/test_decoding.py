@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import cuda, tiny_model
-from jfmini.runtime.common import UserError
+from jfmini.runtime.errors import UserError
 from jfmini.jacobi import Flight, Jacobi, Verdict
 from jfmini.tools.ar import generate_ar
 from jfmini.tools.evaluate import decode_many

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import EOT, cuda, tiny_model
-from jfmini.runtime.common import UserError
+from jfmini.runtime.errors import UserError
 from jfmini.jacobi import Jacobi
 from jfmini.tools.ar import generate_ar
 from jfmini.forcing import collect_trajectories, noise_ratio, target_ratios

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from jfmini.runtime.common import UserError
-from jfmini.runtime.data import P50K_SHA256, byte_tokenizer, p50k_table, token_cache, tokenizer
+from jfmini.runtime.errors import UserError
+from jfmini.runtime.tokenizers import P50K_SHA256, byte_tokenizer, p50k_table, tokenizer
+from jfmini.runtime.corpus import token_cache
 from jfmini.forcing import pack_rows
 from jfmini.masks import TRUTH
 from jfmini.runtime.trajectories import Trajectories, longest_run, repetitive
@@ -185,7 +186,7 @@ def test_byte_tokenizer_still_serves_the_tests():
 def test_the_gpu_preset_config_passes_its_own_checks():
     """The gpu preset's model (p50k's 50,281 tokens) is accepted: the size check must know the tokenizer."""
     import train
-    from jfmini.runtime.common import parse_config
+    from jfmini.runtime.cli import parse_config
     cfg = train.with_preset(parse_config(train.TrainConfig, ["--preset", "gpu"], checks=train.checks), True)
     assert cfg.vocab_size == 50281 and cfg.tokenizer == "p50k"
 
@@ -194,7 +195,7 @@ def test_the_long_gpu_preset_is_the_gpu_preset_with_more_rows():
     """gpu-long changes only the number of trajectory prompts and distillation steps; flags still win."""
     import dataclasses
     import train
-    from jfmini.runtime.common import parse_config
+    from jfmini.runtime.cli import parse_config
     made = lambda *flags: dataclasses.asdict(train.with_preset(parse_config(train.TrainConfig, list(flags),
                                                                             checks=train.checks), True))
     gpu, long = made("--preset", "gpu"), made("--preset", "gpu-long")

@@ -19,7 +19,7 @@ import torch
 
 from conftest import cuda, tiny_model
 from jfmini.jacobi import Jacobi
-from jfmini.runtime.common import UserError
+from jfmini.runtime.errors import UserError
 from jfmini.tools.ar import generate_ar
 from jfmini.runtime.stop import StopAtFunctionEnd
 

@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from conftest import ROOT, tiny_model
-from jfmini.runtime.common import atomic_save
-from jfmini.runtime.files import load_checkpoint
+from jfmini.runtime.writes import atomic_save
+from jfmini.runtime.checkpoints import load_checkpoint
 from jfmini.model import GPT, GPTConfig
 
 pytestmark = pytest.mark.slow
@@ -51,7 +51,7 @@ def tiny_base(path):
 def fake_token_cache(out, vocab=4096, tokens=4096, seed=0, corpus="stdlib"):
     """A token cache of random ids that prepare_corpus takes as already built (its meta.json matches), so
     that a TINY pretraining run starts at once instead of tokenizing the corpus first."""
-    from jfmini.runtime.data import SPLITS, token_cache
+    from jfmini.runtime.corpus import SPLITS, token_cache
     d = token_cache(out, corpus, vocab)
     d.mkdir(parents=True, exist_ok=True)
     ids = np.random.default_rng(seed).integers(0, vocab - 1, tokens).astype(np.uint16)
@@ -340,7 +340,7 @@ def test_round_reuses_only_trajectories_of_the_same_source(tmp_path, files):
     fresh = run("train.py", *args)
     assert fresh.returncode == 0, fresh.stderr[-2000:]
     assert "trajectories: 6 mixed prompts" in fresh.stdout and "reusing" not in fresh.stdout
-    from jfmini.runtime.common import file_sha256
+    from jfmini.runtime.writes import file_sha256
     from jfmini.runtime.trajectories import Trajectories
     made = [Trajectories.load(p) for p in out.glob("traj_*.npz")]
     assert len(made) == 2 and all(t.problem() is None for t in made)
@@ -616,7 +616,8 @@ def test_replay_anchor(tmp_path, files, anchor):
 def test_resumed_round_keeps_its_starting_model_as_the_kl_anchor(tmp_path, files):
     import train
     from jfmini.runtime import training
-    from jfmini.runtime.common import file_sha256, parse_config
+    from jfmini.runtime.cli import parse_config
+    from jfmini.runtime.writes import file_sha256
     out = tmp_path / "out"
     replay_setup(out, files)
     model, _ = load_checkpoint(files / "base.pt")

@@ -241,7 +241,8 @@ def test_kept_text_is_lossless_in_cuda_graphs(compile):
 def test_stop_rule_keeps_heldout_true_bodies_whole():
     """Held-out prompts are cut from the middle of files, some inside a docstring: the rule still finds
     each prompt's def, keeps its true body whole and cuts what follows."""
-    from jfmini.runtime.data import heldout_prompts, tokenizer
+    from jfmini.runtime.tokenizers import tokenizer
+    from jfmini.runtime.prompts import heldout_prompts
     records = heldout_prompts("stdlib", tokenizer("p50k"), count=200)
     assert len(records) >= 100
     for r in records:

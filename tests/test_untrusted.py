@@ -23,9 +23,10 @@ import pytest
 import torch
 
 from conftest import ROOT
-from jfmini.runtime.common import file_sha256, parse_config
+from jfmini.runtime.cli import parse_config
+from jfmini.runtime.writes import file_sha256
 from jfmini.runtime import training
-from jfmini.runtime.files import load_checkpoint
+from jfmini.runtime.checkpoints import load_checkpoint
 from test_scripts import LONG, PY, TINY, fake_token_cache, no_temp_files, tiny_base
 
 sys.path.insert(0, str(ROOT))
@@ -535,7 +536,7 @@ def test_an_ignored_signal_stays_ignored():
     """`nohup` starts a run with SIGHUP ignored, a script's background job with SIGINT ignored: cli()'s
     handlers leave those alone, and put every handler back afterwards."""
     import signal
-    from jfmini.runtime.common import _on_stop_signal, stop_signals_raise
+    from jfmini.runtime.signals import _on_stop_signal, stop_signals_raise
     before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
@@ -562,7 +563,7 @@ def test_the_sweep_file_bench_writes_passes_the_check(tmp_path):
 
 
 def test_rng_state_round_trips_as_plain_types():
-    from jfmini.runtime.files import rng_ok, rng_state, set_rng_state
+    from jfmini.runtime.states import rng_ok, rng_state, set_rng_state
     np.random.seed(5)
     torch.manual_seed(5)
     state = rng_state()
@@ -599,7 +600,8 @@ def test_file_size_limit_in_the_save_helper(tmp_path):
     """The same real failure at the helper: EFBIG under RuntimeError('unexpected pos') becomes the
     one-line UserError."""
     code = ("import resource, signal, sys, torch; sys.path.insert(0, sys.argv[2]); "
-            "from jfmini.runtime.common import atomic_save, UserError; atomic_save({'x': torch.zeros(10)}, sys.argv[1]); "
+            "from jfmini.runtime.errors import UserError; from jfmini.runtime.writes import atomic_save; "
+            "atomic_save({'x': torch.zeros(10)}, sys.argv[1]); "
             "signal.signal(signal.SIGXFSZ, signal.SIG_IGN); resource.setrlimit(resource.RLIMIT_FSIZE, (50000, 50000))\n"
             "try:\n    atomic_save({'x': torch.zeros(100000)}, sys.argv[1])\n"
             "except UserError as e:\n    print(e)")
@@ -611,7 +613,8 @@ def test_file_size_limit_in_the_save_helper(tmp_path):
 
 
 def test_the_lock_never_writes_through_a_link(tmp_path):
-    from jfmini.runtime.common import UserError, out_dir_lock
+    from jfmini.runtime.errors import UserError
+    from jfmini.runtime.writes import out_dir_lock
     victim = tmp_path / "victim.txt"
     victim.write_text("keep me\n")
     out = tmp_path / "out"
@@ -630,7 +633,7 @@ def test_the_lock_never_writes_through_a_link(tmp_path):
 def test_a_write_probe_never_follows_a_planted_link(tmp_path):
     """check_writable makes a new file of a random name (O_EXCL): a link planted under a guessable name is
     never written through."""
-    from jfmini.runtime.common import check_writable
+    from jfmini.runtime.writes import check_writable
     victim = tmp_path / "victim.txt"
     victim.write_text("keep me\n")
     out = tmp_path / "out"

@@ -4,9 +4,16 @@ method.
 - engine:       a Jacobi decoder run fast (CUDA graph replay, the host loops for one prompt and for a batch)
 - trajectories: trajectories stored, loaded and checked; loop filters; merging the ranks' shares
 - training:     the process, the schedule and optimizer, resumable states, the training loop, the validation loss
-- common:       flags from config dataclasses, atomic writes, errors, signals, locks
-- files:        every file read is untrusted: checkpoints (and their loader), states, trajectories, token caches, sweeps
-- data:         offline tokenizers, the corpus and its splits, prompts, HumanEval
+- errors:       UserError, the one-line error for bad input (the idea layer may raise it)
+- signals:      stop signals as an exception, held back while a file is written
+- cli:          the scripts' exit codes and stdout, flags from config dataclasses, torchrun's environment, the device
+- writes:       atomic writes, the start-up write check, file hashes, the out_dir lock
+- files:        every file read is untrusted: what the checks share; trajectories, token caches, sweeps
+- checkpoints:  model configs, checkpoints and their loader (it builds the model), each checked whole
+- states:       the optimizer and RNG states of a resumable checkpoint, checked before they are loaded
+- tokenizers:   offline tokenizers (GPT-2's BPE, p50k), a completion's text
+- corpus:       the corpus, its splits and token files, training batches
+- prompts:      trajectory and held-out prompts, HumanEval and JSONL prompts
 - stop:         what a user keeps: the function's end
 - quality:      what a completion is worth against the true code, with standard errors
 """

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from jfmini.runtime.common import UserError
+from jfmini.runtime.errors import UserError
 
 
 @dataclass

@@ -11,10 +11,13 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from jfmini.runtime.common import (UserError, atomic_save, check_device, distributed_env, interrupted, pick_device,
-                                   quiet_stdout, signals_deferred)
-from jfmini.runtime.data import get_batch
-from jfmini.runtime.files import load_checkpoint, load_optimizer_state, rng_state, set_rng_state
+from jfmini.runtime.errors import UserError
+from jfmini.runtime.signals import interrupted, signals_deferred
+from jfmini.runtime.cli import check_device, distributed_env, pick_device, quiet_stdout
+from jfmini.runtime.writes import atomic_save
+from jfmini.runtime.corpus import get_batch
+from jfmini.runtime.checkpoints import load_checkpoint
+from jfmini.runtime.states import load_optimizer_state, rng_state, set_rng_state
 
 
 class Run:

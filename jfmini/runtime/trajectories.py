@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from jfmini.runtime.common import UserError, atomic_write
+from jfmini.runtime.errors import UserError
+from jfmini.runtime.writes import atomic_write
 
 
 @dataclass

@@ -7,9 +7,12 @@ import re
 from dataclasses import dataclass
 
 from jfmini.model import GPTConfig
-from jfmini.runtime.common import UserError, field, world_size
-from jfmini.runtime.data import TOKENIZERS, TRAJ_SOURCES, full_vocab
-from jfmini.runtime.files import gb, memory_bytes, model_config_problem, param_count
+from jfmini.runtime.errors import UserError
+from jfmini.runtime.cli import field, world_size
+from jfmini.runtime.tokenizers import TOKENIZERS, full_vocab
+from jfmini.runtime.prompts import TRAJ_SOURCES
+from jfmini.runtime.files import gb, memory_bytes
+from jfmini.runtime.checkpoints import model_config_problem, param_count
 
 
 @dataclass

@@ -10,11 +10,13 @@ import numpy as np
 import torch
 
 from jfmini.forcing import collect_trajectories
-from jfmini.tools.paper import accuracy_by_distance
 from jfmini.jacobi import Jacobi
-from jfmini.runtime.common import UserError, atomic_write, file_sha256
-from jfmini.runtime.data import completion_text, heldout_prompts, model_tokenizer, read_prompts
-from jfmini.runtime.files import load_checkpoint
+from jfmini.runtime.errors import UserError
+from jfmini.runtime.writes import atomic_write, file_sha256
+from jfmini.runtime.tokenizers import completion_text, model_tokenizer
+from jfmini.runtime.prompts import heldout_prompts, read_prompts
+from jfmini.runtime.checkpoints import load_checkpoint
+from jfmini.tools.paper import accuracy_by_distance
 from jfmini.runtime.quality import LOOP_DISTINCT4, distinct4, paired_difference, score, summarize, truth_loss
 from jfmini.runtime.stop import function_stops
 

@@ -3,7 +3,7 @@ plain-text charts (also redrawn from an earlier run's JSON line)."""
 import json
 from pathlib import Path
 
-from jfmini.runtime.common import UserError
+from jfmini.runtime.errors import UserError
 from jfmini.runtime.quality import LOOP_DISTINCT4
 from jfmini.tools.rows import describe
 

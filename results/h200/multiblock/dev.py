@@ -7,7 +7,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 import torch
 import bench
 import jfmini.model as M
-from jfmini.runtime.data import read_prompts, tokenizer
+from jfmini.runtime.tokenizers import tokenizer
+from jfmini.runtime.prompts import read_prompts
 from jfmini.jacobi import Jacobi
 
 t0 = time.time()
