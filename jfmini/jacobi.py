@@ -23,15 +23,9 @@ import torch
 from jfmini.candidates import file_rejected, grow, ngram_rows, recycled_rows
 from jfmini.masks import cache_mask
 from jfmini.runtime.engine import Replay, check_args, check_prompts, decode_batch, generate
+from jfmini.runtime.sampling import distribution, draw
 
 KV_TILE = 128     # the cache length is a multiple of this (regular kernel shapes)
-
-
-def draw(p, noise):
-    """One sample from each distribution p (..., V), given Exp(1) noise of the same shape: the token with
-    the largest p / noise is token i with probability exactly p_i (the first of independent exponential
-    clocks of rates p_i to ring). Rows that share their noise and their p draw the same token."""
-    return (p / noise.clamp(min=1e-30)).argmax(-1)
 
 
 def guesses(text, m, it, slots):
@@ -41,22 +35,6 @@ def guesses(text, m, it, slots):
     h = (it[:, None] + 1) * 1000003 + (slots + 1) * 7919 + m[:, None] * 31
     h = (h * 2654435761) % 2147483647
     return text.gather(1, h % m[:, None])
-
-
-def distribution(logits, temperature, top_k=0, top_p=1.0):
-    """AR sampling's next-token distribution after every position: softmax(logits / temperature) over the
-    top_k most likely tokens (0 = all), then over the smallest set of most likely tokens whose mass reaches
-    top_p (1 = all), renormalised. (..., V) -> (..., V) probabilities, in float32 at least."""
-    z = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
-    if top_k:
-        z = z.masked_fill(z < z.topk(min(top_k, z.shape[-1]), -1).values[..., -1:], float("-inf"))
-    p = z.softmax(-1)
-    if top_p < 1:
-        sorted_p, order = p.sort(-1, descending=True)
-        drop = sorted_p.cumsum(-1) - sorted_p >= top_p        # the mass before this token already reaches top_p
-        p = p.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), 0)
-        p = p / p.sum(-1, keepdim=True)
-    return p
 
 
 class Verdict(NamedTuple):
@@ -109,21 +87,16 @@ class State:
 
 
 class Jacobi:
-    """Batched Jacobi decoding in fixed shapes, greedy or sampled; block_len=1 is plain AR.
-
-    block_len n, num_blocks K (multi-block: a new pseudo-active block is appended once the newest block
-    has converged activation_ratio*n tokens), pool_size (rejection recycling: candidate rows per forward,
-    drawn from a pool of the 2*pool_size latest rejected drafts that contain the verified next token), ngram (jfmini, beyond the paper:
-    context n-gram candidates, i.e. prompt lookup), cand_len c (tokens per candidate row, at most n).
-    Rows of the batch are independent sequences (trajectory collection decodes many prompts at once;
-    bench.py --batch decodes B prompts together).
+    """Batched Jacobi decoding in fixed shapes, greedy or sampled; block_len=1 is plain AR. Rows of the
+    batch are independent sequences. block_len n; num_blocks K (multi-block: a pseudo-active block joins
+    once the newest has converged activation_ratio*n tokens); pool_size (rejection recycling: candidate
+    rows per forward from the 2*pool_size latest rejected drafts); ngram (context n-gram candidate rows);
+    cand_len c (tokens per candidate row, at most n).
 
     temperature > 0 (with top_k, top_p) samples exactly as AR sampling does (jfmini, beyond the paper):
     each iteration draws one token after every position, with fresh noise shared by every row at the same
-    depth, and a token is accepted when it equals the token drawn before it. This is speculative sampling
-    with point-mass drafts (x kept with probability p(x), else a draw from p without x; rows sharing the
-    drawn token stay). The drafts stay greedy guesses, made before the noise that judges them.
-    """
+    depth, and a token is accepted when it equals the token drawn before it: speculative sampling with
+    point-mass drafts. The drafts stay greedy guesses, made before the noise that judges them."""
 
     def __init__(self, model, block_len=16, num_blocks=1, pool_size=0, ngram=0, cand_len=None,
                  activation_ratio=0.85, batch=1, eot=None, graph=None, compile=False, max_len=None,
@@ -180,16 +153,13 @@ class Jacobi:
         mask = cache_mask(first, first[:, None].expand(B, longest), slots, self.S, lo=self.base)
         logits = self.model(idx, pos, mask, slots)                     # (B, longest, V)
         start = torch.tensor(lens, device=self.dev)
-        for t in (s.text, s.iteration, s.forwards, s.done, s.pool_next, s.accepted, s.committed_by):
-            t.zero_()
+        for t, value in ((s.text, 0), (s.iteration, 0), (s.forwards, 0), (s.done, 0), (s.pool_next, 0),
+                         (s.accepted, 0), (s.committed_by, 0), (s.limit, max_new_tokens), (s.pool, -1),
+                         (s.blocks, 1), (s.block0_left, n), (s.in_flight, n)):
+            t.fill_(value)
         s.text[:, :longest] = idx
         s.length.copy_(start)
         s.prompt_len.copy_(start)
-        s.limit.fill_(max_new_tokens)
-        s.pool.fill_(-1)
-        s.blocks.fill_(1)
-        s.block0_left.fill_(n)
-        s.in_flight.fill_(n)
         v = self._next(logits[self.bidx, start - 1])                   # the next token after each prompt (B,)
         s.draft.copy_(torch.where(self.arange_W == 0, v[:, None], self._guesses(start)))
         s.cand.copy_(s.draft[:, None, :self.c].expand_as(s.cand))

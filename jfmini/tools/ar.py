@@ -4,9 +4,9 @@ import time
 
 import torch
 
-from jfmini.jacobi import distribution, draw
 from jfmini.masks import cache_mask
 from jfmini.runtime.engine import Stats, check_args, sync
+from jfmini.runtime.sampling import distribution, draw
 
 
 @torch.no_grad()
