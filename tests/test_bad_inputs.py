@@ -326,13 +326,13 @@ def test_help_works_for_any_dataclass_field(capsys):
 
 def test_show_counts_only_the_tokens_it_shows():
     """--show: the last forward may commit past the cut at max_new_tokens; its line counts what it shows."""
-    import decode
+    from jfmini.tools import show
 
     class Letters:
         def decode(self, tokens):
             return "".join(chr(ord("a") + t) for t in tokens)
     final = [1, 2, 3, 4, 5]                          # 5 new tokens after a 3-token prompt
     frames = [(3 + 2, [3, 9]), (3 + 8, [0])]         # 2 committed, then 6 more of which 3 survive the cut
-    lines = decode.render(Letters(), frames, final, 3, color=False).splitlines()
+    lines = show.render(Letters(), frames, final, 3, color=False).splitlines()
     assert lines[1].startswith("   0 +2  [b][c] | {d} j")
     assert lines[2].startswith("   1 +3  [d][e][f] |")

@@ -237,20 +237,20 @@ def test_bench_counts_the_tokens_a_step_verifies(settings):
 
 
 def test_bench_tie_analysis_helpers():
-    import bench
-    assert bench.first_divergence([1, 2, 3], [1, 2, 3]) is None
-    assert bench.first_divergence([1, 2], [1, 2, 3]) is None          # a length difference is no token choice
-    assert bench.first_divergence([1, 2, 3, 4], [1, 2, 9, 4]) == 2
+    from jfmini.tools import lossless
+    assert lossless.first_divergence([1, 2, 3], [1, 2, 3]) is None
+    assert lossless.first_divergence([1, 2], [1, 2, 3]) is None       # a length difference is no token choice
+    assert lossless.first_divergence([1, 2, 3, 4], [1, 2, 9, 4]) == 2
     model = tiny_model()
     model.new_cache(1, 16)                                             # ignored: tie_gap passes no slots
     prompt, ref = [5, 6, 7], [8, 9, 10, 11]
     with torch.no_grad():
         logits = model(torch.tensor([prompt + ref[:2]]), torch.arange(5))[0, -1]
-    gap, step = bench.tie_gap(model, prompt, ref, 2, 42, torch.bfloat16)
+    gap, step = lossless.tie_gap(model, prompt, ref, 2, 42, torch.bfloat16)
     assert gap == pytest.approx((logits[10] - logits[42]).item(), abs=1e-5)
     top = max(abs(logits[10].item()), abs(logits[42].item()))
     assert step == 2.0 ** -7 * 2.0 ** math.floor(math.log2(top))      # bf16 spacing at that magnitude
-    assert bench.tie_gap(model, prompt, ref, 2, ref[2], torch.float32)[0] == 0.0
+    assert lossless.tie_gap(model, prompt, ref, 2, ref[2], torch.float32)[0] == 0.0
 
 
 
@@ -258,9 +258,9 @@ def test_bench_kept_length_difference_is_judged_where_the_full_outputs_part(monk
     """A kept text that stops where AR's goes on differs at the token that decided the stop: the tie analysis
     measures the gap where the full-length outputs part. Kept texts that differ while the full outputs agree
     stay a failure."""
-    import bench
+    from jfmini.tools import lossless
     model = tiny_model()
-    monkeypatch.setattr(bench, "load_checkpoint", lambda path, device: (model, None))
+    monkeypatch.setattr(lossless, "load_checkpoint", lambda path, device: (model, None))
     speed = {f"{p}{k}": 1.0 for p in ("", "kept_") for k in ("chars_per_s", "tokens_per_s")}
     results = [dict(row="AR eager", model="jf", **speed), dict(row="AR fast", model="jf", **speed),
                dict(row="MR", model="jf", **speed)]
@@ -269,8 +269,8 @@ def test_bench_kept_length_difference_is_judged_where_the_full_outputs_part(monk
     mr_kept, mr_full = [[8, 9], [8, 9]], [[8, 9, 42, 11], [8, 9, 10, 11]]
     outputs = {"kept": [ar_kept, ar_kept, mr_kept], "full": [ar_full, ar_full, mr_full]}
     refs = {"kept": {"jf": ar_kept}, "full": {"jf": ar_full}}
-    bench.check_lossless(results, outputs, refs, prompts, {"jf": "unused"}, "cpu", torch.bfloat16)
-    gap, step = bench.tie_gap(model, prompts[0], ar_full[0], 2, 42, torch.bfloat16)
+    lossless.check_lossless(results, outputs, refs, prompts, {"jf": "unused"}, "cpu", torch.bfloat16)
+    gap, step = lossless.tie_gap(model, prompts[0], ar_full[0], 2, 42, torch.bfloat16)
     mr = results[2]
     assert mr["kept_mismatches"] == 2 and mr["mismatches"] == 1
     assert mr["kept_tie_gaps"] == [[round(gap, 4), round(abs(gap) / step, 2)], None]

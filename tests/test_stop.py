@@ -210,11 +210,11 @@ def test_kept_text_of_batched_rows_equals_ar_kept_text(settings):
 def test_decode_stop_streams_only_text_that_will_be_kept():
     """decode.py streams while decoding: never a last line of spaces (the function may end there) nor an
     unfinished UTF-8 character, until the text is final."""
-    import decode
-    assert decode.streamable("    x = 1\n    ", final=False) == "    x = 1\n"
-    assert decode.streamable("    x = 1\n    y", final=False) == "    x = 1\n    y"
-    assert decode.streamable("    s = '\ufffd", final=False) == "    s = '"
-    assert decode.streamable("    x = 1\n    ", final=True) == "    x = 1\n    "
+    from jfmini.tools import show
+    assert show.streamable("    x = 1\n    ", final=False) == "    x = 1\n"
+    assert show.streamable("    x = 1\n    y", final=False) == "    x = 1\n    y"
+    assert show.streamable("    s = '\ufffd", final=False) == "    s = '"
+    assert show.streamable("    x = 1\n    ", final=True) == "    x = 1\n    "
 
 
 @cuda

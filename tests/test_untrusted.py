@@ -665,8 +665,8 @@ def test_training_goes_on_when_its_log_has_no_reader(lab, tmp_path, monkeypatch,
 
 
 def test_ablate_table_with_probe_off():
-    import ablate
-    text = ablate.table([{"variant": "base"}, {"variant": "a", "seed": 1, "train_s": 3.0}], (32,))
+    from jfmini.tools import ablation
+    text = ablation.table([{"variant": "base"}, {"variant": "a", "seed": 1, "train_s": 3.0}], (32,))
     assert text.splitlines()[2].split()[:2] == ["base", "-"] and "a" in text.splitlines()[3]
 
 

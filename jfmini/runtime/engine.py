@@ -5,7 +5,7 @@
 - `decode`: the one host loop (prefill, iterations between host syncs, stop rules, the cut at the end);
   `generate` (one prompt, streaming) and `decode_batch` (up to B prompts) are the decoder's two ways in.
 - `METHODS`, `SETTINGS`: decoder settings by name; `Stats`, `check_args`, `finish`: counters, the settings'
-  checks, the end-of-text cut.
+  checks (`setting_checks`, which the scripts' flag checks share), the end-of-text cut.
 """
 import contextlib
 import gc
@@ -57,26 +57,32 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
+def setting_checks(flag="", block_len=None, num_blocks=None, max_new_tokens=None, cand_len=None, pool_size=None,
+                   ngram=None, activation_ratio=None, temperature=0.0, top_k=0, top_p=1.0):
+    """(ok, message) for each check of a decoder's settings, in order; a size of None is not checked. `flag`
+    prefixes each name: "" for check_args, "--" for the scripts' flags (their messages name the flag)."""
+    for name, v in (("block_len", block_len), ("num_blocks", num_blocks), ("max_new_tokens", max_new_tokens),
+                    ("cand_len", cand_len)):
+        yield v is None or v >= 1, f"{flag}{name} must be at least 1 (got {v})"
+    for name, v in (("pool_size", pool_size), ("ngram", ngram)):
+        yield v is None or v >= 0, f"{flag}{name} must be 0 or more (got {v})"
+    r = activation_ratio
+    yield r is None or 0 < r <= 1, f"{flag}activation_ratio must be in (0, 1] (got {r})"
+    yield temperature >= 0 and math.isfinite(temperature), \
+        f"{flag}temperature must be 0 (greedy) or more (got {temperature})"
+    yield top_k >= 0, f"{flag}top_k must be 0 (all tokens) or more (got {top_k})"
+    yield 0 < top_p <= 1, f"{flag}top_p must be in (0, 1] (got {top_p})"
+    yield temperature > 0 or (top_k == 0 and top_p == 1), \
+        f"{flag}top_k and {flag}top_p apply to sampling: give {flag + 'temperature' if flag else 'a temperature'} " \
+        f"above 0 too"
+
+
 def check_args(block_len=1, num_blocks=1, pool_size=0, ngram=0, cand_len=None, activation_ratio=0.85,
                max_new_tokens=1, temperature=0.0, top_k=0, top_p=1.0):
-    for name, v in (("block_len", block_len), ("num_blocks", num_blocks), ("max_new_tokens", max_new_tokens)):
-        if v < 1:
-            raise UserError(f"{name} must be at least 1 (got {v})")
-    for name, v in (("pool_size", pool_size), ("ngram", ngram)):
-        if v < 0:
-            raise UserError(f"{name} must be 0 or more (got {v})")
-    if cand_len is not None and cand_len < 1:
-        raise UserError(f"cand_len must be at least 1 (got {cand_len})")
-    if not 0 < activation_ratio <= 1:
-        raise UserError(f"activation_ratio must be in (0, 1] (got {activation_ratio})")
-    if not (temperature >= 0 and math.isfinite(temperature)):
-        raise UserError(f"temperature must be 0 (greedy) or more (got {temperature})")
-    if top_k < 0:
-        raise UserError(f"top_k must be 0 (all tokens) or more (got {top_k})")
-    if not 0 < top_p <= 1:
-        raise UserError(f"top_p must be in (0, 1] (got {top_p})")
-    if temperature == 0 and (top_k or top_p < 1):
-        raise UserError("top_k and top_p apply to sampling: give a temperature above 0 too")
+    for ok, msg in setting_checks("", block_len, num_blocks, max_new_tokens, cand_len, pool_size, ngram,
+                                  activation_ratio, temperature, top_k, top_p):
+        if not ok:
+            raise UserError(msg)
 
 
 def check_prompts(prompts, batch, max_new_tokens, context, capacity):

@@ -1,7 +1,10 @@
-"""The benchmark's report: the results table, the split by looping bodies, the batch table, and
-plain-text charts (also redrawn from an earlier run's JSON line)."""
+"""The benchmark's report: the results table, the split by looping bodies, the batch table, plain-text
+charts (also redrawn from an earlier run's JSON line), and that JSON line."""
 import json
+import time
 from pathlib import Path
+
+import torch
 
 from jfmini.runtime.errors import UserError
 from jfmini.runtime.quality import LOOP_DISTINCT4
@@ -175,3 +178,10 @@ def print_batch_table(results, sampled):
                             f"{r['tokens_per_forward']:.2f}") for r in results]))
     except UnicodeEncodeError:
         pass
+
+
+def json_line(gpu, dtype, started, **fields):
+    """A run's JSON line: the device, torch and the decoding dtype, then `fields` in their order, then the
+    seconds since `started`."""
+    return json.dumps({"device": gpu, "torch": torch.__version__, "dtype": str(dtype).replace("torch.", ""), **fields,
+                       "seconds": time.time() - started})
