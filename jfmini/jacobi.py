@@ -206,7 +206,8 @@ class Jacobi:
         verdict, length, ended = self._commit(verdict)   # 3. commit it
         flight = self._update(verdict, length)     # 4. the Jacobi update: the next drafts
         if self.K > 1:                             # 5. multi-block: grow a pseudo-active block
-            flight = self._grow(verdict, flight)
+            flight = grow(flight, verdict.a, verdict.guess, self.state.draft, self.state.in_flight, self.n, self.K,
+                          self.threshold)
         if self.rows:                              # 6. candidates for the next iteration
             self._recycle(verdict.a_main, flight.draft, length)
         self._store(verdict.a, length, ended, flight)    # 7. the new state, in place
@@ -312,12 +313,6 @@ class Jacobi:
             shifted = torch.where(self.arange_W == 0, drawn.gather(1, (a[:, None] - 1).clamp(min=0)), shifted)
         draft = torch.where(self.arange_W < keep[:, None], shifted, self._guesses(length))
         return Flight(draft, left0, blocks, torch.where(reset, n, s.in_flight - a), reset)
-
-    def _grow(self, verdict, flight):
-        """Multi-block: a pseudo-active block joins once the newest block has converged activation_ratio*n
-        tokens (jfmini.candidates.grow)."""
-        return grow(flight, verdict.a, verdict.guess, self.state.draft, self.state.in_flight, self.n, self.K,
-                    self.threshold)
 
     def _recycle(self, a_main, draft, length):
         """Candidate rows for the next iteration, each starting with the verified next token v:

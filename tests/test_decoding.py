@@ -6,7 +6,8 @@ import torch
 
 from conftest import cuda, tiny_model
 from jfmini.runtime.errors import UserError
-from jfmini.jacobi import Flight, Jacobi, Verdict
+from jfmini.candidates import grow
+from jfmini.jacobi import Flight, Jacobi
 from jfmini.tools.ar import generate_ar
 from jfmini.tools.evaluate import decode_many
 from jfmini.tools.paper import jacobi_reference
@@ -208,8 +209,8 @@ def test_a_block_whose_drafts_converged_grows_a_pseudo_active_block(run, grows):
     draft = converging_update(jac, run)
     s = jac.state
     zeros = torch.zeros_like(draft)
-    grown = jac._grow(Verdict(one, one, zeros, zeros, zeros),
-                      Flight(draft, s.block0_left - 1, s.blocks, s.in_flight - 1, one < 0))
+    grown = grow(Flight(draft, s.block0_left - 1, s.blocks, s.in_flight - 1, one < 0), one, zeros, s.draft, s.in_flight,
+                 jac.n, jac.K, jac.threshold)
     assert int(grown.blocks) == (2 if grows else 1) and int(grown.in_flight) == (7 + 8 if grows else 7)
 
 

@@ -99,36 +99,12 @@ def evaluate(cfg, run, path, label, block_lens=None, diagnose=False, base_path=N
     if not sets:
         run.log(f"{label}: speed and quality check skipped: no prompt fits a context of {model.cfg.seq_len} tokens")
         return res
-    per_prompt = {}
-    for name, records in sets.items():
-        prompts = [r["ids"] for r in records]
-        for n in block_lens:
-            outs, forwards, hist = decode_many(decoder, prompts, new, enc.eot_token, batch=256 if run.cuda else 64,
-                                               block_len=n, stops=function_stops(enc, prompts))
-            res[f"kept_tpf_{name}_n{n}"] = sum(map(len, outs)) / max(sum(forwards), 1)
-            res[f"kept_cpf_{name}_n{n}"] = sum(len(completion_text(enc, o)) for o in outs) / max(sum(forwards), 1)
-            if n == block_lens[0]:
-                res[f"accepted_{name}_n{n}"] = hist.tolist()
-                for group, want in (("loop", True), ("noloop", False)):   # TPF on bodies that loop, and not
-                    idx = [i for i, o in enumerate(outs) if (distinct4(o) < LOOP_DISTINCT4) == want]
-                    res[f"kept_tpf_{group}_{name}_n{n}"] = sum(len(outs[i]) for i in idx) / max(sum(forwards[i] for i in idx), 1)
-                full, full_forwards, _ = decode_many(decoder, prompts, new, enc.eot_token, block_len=n,
-                                                     batch=256 if run.cuda else 64)
-                res[f"full_tpf_{name}_n{n}"] = sum(map(len, full)) / max(sum(full_forwards), 1)
-                res[f"full_loop_{name}"] = sum(distinct4(o) < LOOP_DISTINCT4 for o in full) / len(full)
-                res[f"kept_tokens_{name}"] = sum(map(len, outs)) / len(outs)
-                per_prompt[name] = rows = quality(model, enc, records, outs, new, run)
-                for k, (mean, se) in summarize(rows).items():
-                    res[f"{k}_{name}"], res[f"{k}_{name}_se"] = mean, se
+    per_prompt = {name: measure_set(model, decoder, enc, name, records, new, block_lens, run, res)
+                  for name, records in sets.items()}
     atomic_write(Path(path).with_name(f"eval_{Path(path).stem}.json"),
                  json.dumps({"settings": eval_settings(cfg, path), **per_prompt}).encode())
-    if base_path is not None and Path(base_path).with_name(f"eval_{Path(base_path).stem}.json").exists():
-        base = json.loads(Path(base_path).with_name(f"eval_{Path(base_path).stem}.json").read_text())
-        for name, rows in per_prompt.items():
-            if len(base.get(name, [])) == len(rows):
-                for k in QUALITY:
-                    if k in rows[0]:
-                        res[f"delta_{k}_{name}"], res[f"delta_{k}_{name}_se"] = paired_difference(base[name], rows, k)
+    if base_path is not None:
+        paired_with_base(per_prompt, base_path, res)
     if diagnose and "heldout" in sets:
         n, prompts = block_lens[0], [r["ids"] for r in sets["heldout"]]
         traj = collect_trajectories(decoder, prompts, n, max(1, new // n), len(prompts), eot=None, log=lambda *_: None)
@@ -136,19 +112,64 @@ def evaluate(cfg, run, path, label, block_lens=None, diagnose=False, base_path=N
             hits, counts = accuracy_by_distance(model, traj, enc.eot_token, cfg.context)
         res["accuracy_by_distance"] = (hits / np.maximum(counts, 1)).round(4).tolist()
         res["positions_by_distance"] = counts.tolist()
+    log_results(run, label, res, sets, time.time() - t0)
+    return res
+
+
+def measure_set(model, decoder, enc, name, records, new, block_lens, run, res):
+    """One prompt set into res: vanilla-Jacobi TPF (and characters per forward) on kept text at each block
+    length; for the first, the acceptance histogram, TPF on bodies that loop and that do not, TPF and the
+    loop rate at full length, and the quality of the kept text. Returns the per-prompt quality rows."""
+    prompts, batch, rows = [r["ids"] for r in records], 256 if run.cuda else 64, None
+    for n in block_lens:
+        outs, forwards, hist = decode_many(decoder, prompts, new, enc.eot_token, batch=batch, block_len=n,
+                                           stops=function_stops(enc, prompts))
+        res[f"kept_tpf_{name}_n{n}"] = sum(map(len, outs)) / max(sum(forwards), 1)
+        res[f"kept_cpf_{name}_n{n}"] = sum(len(completion_text(enc, o)) for o in outs) / max(sum(forwards), 1)
+        if n != block_lens[0]:
+            continue
+        res[f"accepted_{name}_n{n}"] = hist.tolist()
+        for group, want in (("loop", True), ("noloop", False)):   # TPF on bodies that loop, and not
+            idx = [i for i, o in enumerate(outs) if (distinct4(o) < LOOP_DISTINCT4) == want]
+            res[f"kept_tpf_{group}_{name}_n{n}"] = sum(len(outs[i]) for i in idx) / max(sum(forwards[i] for i in idx), 1)
+        full, full_forwards, _ = decode_many(decoder, prompts, new, enc.eot_token, block_len=n, batch=batch)
+        res[f"full_tpf_{name}_n{n}"] = sum(map(len, full)) / max(sum(full_forwards), 1)
+        res[f"full_loop_{name}"] = sum(distinct4(o) < LOOP_DISTINCT4 for o in full) / len(full)
+        res[f"kept_tokens_{name}"] = sum(map(len, outs)) / len(outs)
+        rows = quality(model, enc, records, outs, new, run)
+        for k, (mean, se) in summarize(rows).items():
+            res[f"{k}_{name}"], res[f"{k}_{name}_se"] = mean, se
+    return rows
+
+
+def paired_with_base(per_prompt, base_path, res):
+    """Into res, each quality metric's difference from the base model's, paired prompt by prompt (from the
+    base's eval_<model>.json, when it holds the same prompts)."""
+    base_file = Path(base_path).with_name(f"eval_{Path(base_path).stem}.json")
+    if not base_file.exists():
+        return
+    base = json.loads(base_file.read_text())
+    for name, rows in per_prompt.items():
+        if len(base.get(name, [])) == len(rows):
+            for k in QUALITY:
+                if k in rows[0]:
+                    res[f"delta_{k}_{name}"], res[f"delta_{k}_{name}_se"] = paired_difference(base[name], rows, k)
+
+
+def log_results(run, label, res, sets, seconds):
+    """The evaluation's two log lines: TPF, then the quality of each set's kept text (vs the base)."""
     run.log(f"{label}: vanilla Jacobi TPF on kept text (to the function's end) " + ", ".join(
         f"{k[9:]} {v:.3f}" for k, v in res.items() if k.startswith("kept_tpf_") and "loop" not in k)
         + "; on bodies that loop / do not " + ", ".join(f"{k[14:]} {v:.3f} / {res[k.replace('_loop_', '_noloop_')]:.3f}"
                                                        for k, v in res.items() if k.startswith("kept_tpf_loop_"))
         + "; full length " + ", ".join(f"{k[9:]} {v:.3f}" for k, v in res.items() if k.startswith("full_tpf_"))
-        + f" ({time.time() - t0:.0f}s)")
+        + f" ({seconds:.0f}s)")
     for name in sets:
         run.log(f"{label}: {name} ({len(sets[name])} prompts, {res[f'kept_tokens_{name}']:.0f} kept tokens each, "
                 f"full-length loop rate {res[f'full_loop_{name}']:.3f}), kept text: " + ", ".join(
             f"{k} {res[f'{k}_{name}']:.3f}±{res[f'{k}_{name}_se']:.3f}" +
             (f" (vs base {res[f'delta_{k}_{name}']:+.3f}±{res[f'delta_{k}_{name}_se']:.3f})"
              if f"delta_{k}_{name}" in res else "") for k in QUALITY if f"{k}_{name}" in res))
-    return res
 
 
 def eval_settings(cfg, path):
