@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from jfmini.runtime.errors import UserError
 from jfmini.runtime.cli import cli, parse_config
-from jfmini.runtime.writes import atomic_save, check_writable, file_sha256, out_dir_lock
+from jfmini.runtime.writes import atomic_save, atomic_write, check_writable, file_sha256, out_dir_lock
 from jfmini.runtime.files import check_npz, check_token_files, check_token_meta, check_trajectories
 from jfmini.runtime.checkpoints import load_checkpoint
 from jfmini.runtime.tokenizers import model_tokenizer, tokenizer
@@ -42,7 +42,8 @@ from jfmini.runtime.training import (Run, changed_flags, check_replicas, flops_p
 from jfmini.forcing import collect_trajectories, pack_rows, row_length, row_objective
 from jfmini.runtime.chunked_ce import ce_chunk
 from jfmini.runtime.trajectories import Trajectories, merge_trajectories, repetitive
-from jfmini.masks import dense_mask, flex_mask, row_mask
+from jfmini.masks import row_mask
+from jfmini.runtime.attention import dense_mask, flex_mask
 from jfmini.model import GPT, GPTConfig
 from jfmini.tools.config import PRESET_HELP, PRETRAIN_FLAGS, ROUND_FLAGS, TrainConfig, checks, with_preset
 from jfmini.tools.evaluate import eval_settings, evaluate, saved_settings
@@ -173,7 +174,7 @@ def trajectories(cfg, run, src, model, n, T, corpus, traj_dir):
         dist.all_gather_object(parts, traj)
         traj = merge_trajectories(parts)
     if run.master:
-        traj.save(path)
+        atomic_write(path, traj.to_bytes())
     run.log(f"trajectories: {len(traj)}, {len(traj.states)} states ({len(traj.states) / (len(traj) * T):.1f} "
             f"iterations per block) in {time.time() - t0:.0f}s, saved {path}")
     return traj
@@ -319,13 +320,9 @@ def distill(cfg, run, model, traj, n, r, state_path, data_dir, base_path=None):
     return step, time.time() - t_start
 
 
-def distill_round(cfg, run, out, r, src=None, traj_dir=None, probe=True):
-    """Round r of progressive distillation: collect trajectories of the previous model at the round's block
-    length, train on them, save jf{r}.pt, and (with probe) evaluate it. Returns what it measured (a dict)."""
-    n = int(cfg.block_lens.split(",")[r - 1])
-    T = traj_shape(cfg, n, cfg.seq_len)[0]
-    src = Path(src or out / ("base.pt" if r == 1 else f"jf{r - 1}.pt"))
-    final, state_path = out / f"jf{r}.pt", out / f"jf{r}_state.pt"
+def round_done(cfg, run, r, src, final, state_path):
+    """Whether round r's model exists already (kept, with a warning if it came from another source model
+    or other flags), so the round is skipped."""
     if final.exists() and not cfg.resume:
         run.log(f"round {r}: {final} exists, reusing it (delete it to train the round again)")
         done = load_checkpoint(final, kinds=("jacobi_forcing",))[1]
@@ -335,15 +332,27 @@ def distill_round(cfg, run, out, r, src=None, traj_dir=None, probe=True):
         if changed := changed_flags(done.get("train_config", {}), cfg, ROUND_FLAGS):
             run.log(f"round {r}: warning: {final.name} was distilled with other flags ({'; '.join(changed)}); "
                     f"delete it to distil with these")
-        return {}
+        return True
     if cfg.resume and final.exists() and not state_path.exists():
         run.log(f"round {r}: {final} is already complete")
+        return True
+    return False
+
+
+def distill_round(cfg, run, out, r, src=None, traj_dir=None, probe=True):
+    """Round r of progressive distillation: collect trajectories of the previous model at the round's block
+    length, train on them, save jf{r}.pt, and (with probe) evaluate it. Returns what it measured (a dict)."""
+    n = int(cfg.block_lens.split(",")[r - 1])
+    T = traj_shape(cfg, n, cfg.seq_len)[0]
+    src = Path(src or out / ("base.pt" if r == 1 else f"jf{r - 1}.pt"))
+    final, state_path = out / f"jf{r}.pt", out / f"jf{r}_state.pt"
+    if round_done(cfg, run, r, src, final, state_path):
         return {}
     if cfg.traj_prompts < cfg.distill_batch * run.world:
         raise UserError(f"--traj_prompts {cfg.traj_prompts} is fewer than one step's rows (--distill_batch "
                         f"{cfg.distill_batch} x {run.world} processes); raise --traj_prompts or lower --distill_batch")
     last = r == len(cfg.block_lens.split(","))
-    if r == 1 and probe:
+    if r == 1 and probe:                                                    # 0. the base's evaluation, once
         done = src.with_name(f"eval_{src.stem}.json")
         if saved_settings(done) == eval_settings(cfg, src):
             run.log(f"round 1: {src.name} was evaluated already with these prompts ({done.name}); not again")
@@ -364,7 +373,7 @@ def distill_round(cfg, run, out, r, src=None, traj_dir=None, probe=True):
             raise UserError(f"round {r}: only {len(traj)} of {len(loops)} trajectories are left after dropping the "
                             f"repetitive ones (--max_repeat {cfg.max_repeat}); pass --max_repeat 0 to keep them, or "
                             f"raise --traj_prompts")
-    steps, train_s = distill(cfg, run, model, traj, n, r, state_path, data_dir, base_path)  # 2. pack and train
+    steps, train_s = distill(cfg, run, model, traj, n, r, state_path, data_dir, base_path)  # 2. pack, distil
     if not run.master:
         return {}
     vl = val_loss(model, load_split(data_dir, "val"), model.cfg, cfg.eval_batches, cfg.batch_size, run) \
@@ -376,7 +385,7 @@ def distill_round(cfg, run, out, r, src=None, traj_dir=None, probe=True):
     state_path.unlink(missing_ok=True)
     run.log(f"round {r}: done in {train_s:.0f}s of training ({steps * cfg.distill_batch * run.world:,} rows), "
             f"val loss {vl:.4f} ({src.name}: {ckpt.get('val_loss', float('nan')):.4f}), saved {final}")
-    res = {"train_s": train_s, "steps": steps, "trajectories": len(traj)}
+    res = {"train_s": train_s, "steps": steps, "trajectories": len(traj)}              # 3. evaluate
     return {**res, **evaluate(cfg, run, final, f"round {r}: {final.name}", block_lens=None if last else (32,),
                               base_path=base_path)} if probe else res
 

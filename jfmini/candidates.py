@@ -77,7 +77,12 @@ def grow(flight, a, guess, old_draft, old_in_flight, n, K, threshold):
     append a pseudo-active block of n after it, whose first guess is the prediction after the last draft.
     flight: the blocks after the Jacobi update (its draft (B, W), left0, blocks, in_flight, reset); a: the
     tokens accepted; guess (B, W): the prediction after each old draft; old_draft, old_in_flight: the
-    iteration's drafts. Returns flight with the blocks grown."""
+    iteration's drafts. Returns flight with the blocks grown.
+
+    Example, n=4, K=2, one block (first = 0) with left0 = 3 after committing A, drafts B ? ? where B is the
+    verified next token: unchanged = [1 0 0 ...] (slot 0 always counts), so run = 1 and converged = 1 (run)
+    + 1 (A, committed) = 2; with activation ratio 0.5 (threshold 2) a block joins at slot in_flight = 3.
+    With two blocks, the newest starts at slot first = left0 and only its own leading drafts count."""
     draft, left0, blocks, in_flight = flight.draft, flight.left0, flight.blocks, flight.in_flight
     W = draft.shape[1]
     slot = torch.arange(W, device=draft.device)

@@ -8,10 +8,11 @@ Trajectories are collected by the decoder's own Jacobi iteration (jfmini.jacobi.
 records each block's state before every iteration (Recorder). The paper packs rows [prompt | k_0 | l_0 |
 k_1 | l_1 | ...] (drawn in jfmini/masks.py; jfmini/tools/paper.py writes that layout and its loss
 literally, the reference the tests check this file against). Training packs compact rows instead
-(pack_rows, jfmini.masks.row_mask): the same losses, with every token no loss needs left out. Beyond the paper, marked "jfmini" where they
-appear: a consistency window (cons_window); the KL anchor (the AR term as a KL divergence from a frozen
-anchor model, train.py's base model by default, instead of cross-entropy to the greedy tokens); a replay
-term on corpus text; and a term on the real code after each trajectory prompt (the truth segment).
+(pack_rows, jfmini.masks.row_mask): the same losses, with every token no loss needs left out. Beyond the
+paper, marked "jfmini" where they appear: a consistency window (cons_window); the KL anchor (the AR term
+as a KL divergence from a frozen anchor model, train.py's base model by default, instead of cross-entropy
+to the greedy tokens); a replay term on corpus text; and a term on the real code after each trajectory
+prompt (the truth segment).
 """
 import contextlib
 import math
@@ -148,15 +149,15 @@ def row_length(max_prompt, traj_tokens, block_len, cons_window, context="clean",
 def pack_rows(traj, rows, length, schedule, rng, eot, window=16, fresh=True, cons_window=0, context="clean",
               truth=True):
     """Pack prompts `rows` into compact rows of `length` tokens (jfmini.masks.row_mask): the same noisy
-    states as pack() draws from the same rng, and the same losses, with fewer tokens. Block j keeps a
-    window of its noisy state from its first wrong token d_j, cons_window tokens wide (to the block's end
-    with cons_window 0 or >= n); with context "noisy" windows are whole blocks from offset 0, since later
-    blocks read them. truth adds the prompt's real continuation (the first T*n tokens of traj.truth) in
-    the same row. A block whose chosen state is its fixed point has nothing to learn and no window."""
+    states as jfmini.tools.paper.pack draws from the same rng, and the same losses, with fewer tokens. Block
+    j keeps a window of its noisy state from its first wrong token d_j, cons_window tokens wide (to the end
+    of the block with cons_window 0 or >= n); with context "noisy" windows are whole blocks from offset 0,
+    since later blocks read them. truth adds the prompt's real continuation (the first T*n tokens of
+    traj.truth) in the same row. A block whose chosen state is its fixed point has no window."""
     n, T = traj.block_len, traj.fixed.shape[1]
     clean_ctx = context == "clean"
-    w = cons_window if clean_ctx and 0 < cons_window < n else n
-    reach = cons_window if cons_window > 0 else n
+    w = cons_window if clean_ctx and 0 < cons_window < n else n     # a window's width: slots per block
+    reach = cons_window if cons_window > 0 else n                  # the consistency loss's reach from d_j
     B, base = len(rows), T * w
     zeros, none = (lambda: np.zeros((B, length), np.int64)), (lambda: np.full((B, length), -1, np.int64))  # noqa: E731
     out = Rows(tokens=zeros(), pos=zeros(), group=np.full((B, length), PAD, np.int64), start=zeros(),
@@ -166,7 +167,7 @@ def pack_rows(traj, rows, length, schedule, rng, eot, window=16, fresh=True, con
     slot = np.arange(w)
     for r, i in enumerate(rows):
         prompt, fixed, noisy, valid_until = draw_packing(traj, i, schedule, rng, eot, window, fresh, by_owner, ratios)
-        P, clean = len(prompt), fixed.reshape(-1)
+        P, clean = len(prompt), fixed.reshape(-1)        # valid_until: no targets past the first end-of-text
         S = len(clean)
         real = traj.truth[i][:S] if truth else np.zeros(0, np.int64)
         G = int(np.argmax(real < 0)) if np.any(real < 0) else len(real)
@@ -191,7 +192,7 @@ def pack_rows(traj, rows, length, schedule, rng, eot, window=16, fresh=True, con
             on = t < n
             cols = j * w + slot[on]
             out.tokens[r, cols], out.pos[r, cols] = k[t[on]], P + j * n + t[on]
-            out.group[r, cols], out.start[r, cols] = 2 + j, P + j * n + t[0] if clean_ctx else P
+            out.group[r, cols], out.start[r, cols] = 2 + j, (P + j * n + t[0] if clean_ctx else P)  # reads MAIN before
             out.teacher[r, cols] = base + P + j * n + t[on]
             out.cons_weight[r, cols] = (t[on] >= d) & (t[on] < d + reach) & (j * n + t[on] < valid_until)
     return out
@@ -240,42 +241,52 @@ def row_objective(model, anchor, cons_target="soft", ar_target="greedy", replay=
     raw = getattr(raw, "_orig_mod", raw)                            # under torch.compile
     truth_kind = truth or ar_target                                 # truth None: no truth term, so its kind is moot
     anchored_rows = ar_target == "anchor" or truth_kind == "anchor"
-    shared_pass = (ar_target == "anchor") == (truth_kind == "anchor")   # AR and truth: one pass, same kind of target
-    target = lambda kind, labels, a: (dict(target_h=a, target_W=anchor.embed.weight) if kind in ("anchor", "kl")  # noqa: E731
-                                      else dict(labels=labels))
+    shared_pass = (ar_target == "anchor") == (truth_kind == "anchor")
+    chunking = dict(chunk=chunk, fn=chunk_fn)
     mean = lambda v, on: (on * v).sum() / on.sum().clamp(min=1)     # noqa: E731
 
-    def loss(b, mask, lam, w_replay=0.0, w_truth=0.0, x=None, y=None):
-        W, V, chunking = raw.embed.weight, raw.cfg.vocab_size, dict(chunk=chunk, fn=chunk_fn)   # the tied head
-        h = hidden_states(model, b.tokens, b.pos, mask, autocast)                                # (B, L, D)
-        a = hidden_states(anchor, b.tokens, b.pos, mask, autocast, grad=False) if anchored_rows else None
+    def divergence(h, weight, kind, labels, a):
+        """sum weight * KL(target || model) over the positions of h (N, D), and the KL at each: the target is
+        the anchor's distribution (its hidden states a; kinds anchor, kl) or labels (ce, greedy), whose
+        entropy is 0. KL = the chunked cross-entropy minus the target's entropy."""
+        target = dict(target_h=a, target_W=anchor.embed.weight) if kind in ("anchor", "kl") else dict(labels=labels)
+        total, ce, ent = soft_cross_entropy(h, raw.embed.weight, weight, raw.cfg.vocab_size, **target, **chunking)
+        return total - (weight * ent).sum(), ce - ent
+
+    def clean_stream(h, a, b, lam, w_truth):
+        """lam * AR (the prompt and the clean stream) + w_truth * truth (the prompt's real code), on the row
+        after its windows; and each term's mean KL. Their positions never overlap, so when both have the same
+        kind of target one chunked pass serves both."""
         k, D = b.windows, h.shape[-1]
-        total = pc = consistency_term(h, b, W, V, cons_target == "hard", **chunking)
-        # AR (prompt + clean stream) and truth, on the rest of the row
         hm, am = h[:, k:].reshape(-1, D), a[:, k:].reshape(-1, D) if a is not None else None
         ar_t, tr_t = b.ar_targets[:, k:].reshape(-1), b.truth_targets[:, k:].reshape(-1)
         ar_on, tr_on = (ar_t >= 0).float(), (tr_t >= 0).float()
         w_ar, w_tr = lam * ar_on / ar_on.sum().clamp(min=1), w_truth * tr_on / tr_on.sum().clamp(min=1)
-        passes = [(w_ar + w_tr, ar_target, torch.where(ar_t >= 0, ar_t, tr_t), ("AR", "truth"))] if shared_pass \
-            else [(w_ar, ar_target, ar_t, ("AR",)), (w_tr, truth_kind, tr_t, ("truth",))]   # positions differ
-        kl = {}                                                      # term: KL (or CE) per position
-        for wt, kind, labels, names in passes:
-            part, c, e = soft_cross_entropy(hm, W, wt, V, **target(kind, labels, am), **chunking)
-            total = total + part - (wt * e).sum()
-            kl.update(dict.fromkeys(names, c - e))
-        terms = {"consistency": pc.detach(), "AR": mean(kl["AR"], ar_on).detach(), "replay": torch.zeros_like(pc),
-                 "truth": mean(kl["truth"], tr_on).detach()}
-        if x is not None:                                            # replay: plain causal text
-            pos = torch.arange(x.shape[1], device=x.device)
-            hr = hidden_states(model, x, pos, None, autocast).reshape(-1, D)
-            ar_ = hidden_states(anchor, x, pos, None, autocast, grad=False).reshape(-1, D) if replay == "kl" else None
-            yf = y.reshape(-1)
-            on = (yf >= 0).float()
-            wr = w_replay * on / on.sum().clamp(min=1)
-            rp, c, e = soft_cross_entropy(hr, W, wr, V, **target(replay, yf, ar_), **chunking)
-            total = total + rp - (wr * e).sum()
-            terms["replay"] = mean(c - e, on).detach()
-        return total, terms
+        if shared_pass:
+            both, kl = divergence(hm, w_ar + w_tr, ar_target, torch.where(ar_t >= 0, ar_t, tr_t), am)
+            return both, mean(kl, ar_on), mean(kl, tr_on)
+        ar, ar_kl = divergence(hm, w_ar, ar_target, ar_t, am)
+        tr, tr_kl = divergence(hm, w_tr, truth_kind, tr_t, am)
+        return ar + tr, mean(ar_kl, ar_on), mean(tr_kl, tr_on)
+
+    def replay_term(x, y, w_replay):
+        """w_replay * replay on plain causal corpus text x, y (jfmini's), and its mean KL."""
+        pos = torch.arange(x.shape[1], device=x.device)
+        hr = hidden_states(model, x, pos, None, autocast)
+        hr = hr.reshape(-1, hr.shape[-1])
+        ar = hidden_states(anchor, x, pos, None, autocast, grad=False).reshape(hr.shape) if replay == "kl" else None
+        on = (y.reshape(-1) >= 0).float()
+        total, kl = divergence(hr, w_replay * on / on.sum().clamp(min=1), replay, y.reshape(-1), ar)
+        return total, mean(kl, on)
+
+    def loss(b, mask, lam, w_replay=0.0, w_truth=0.0, x=None, y=None):
+        h = hidden_states(model, b.tokens, b.pos, mask, autocast)                                # (B, L, D)
+        a = hidden_states(anchor, b.tokens, b.pos, mask, autocast, grad=False) if anchored_rows else None
+        pc = consistency_term(h, b, raw.embed.weight, raw.cfg.vocab_size, cons_target == "hard", **chunking)
+        ar_and_truth, ar, tr = clean_stream(h, a, b, lam, w_truth)
+        rp, rp_kl = replay_term(x, y, w_replay) if x is not None else (0.0, torch.zeros_like(pc))
+        total = pc + ar_and_truth + rp                              # L, as above
+        return total, {"consistency": pc.detach(), "AR": ar.detach(), "replay": rp_kl.detach(), "truth": tr.detach()}
     return loss
 
 

@@ -10,10 +10,9 @@ jfmini.tools.ar.generate_ar. One iteration (`Jacobi._step`) is one fixed-shape f
     ...          (rejection recycling: pool entries that contain v; context n-grams: what followed
     candidate R   earlier occurrences of the newest tokens in the prompt and text so far)
 
-v is the verified next token, d draft guesses; everything an iteration reads and writes is a `State`.
-Every row attends to the committed prefix and its own tokens causally (jfmini.masks.cache_mask), so all
-rows read one cache. The candidate rows and the growth of blocks are jfmini.candidates' functions; the
-machinery that replays the iteration as a CUDA graph and runs the host loop is jfmini.runtime.engine.
+v is the verified next token, d draft guesses; an iteration reads and writes a `State`. Every row
+attends to the committed prefix and its own tokens causally (jfmini.masks.cache_mask), so all rows read
+one cache. Candidate rows and block growth: jfmini.candidates; graph replay, host loop: runtime.engine.
 """
 import math
 from typing import NamedTuple
@@ -38,9 +37,8 @@ def guesses(text, m, it, slots):
 
 
 class Verdict(NamedTuple):
-    """What one forward decided, per row: `a` tokens accepted (the verified one at least), `a_main` the main
-    row's own count (recycling files the rest of its drafts), and, laid over the main row (B, W), the
-    winning row's `tokens`, the token `drawn` after each of them and the greedy `guess` after each."""
+    """What one forward decided, per row: `a` tokens accepted (>= 1), `a_main` the main row's own count, and
+    laid over the main row (B, W) the winning row's `tokens`, the token `drawn` and the greedy `guess` after each."""
     a: torch.Tensor
     a_main: torch.Tensor
     tokens: torch.Tensor
@@ -49,9 +47,8 @@ class Verdict(NamedTuple):
 
 
 class Flight(NamedTuple):
-    """The blocks in flight for the next iteration: the `draft` tokens (B, W), block 0's uncommitted tokens
-    `left0`, the number of `blocks` and the drafts `in_flight` (B,), and `reset`: every block retired, so a
-    fresh block 0 starts."""
+    """The blocks for the next iteration: `draft` tokens (B, W); block 0's uncommitted tokens `left0`, the
+    number of `blocks` and of drafts `in_flight` (B,); `reset`: every block retired, a fresh block 0 starts."""
     draft: torch.Tensor
     left0: torch.Tensor
     blocks: torch.Tensor
@@ -113,8 +110,7 @@ class Jacobi:
         self.pool_slots = 2 * self.pool_size              # pool entries per sequence
         self.threshold = math.ceil(activation_ratio * self.n - 1e-9)
         self.eot = -1 if eot is None else eot
-        self.pre_step = pre_step     # optional hook (trajectory recording), captured in the same graph; a hook
-                                     # with state exposes it as tensors() so that warm-up steps can be undone
+        self.pre_step = pre_step     # a hook run before each iteration, in the same graph (trajectory recording)
         self.dev = dev = model.embed.weight.device
         # Cache slots: [candidate scratch (R*c) | positions 0..C-1]. C covers the longest prompt plus new
         # tokens (max_len) and slack for tentative draft writes; a tile-aligned length keeps kernels regular.
@@ -125,9 +121,8 @@ class Jacobi:
         self.cache = model.new_cache(B, self.S)           # this decoder owns its cache buffer
         arange = lambda k: torch.arange(k, device=dev)
         self.arange_n, self.arange_W, self.arange_c, self.bidx = arange(n), arange(W), arange(c), arange(B)
-        cand = arange(self.rows * c)
+        self.cand_slots = cand = arange(self.rows * c)   # scratch slots of candidate rows
         self.offs = torch.cat([arange(W), cand % c])      # position offsets of the T = W + R*c tokens
-        self.cand_slots = cand                            # scratch slots of candidate rows
         self.cand_seg = (cand // c) * c                   # first scratch slot of each candidate row
         self.state = State(B, self.C, W, n, max(self.pool_slots, 1), max(self.rows, 1), c, dev)
         self.step = Replay(self._step, self._tensors, dev, graph, compile)   # one iteration, fast
@@ -161,21 +156,15 @@ class Jacobi:
         s.length.copy_(start)
         s.prompt_len.copy_(start)
         v = self._next(logits[self.bidx, start - 1])                   # the next token after each prompt (B,)
-        s.draft.copy_(torch.where(self.arange_W == 0, v[:, None], self._guesses(start)))
+        s.draft.copy_(torch.where(self.arange_W == 0, v[:, None], guesses(s.text, start, s.iteration, self.arange_W)))
         s.cand.copy_(s.draft[:, None, :self.c].expand_as(s.cand))
 
     def _next(self, logits):
         """The next token after each row's last position (B, V) -> (B,): greedy, or one draw from p."""
-        if not self.sampling:
-            return logits.argmax(-1)
-        p = distribution(logits, self.temperature, self.top_k, self.top_p)
-        return draw(p, torch.empty_like(p).exponential_())
+        p = distribution(logits, self.temperature, self.top_k, self.top_p) if self.sampling else None
+        return logits.argmax(-1) if p is None else draw(p, torch.empty_like(p).exponential_())
 
-    def _guesses(self, length):
-        """Initial guesses for every draft slot (B, W), from the text so far."""
-        return guesses(self.state.text, length, self.state.iteration, self.arange_W)
-
-    # ------------------------------------------------------------------ one iteration, in the paper's order
+    # ---------------------------------------------- one iteration: _step, then its steps in order
     @torch.no_grad()
     def _step(self):
         """One iteration. A worked example, n=4, K=2 blocks, activation ratio 0.5, greedy: the prompt is
@@ -189,15 +178,16 @@ class Jacobi:
             3          C ? | E F ? H      D E F G H I    C          A B C            D | E F G H
             4          D | E F G H        E F G H I      D E F G H  A B C D E F G H  I y B E
 
-        1. Verify: one forward over the drafts gives the prediction after each. The first draft is always
-           right (it was verified last iteration); each later one is accepted while it equals the
-           prediction before it (iteration 1: x is not B, so only A). Commit the accepted tokens.
-        2. The Jacobi update: the drafts after them become the predictions shifted in (B ? ?).
-        3. Multi-block: block 0 has now 2 = 0.5 * 4 converged tokens (A committed, B known), so a
-           pseudo-active block 1 joins it: the prediction after the last draft (E), then fresh guesses.
-           It is refined by every forward but commits only behind block 0.
-        4. Iteration 4: D is verified and the refined block 1 equals the predictions after it, so one
-           forward commits 5 tokens and retires both blocks; a new block 0 starts from I.
+        Iteration 1, by the steps of the code below:
+        1-3. One forward over the drafts gives the prediction after each. The first draft is always right
+             (verified last iteration); each later one is accepted while it equals the prediction before
+             it (x is not B, so only A). A is committed.
+        4.   The Jacobi update: the drafts after it become the predictions shifted in (B ? ?).
+        5.   Multi-block: block 0 has now 2 = 0.5 * 4 converged tokens (A committed, B known), so a
+             pseudo-active block 1 joins it: the prediction after the last draft (E), then fresh guesses.
+             It is refined by every forward but commits only behind block 0.
+        Iteration 4: D is verified and the refined block 1 equals the predictions after it, so one
+        forward commits 5 tokens and retires both blocks; a new block 0 starts from I.
         tests/test_decoding.py replays this table."""
         if self.pre_step is not None:
             self.pre_step(self)
@@ -211,21 +201,6 @@ class Jacobi:
         if self.rows:                              # 6. candidates for the next iteration
             self._recycle(verdict.a_main, flight.draft, length)
         self._store(verdict.a, length, ended, flight)    # 7. the new state, in place
-
-    def _store(self, a, length, ended, flight):
-        """Write the iteration's results into the state (in place: a captured graph replays on the same
-        memory). Rows that had already finished keep their state; count this forward for the others."""
-        s = self.state
-        done = s.done
-        s.draft.copy_(torch.where(done[:, None], s.draft, flight.draft))
-        s.block0_left.copy_(torch.where(done, s.block0_left, flight.left0))
-        s.blocks.copy_(torch.where(done, s.blocks, flight.blocks))
-        s.in_flight.copy_(torch.where(done, s.in_flight, flight.in_flight))
-        s.forwards.add_((~done).long())
-        s.accepted.scatter_add_(1, a[:, None], (~done).long()[:, None])
-        s.length.copy_(length)
-        s.iteration.add_(1)
-        s.done.copy_(done | ended | (length - s.prompt_len >= s.limit))
 
     def _verify(self):
         """One forward: the main row writes its K/V right after the committed prefix (kept only up to the
@@ -245,9 +220,8 @@ class Jacobi:
         return draw(p, self._noise(p.shape[-1])), guess
 
     def _noise(self, V):
-        """Exp(1) noise for drawing after every token (B, T, V): fresh at each iteration, and the same for
-        the same depth in every row, so that rows agreeing so far draw the same next token (independent
-        noise per row would let the longest run win a race among independent draws: not AR sampling)."""
+        """Exp(1) noise for drawing after every token (B, T, V): fresh at each iteration and shared by every
+        row at the same depth, so rows agreeing so far draw the same next token (else: not AR sampling)."""
         return torch.empty(self.B, self.W, V, device=self.dev).exponential_()[:, self.offs]
 
     def _run(self, x, preds, limit):
@@ -273,20 +247,21 @@ class Jacobi:
         a_all = torch.cat([a_main[:, None], self._run(cand, pred_cand, whole)], 1)       # (B, 1 + R)
         win = a_all.argmax(1)
         use, cw = (win > 0)[:, None], (win - 1).clamp(min=0)
-        winner = lambda x: torch.cat([torch.where(use, x[:, W:].view(B, R, c)[self.bidx, cw], x[:, :c]),
-                                      x[:, c:W]], 1)                       # the winning row over the main row
+        # the winning row laid over the main row: a winning candidate's c tokens replace its first c slots
+        #     main row [ v d d d d d d d ]   candidate 2 wins:   [ v c c c | d d d d ]
+        over_main_row = lambda x: torch.cat([torch.where(use, x[:, W:].view(B, R, c)[self.bidx, cw], x[:, :c]),
+                                             x[:, c:W]], 1)
         chosen = torch.cat([torch.where(use, cand[self.bidx, cw], s.draft[:, :c]), s.draft[:, c:]], 1)
-        pred = winner(preds)
-        guess = winner(guess) if self.sampling else pred
+        pred = over_main_row(preds)
+        guess = over_main_row(guess) if self.sampling else pred
         # a winning candidate's K/V move from its scratch slots into place (a no-op when the main row wins)
         dst = self.base + s.length[:, None] + self.arange_c
         self.cache.copy(torch.where(use, cw[:, None] * c + self.arange_c, dst), dst)
         return Verdict(a_all.gather(1, win[:, None])[:, 0], a_main, chosen, pred, guess)
 
     def _commit(self, verdict):
-        """Write the accepted tokens into the text (their K/V are already in the cache). Returns (the
-        verdict with 0 accepted for finished rows, the new committed length, whether end-of-text was
-        committed), the last two (B,)."""
+        """Write the accepted tokens into the text (their K/V are already in the cache). Returns (the verdict,
+        0 accepted for finished rows; the new committed length (B,); whether end-of-text was committed (B,))."""
         s, chosen = self.state, verdict.tokens
         a = torch.where(s.done, 0, verdict.a)                          # finished rows stay frozen
         commit = self.arange_W < a[:, None]
@@ -299,7 +274,9 @@ class Jacobi:
         """Blocks whose n tokens are all committed retire (block 1 becomes block 0); the next drafts are
         the winner's guesses shifted past the accepted tokens (the Jacobi update), the first being the
         verified next token (the token drawn after the last accepted one), and slots past the drafts in
-        flight get fresh guesses. A Flight."""
+        flight get fresh guesses. A Flight. Example, n=4, K=2, block 0 with 3 tokens left, 5 accepted:
+        block 0's 3 and 2 of block 1's are committed (over = 2), so one block retires, block 1 becomes
+        block 0 with 4 - 2 = 2 tokens left, and the drafts in flight drop by 5."""
         n, W, s, (a, drawn, guess) = self.n, self.W, self.state, (verdict.a, verdict.drawn, verdict.guess)
         over = a - s.block0_left
         retired = torch.where(over >= 0, 1 + over.clamp(min=0) // n, 0)
@@ -307,20 +284,18 @@ class Jacobi:
         blocks = s.blocks - retired
         reset = blocks <= 0                    # every block retired (K=1: at each block's end): start a fresh one
         blocks, left0 = torch.where(reset, 1, blocks), torch.where(reset, n, left0)
-        keep = (s.in_flight - a).clamp(min=1)
+        keep = (s.in_flight - a).clamp(min=1)  # drafts still in flight; at least the verified next token
         shifted = guess.gather(1, (a[:, None] - 1 + self.arange_W).clamp(0, W - 1))
         if self.sampling:
             shifted = torch.where(self.arange_W == 0, drawn.gather(1, (a[:, None] - 1).clamp(min=0)), shifted)
-        draft = torch.where(self.arange_W < keep[:, None], shifted, self._guesses(length))
+        draft = torch.where(self.arange_W < keep[:, None], shifted, guesses(s.text, length, s.iteration, self.arange_W))
         return Flight(draft, left0, blocks, torch.where(reset, n, s.in_flight - a), reset)
 
     def _recycle(self, a_main, draft, length):
-        """Candidate rows for the next iteration, each starting with the verified next token v:
-        rejection recycling (rejected tails in the pool that contain v, from v on) and context n-grams
-        (what followed the latest earlier occurrence of v and the tokens before it). Rows with nothing to
-        offer repeat the main draft."""
-        s = self.state
-        v, fallback = draft[:, 0], draft[:, None, :self.c]                 # (B,), (B, 1, c)
+        """Candidate rows for the next iteration, each starting with the verified next token v: rejection
+        recycling (the pool's rejected tails that contain v, from v on) and context n-grams (what followed
+        earlier occurrences of v and the tokens before it); a row with nothing to offer repeats the draft."""
+        s, v, fallback = self.state, draft[:, 0], draft[:, None, :self.c]   # v (B,), fallback (B, 1, c)
         rows, nxt = [], s.pool_next
         if self.pool_size:
             s.pool.copy_(file_rejected(s.pool, s.pool_next, s.draft, a_main, s.in_flight))
@@ -331,3 +306,15 @@ class Jacobi:
         s.pool_next.copy_(torch.where(s.done, s.pool_next, nxt))
         s.cand[:, :self.rows].copy_(torch.where(s.done[:, None, None], s.cand[:, :self.rows], torch.cat(rows, 1)))
 
+    def _store(self, a, length, ended, flight):
+        """Write the results into the state, in place (a graph replays on this memory); finished rows keep theirs."""
+        s, done = self.state, self.state.done
+        s.draft.copy_(torch.where(done[:, None], s.draft, flight.draft))
+        s.block0_left.copy_(torch.where(done, s.block0_left, flight.left0))
+        s.blocks.copy_(torch.where(done, s.blocks, flight.blocks))
+        s.in_flight.copy_(torch.where(done, s.in_flight, flight.in_flight))
+        s.forwards.add_((~done).long())
+        s.accepted.scatter_add_(1, a[:, None], (~done).long()[:, None])
+        s.length.copy_(length)
+        s.iteration.add_(1)
+        s.done.copy_(done | ended | (length - s.prompt_len >= s.limit))

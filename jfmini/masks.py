@@ -32,7 +32,6 @@ committed prefix from the KV cache and its own tokens causally (`may_read`, `cac
 share one cache without copies.
 """
 import torch
-from torch.nn.attention.flex_attention import create_block_mask
 
 
 MAIN, TRUTH, PAD = 0, 1, -1    # groups of a compact training row; noisy window j is group 2 + j
@@ -89,20 +88,6 @@ def row_mask(group, pos, start, context="clean"):
             reads = reads | ((gq >= 2) & (gk >= 2) & (gk < gq))
         return reads | (q == kv)                              # padding sees itself only
     return mask_mod
-
-
-def dense_mask(mask_mod, batch, length, device="cpu"):
-    """The bool (B, 1, L, L) mask for scaled_dot_product_attention, evaluated from mask_mod."""
-    b = torch.arange(batch, device=device)[:, None, None]
-    q = torch.arange(length, device=device)[None, :, None]
-    kv = torch.arange(length, device=device)[None, None, :]
-    return mask_mod(b, 0, q, kv)[:, None]
-
-
-def flex_mask(mask_mod, batch, length, device, compiled=False):
-    """The FlexAttention BlockMask from the same mask_mod (the fast CUDA path); compiled: build it with a
-    compiled kernel (each training step builds one)."""
-    return create_block_mask(mask_mod, batch, None, length, length, device=device, _compile=compiled)
 
 
 def may_read(kv, lo, hi, seg, slot):

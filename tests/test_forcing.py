@@ -11,7 +11,7 @@ from jfmini.tools.ar import generate_ar
 from jfmini.forcing import collect_trajectories, noise_ratio, target_ratios
 from jfmini.runtime.engine import Replay
 from jfmini.runtime.trajectories import Trajectories
-from jfmini.masks import dense_mask
+from jfmini.runtime.attention import dense_mask
 from jfmini.tools.paper import accuracy_by_distance, forcing_loss, noise_aware_mask, pack, packed_length
 
 
@@ -215,14 +215,14 @@ def test_inconsistent_trajectories_are_refused(tmp_path, traj):
     too_many = Trajectories(traj.prompts, traj.prompt_offsets, traj.fixed, np.concatenate([traj.states] * 2),
                             np.sort(np.concatenate([traj.owner] * 2)))            # 2n states in a block
     assert "expected 1.." in too_many.problem()
-    wrong_first.save(tmp_path / "bad.npz")
+    (tmp_path / "bad.npz").write_bytes(wrong_first.to_bytes())
     with pytest.raises(UserError, match="inconsistent.*delete it"):
         Trajectories.load(tmp_path / "bad.npz")
 
 
 def test_trajectories_round_trip(tmp_path, traj):
     traj.source = '{"checkpoint": "abc"}'
-    traj.save(tmp_path / "t.npz")
+    (tmp_path / "t.npz").write_bytes(traj.to_bytes())
     back = Trajectories.load(tmp_path / "t.npz")
     assert np.array_equal(back.states, traj.states) and np.array_equal(back.fixed, traj.fixed)
     assert back.source == traj.source

@@ -2,7 +2,7 @@
 import torch
 
 from conftest import cuda
-from jfmini.masks import dense_mask, flex_mask
+from jfmini.runtime.attention import dense_mask, flex_mask
 from jfmini.tools.paper import noise_aware_mask
 
 WORKED = """

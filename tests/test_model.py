@@ -3,7 +3,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import cuda, tiny_model
-from jfmini.masks import cache_mask, dense_mask, flex_mask
+from jfmini.masks import cache_mask
+from jfmini.runtime.attention import dense_mask, flex_mask
 from jfmini.tools.paper import noise_aware_mask
 from jfmini.model import GPT, GPTConfig
 

@@ -145,10 +145,10 @@ def test_repetition_filter_drops_looping_trajectories_and_subset_renumbers():
 def test_trajectories_keep_their_ground_truth_through_a_file(tmp_path):
     fixed = np.random.default_rng(1).integers(0, 200, (2, 2, 4))
     truth = np.array([[5, 6, 7, -1], [8, 9, 10, 11]], np.int32)
-    fake_trajectories(fixed, truth).save(tmp_path / "t.npz")
+    (tmp_path / "t.npz").write_bytes(fake_trajectories(fixed, truth).to_bytes())
     back = Trajectories.load(tmp_path / "t.npz")
     assert np.array_equal(back.truth, truth)
-    fake_trajectories(fixed).save(tmp_path / "old.npz")         # none recorded: an empty (N, 0) array
+    (tmp_path / "old.npz").write_bytes(fake_trajectories(fixed).to_bytes())   # none recorded: an empty (N, 0) array
     assert Trajectories.load(tmp_path / "old.npz").truth.shape == (2, 0)
 
 

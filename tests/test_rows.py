@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 from conftest import EOT, cuda, tiny_model
 from jfmini.forcing import pack_rows, row_length, row_objective
-from jfmini.masks import MAIN, PAD, TRUTH, dense_mask, row_mask
+from jfmini.masks import MAIN, PAD, TRUTH, row_mask
+from jfmini.runtime.attention import dense_mask
 from jfmini.runtime.chunked_ce import ce_chunk, soft_cross_entropy
 from jfmini.runtime.trajectories import Trajectories
 from jfmini.tools.paper import forcing_loss, kl, masked_mean, noise_aware_mask, pack, packed_length
@@ -209,7 +210,7 @@ def test_row_length_fits_the_longest_row_and_is_the_same_for_every_round_of_a_ru
 @cuda
 @pytest.mark.parametrize("context", ["clean", "noisy"])
 def test_flex_attention_under_row_mask_equals_the_dense_mask(context):
-    from jfmini.masks import flex_mask
+    from jfmini.runtime.attention import flex_mask
     n, T = 4, 3
     traj = trajectories_with_truth(5, n, T)
     L = row_length(9, n * T, n, 2, context, multiple=128)

@@ -144,7 +144,7 @@ def traj_of_block_len(lab, dst, n):
     model = tiny_model(vocab=50257, seq_len=64, n_layer=1, d_model=16)
     traj = collect_trajectories(model, [[1, 2, 3], [4, 5, 6, 7]], n, 2, 2, eot=None, log=lambda *a: None,
                                 source=source)
-    traj.save(dst)
+    Path(dst).write_bytes(traj.to_bytes())
 
 
 # ----------------------------------------------------------------------------- the cases

@@ -1,7 +1,11 @@
 """The machinery beside the idea layer (jfmini.model, masks, forcing, jacobi, candidates): nothing here is the
 method.
 
-- engine:       a Jacobi decoder run fast (CUDA graph replay, the host loops for one prompt and for a batch)
+- engine:       a Jacobi decoder run fast (Replay: compile + CUDA graph; decode: the one host loop), its settings
+- sampling:     AR sampling's next-token distribution and a draw from it fixed by Exp(1) noise
+- kv_cache:     the decoders' static KV cache
+- attention:    a mask function as a dense SDPA mask or a FlexAttention BlockMask
+- chunked_ce:   the head and a cross-entropy or KL a chunk of positions at a time
 - trajectories: trajectories stored, loaded and checked; loop filters; merging the ranks' shares
 - training:     the process, the schedule and optimizer, resumable states, the training loop, the validation loss
 - errors:       UserError, the one-line error for bad input (the idea layer may raise it)

@@ -1,8 +1,8 @@
 """Jacobi trajectories on disk and in memory, and their filters: the machinery under jfmini.forcing
 (which records them and packs them into training rows).
 
-- `Trajectories`: N prompts' fixed points and every recorded Jacobi state, stored compactly, saved and
-  loaded as plain arrays (no code), checked whole.
+- `Trajectories`: N prompts' fixed points and every recorded Jacobi state, stored compactly, turned
+  into and loaded from plain arrays (no code), checked whole.
 - `longest_run`, `repetitive`: which fixed points are greedy loops.
 - `merge_trajectories`: one set from the shares that data-parallel ranks collected.
 """
@@ -12,7 +12,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from jfmini.runtime.errors import UserError
-from jfmini.runtime.writes import atomic_write
 
 
 @dataclass
@@ -83,10 +82,11 @@ class Trajectories:
             return f"{int(np.sum(self.states[:, 0] != first))} states do not start with their block's first token"
         return None
 
-    def save(self, path):
+    def to_bytes(self):
+        """The .npz file's bytes (plain arrays); train.py writes them atomically."""
         buf = io.BytesIO()
         np.savez(buf, **{k: getattr(self, k) for k in self.__dataclass_fields__})
-        atomic_write(path, buf.getvalue())
+        return buf.getvalue()
 
     @classmethod
     def load(cls, path):

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from jfmini.forcing import draw_packing, state_ratios
 from jfmini.jacobi import guesses
-from jfmini.masks import dense_mask
+from jfmini.runtime.attention import dense_mask
 from jfmini.runtime.engine import finish
 
 
