@@ -39,7 +39,7 @@ from jfmini.runtime.corpus import get_batch, load_split, prepare_corpus, token_c
 from jfmini.runtime.prompts import trajectory_prompts
 from jfmini.runtime.training import (Run, changed_flags, check_replicas, flops_per_token, make_optimizer, resume,
                                      save_state, train_loop, val_loss)
-from jfmini.forcing import collect_trajectories, pack_rows, row_length, row_objective
+from jfmini.forcing import RowObjective, collect_trajectories, pack_rows, row_length
 from jfmini.runtime.chunked_ce import ce_chunk
 from jfmini.runtime.trajectories import Trajectories, merge_trajectories, repetitive
 from jfmini.masks import row_mask
@@ -203,13 +203,13 @@ def packed_batches(cfg, run, traj, r, step, L, eot, truth):
 
 
 def round_objective(cfg, run, model, anchor):
-    """forcing.row_objective with this run's choices; on a GPU the model's forwards and each chunk of the
+    """forcing.RowObjective with this run's choices; on a GPU the model's forwards and each chunk of the
     loss are compiled (the same shapes every round, so one compile serves the run). DDP wraps the model
     it trains."""
     ddp_model = torch.nn.parallel.DistributedDataParallel(model) if run.ddp else model
     if run.compile:
         ddp_model, anchor = torch.compile(ddp_model), anchor and torch.compile(anchor)
-    return row_objective(ddp_model, anchor, cfg.cons_target, cfg.ar_target, cfg.anchor,
+    return RowObjective(ddp_model, anchor, cfg.cons_target, cfg.ar_target, cfg.anchor,
                          cfg.truth_target if cfg.truth > 0 else None, run.autocast,
                          chunk_fn=compiled_chunk() if run.compile else ce_chunk,
                          chunk=2048 if run.cuda else 512)           # measured: 14 vs 8 rows/s on 2 cores
@@ -270,7 +270,7 @@ def round_inputs(cfg, run, model, traj, r, data_dir, base_path):
 
 
 def distill(cfg, run, model, traj, n, r, state_path, data_dir, base_path=None):
-    """Train: compact rows, one forward with the noise-aware mask, the loss forcing.row_objective defines.
+    """Train: compact rows, one forward with the noise-aware mask, the loss forcing.RowObjective defines.
     Returns (steps, seconds)."""
     eot, B = model_tokenizer(model.cfg).eot_token, cfg.distill_batch
     anchor, real_data, truth = round_inputs(cfg, run, model, traj, r, data_dir, base_path if r > 1 else None)

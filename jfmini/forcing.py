@@ -2,7 +2,7 @@
 
     model --Jacobi decode prompts, record every state of every block--> Trajectories   collect_trajectories
     Trajectories --noise schedule: pick a noisy state k_j per block--> training rows   target_ratios, pack_rows
-    rows --one forward with the noise-aware mask--> L = L_pc + lambda * L_AR            row_objective
+    rows --one forward with the noise-aware mask--> L = L_pc + lambda * L_AR            RowObjective
 
 Trajectories are collected by the decoder's own Jacobi iteration (jfmini.jacobi.Jacobi) with a hook that
 records each block's state before every iteration (Recorder). The paper packs rows [prompt | k_0 | l_0 |
@@ -23,7 +23,7 @@ import torch
 
 from jfmini.jacobi import Jacobi
 from jfmini.masks import MAIN, PAD, TRUTH
-from jfmini.runtime.chunked_ce import autocast_dtype, ce_chunk, soft_cross_entropy
+from jfmini.runtime.chunked_ce import ce_chunk, hidden_states, soft_cross_entropy
 from jfmini.runtime.trajectories import Trajectories
 
 
@@ -42,11 +42,10 @@ def collect_trajectories(model, prompts, block_len, num_blocks, batch_size, eot,
                          max_len=max(len(p) for p in prompts) + n * T)
             rec = Recorder(jac, T)
             jac.pre_step = rec
-        rec.states.zero_()
-        rec.count.zero_()
+        rec.states.zero_(), rec.count.zero_()
         jac.decode_batch(chunk, n * T)                               # at most n iterations per block
         start = jac.state.prompt_len[:, None] + torch.arange(n * T, device=jac.dev)
-        fx = jac.state.text.gather(1, start).view(batch_size, T, n).cpu().numpy().copy()  # own memory: buffers are reused
+        fx = jac.state.text.gather(1, start).view(batch_size, T, n).cpu().numpy().copy()  # copies: buffers are reused
         st, cnt = rec.states.cpu().numpy().copy(), rec.count.cpu().numpy().copy()
         for b in range(min(batch_size, len(prompts) - lo)):
             fixed.append(fx[b])
@@ -198,14 +197,6 @@ def pack_rows(traj, rows, length, schedule, rng, eot, window=16, fresh=True, con
     return out
 
 
-def hidden_states(net, tokens, pos, mask, autocast, grad=True):
-    """net's final hidden states (B, L, D), in the dtype autocast gives the head's matmul (RMSNorm returns
-    float32 under autocast); grad False for the frozen anchor."""
-    with autocast(), contextlib.nullcontext() if grad else torch.no_grad():
-        h = net(tokens, pos, mask, hidden=True)
-        return h.to(autocast_dtype(h))
-
-
 def consistency_term(h, b, W, V, hard, **chunking):
     """L_pc on the window slots: the cross-entropy from the clean twin's distribution (detached; hard: the
     fixed point's next token) to the noisy position's, averaged over the slots cons_weight keeps."""
@@ -221,10 +212,13 @@ def consistency_term(h, b, W, V, hard, **chunking):
     return soft_cross_entropy(h[:, :k].reshape(-1, D), W, cw / cw.sum().clamp(min=1), V, **target, **chunking)[0]
 
 
-def row_objective(model, anchor, cons_target="soft", ar_target="greedy", replay="kl", truth="anchor",
-                  autocast=contextlib.nullcontext, chunk_fn=ce_chunk, chunk=2048):
-    """The whole objective of a round on compact rows (pack_rows), as loss(batch, mask, lam, w_replay,
-    w_truth, x, y) -> (L, {term: value}):
+def mean(values, on):
+    return (on * values).sum() / on.sum().clamp(min=1)
+
+
+class RowObjective:
+    """The whole objective of a round on compact rows (pack_rows): objective(batch, mask, lam, w_replay,
+    w_truth, x, y) -> (L, {term: value}), where
 
         L = consistency + lam * AR                 (the paper's: soft or hard consistency on the windows,
                                                     AR on the prompt and clean stream; noise-aware mask)
@@ -233,27 +227,41 @@ def row_objective(model, anchor, cons_target="soft", ar_target="greedy", replay=
 
     One forward of the model and (for the KL terms) one of the frozen anchor per row; the head and the
     losses run a chunk of positions at a time (jfmini.runtime.chunked_ce), so no (B, L, V) tensor is made.
-    A KL term is the cross-entropy minus the target's entropy (0 for labels). ar_target 'anchor' makes AR
-    the KL from the anchor on the clean stream (jfmini's; 'greedy' = the paper's cross-entropy to the
-    greedy tokens). batch: Rows as tensors (tokens, pos, ar_targets, truth_targets, cons_weight, teacher)
-    and windows, an int. The weights are tensors or floats: changing one recompiles nothing."""
-    raw = getattr(model, "module", model)                           # under DDP
-    raw = getattr(raw, "_orig_mod", raw)                            # under torch.compile
-    truth_kind = truth or ar_target                                 # truth None: no truth term, so its kind is moot
-    anchored_rows = ar_target == "anchor" or truth_kind == "anchor"
-    shared_pass = (ar_target == "anchor") == (truth_kind == "anchor")
-    chunking = dict(chunk=chunk, fn=chunk_fn)
-    mean = lambda v, on: (on * v).sum() / on.sum().clamp(min=1)     # noqa: E731
+    ar_target 'anchor' makes AR the KL from the anchor on the clean stream (jfmini's; 'greedy' = the
+    paper's cross-entropy to the greedy tokens). batch: Rows as tensors (tokens, pos, ar_targets,
+    truth_targets, cons_weight, teacher) and windows, an int. The weights are tensors or floats: changing
+    one recompiles nothing."""
 
-    def divergence(h, weight, kind, labels, a):
+    def __init__(self, model, anchor, cons_target="soft", ar_target="greedy", replay="kl", truth="anchor",
+                 autocast=contextlib.nullcontext, chunk_fn=ce_chunk, chunk=2048):
+        raw = getattr(model, "module", model)                       # under DDP
+        self.raw = getattr(raw, "_orig_mod", raw)                   # under torch.compile
+        self.model, self.anchor, self.autocast, self.chunking = model, anchor, autocast, dict(chunk=chunk, fn=chunk_fn)
+        self.hard, self.ar_target, self.replay = cons_target == "hard", ar_target, replay
+        self.truth_kind = truth or ar_target                        # truth None: no truth term, so its kind is moot
+        self.anchored_rows = ar_target == "anchor" or self.truth_kind == "anchor"
+        self.shared_pass = (ar_target == "anchor") == (self.truth_kind == "anchor")
+
+    def __call__(self, b, mask, lam, w_replay=0.0, w_truth=0.0, x=None, y=None):
+        h = hidden_states(self.model, b.tokens, b.pos, mask, self.autocast)                     # (B, L, D)
+        a = hidden_states(self.anchor, b.tokens, b.pos, mask, self.autocast, grad=False) if self.anchored_rows else None
+        pc = consistency_term(h, b, self.raw.embed.weight, self.raw.cfg.vocab_size, self.hard, **self.chunking)
+        ar_and_truth, ar, tr = self.clean_stream(h, a, b, lam, w_truth)
+        rp, rp_kl = self.replay_term(x, y, w_replay) if x is not None else (0.0, torch.zeros_like(pc))
+        total = pc + ar_and_truth + rp                              # L, as above
+        return total, {"consistency": pc.detach(), "AR": ar.detach(), "replay": rp_kl.detach(), "truth": tr.detach()}
+
+    def divergence(self, h, weight, kind, labels, a):
         """sum weight * KL(target || model) over the positions of h (N, D), and the KL at each: the target is
         the anchor's distribution (its hidden states a; kinds anchor, kl) or labels (ce, greedy), whose
         entropy is 0. KL = the chunked cross-entropy minus the target's entropy."""
-        target = dict(target_h=a, target_W=anchor.embed.weight) if kind in ("anchor", "kl") else dict(labels=labels)
-        total, ce, ent = soft_cross_entropy(h, raw.embed.weight, weight, raw.cfg.vocab_size, **target, **chunking)
+        to_anchor = kind in ("anchor", "kl")
+        target = dict(target_h=a, target_W=self.anchor.embed.weight) if to_anchor else dict(labels=labels)
+        total, ce, ent = soft_cross_entropy(h, self.raw.embed.weight, weight, self.raw.cfg.vocab_size, **target,
+                                            **self.chunking)
         return total - (weight * ent).sum(), ce - ent
 
-    def clean_stream(h, a, b, lam, w_truth):
+    def clean_stream(self, h, a, b, lam, w_truth):
         """lam * AR (the prompt and the clean stream) + w_truth * truth (the prompt's real code), on the row
         after its windows; and each term's mean KL. Their positions never overlap, so when both have the same
         kind of target one chunked pass serves both."""
@@ -262,32 +270,23 @@ def row_objective(model, anchor, cons_target="soft", ar_target="greedy", replay=
         ar_t, tr_t = b.ar_targets[:, k:].reshape(-1), b.truth_targets[:, k:].reshape(-1)
         ar_on, tr_on = (ar_t >= 0).float(), (tr_t >= 0).float()
         w_ar, w_tr = lam * ar_on / ar_on.sum().clamp(min=1), w_truth * tr_on / tr_on.sum().clamp(min=1)
-        if shared_pass:
-            both, kl = divergence(hm, w_ar + w_tr, ar_target, torch.where(ar_t >= 0, ar_t, tr_t), am)
+        if self.shared_pass:
+            both, kl = self.divergence(hm, w_ar + w_tr, self.ar_target, torch.where(ar_t >= 0, ar_t, tr_t), am)
             return both, mean(kl, ar_on), mean(kl, tr_on)
-        ar, ar_kl = divergence(hm, w_ar, ar_target, ar_t, am)
-        tr, tr_kl = divergence(hm, w_tr, truth_kind, tr_t, am)
+        ar, ar_kl = self.divergence(hm, w_ar, self.ar_target, ar_t, am)
+        tr, tr_kl = self.divergence(hm, w_tr, self.truth_kind, tr_t, am)
         return ar + tr, mean(ar_kl, ar_on), mean(tr_kl, tr_on)
 
-    def replay_term(x, y, w_replay):
+    def replay_term(self, x, y, w_replay):
         """w_replay * replay on plain causal corpus text x, y (jfmini's), and its mean KL."""
         pos = torch.arange(x.shape[1], device=x.device)
-        hr = hidden_states(model, x, pos, None, autocast)
+        hr = hidden_states(self.model, x, pos, None, self.autocast)
         hr = hr.reshape(-1, hr.shape[-1])
-        ar = hidden_states(anchor, x, pos, None, autocast, grad=False).reshape(hr.shape) if replay == "kl" else None
+        ar = hidden_states(self.anchor, x, pos, None, self.autocast, grad=False) if self.replay == "kl" else None
+        ar = ar.reshape(hr.shape) if ar is not None else None
         on = (y.reshape(-1) >= 0).float()
-        total, kl = divergence(hr, w_replay * on / on.sum().clamp(min=1), replay, y.reshape(-1), ar)
+        total, kl = self.divergence(hr, w_replay * on / on.sum().clamp(min=1), self.replay, y.reshape(-1), ar)
         return total, mean(kl, on)
-
-    def loss(b, mask, lam, w_replay=0.0, w_truth=0.0, x=None, y=None):
-        h = hidden_states(model, b.tokens, b.pos, mask, autocast)                                # (B, L, D)
-        a = hidden_states(anchor, b.tokens, b.pos, mask, autocast, grad=False) if anchored_rows else None
-        pc = consistency_term(h, b, raw.embed.weight, raw.cfg.vocab_size, cons_target == "hard", **chunking)
-        ar_and_truth, ar, tr = clean_stream(h, a, b, lam, w_truth)
-        rp, rp_kl = replay_term(x, y, w_replay) if x is not None else (0.0, torch.zeros_like(pc))
-        total = pc + ar_and_truth + rp                              # L, as above
-        return total, {"consistency": pc.detach(), "AR": ar.detach(), "replay": rp_kl.detach(), "truth": tr.detach()}
-    return loss
 
 
 class Recorder:

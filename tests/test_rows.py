@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import EOT, cuda, tiny_model
-from jfmini.forcing import pack_rows, row_length, row_objective
+from jfmini.forcing import RowObjective, pack_rows, row_length
 from jfmini.masks import MAIN, PAD, TRUTH, row_mask
 from jfmini.runtime.attention import dense_mask
 from jfmini.runtime.chunked_ce import ce_chunk, soft_cross_entropy
@@ -121,7 +121,7 @@ def test_compact_rows_give_the_papers_layout_loss_terms_and_gradients(case, seed
                   truth=bool(case["truth"]), **kw)
     b = as_tensors(r)
     mask = dense_mask(row_mask(b.group, b.pos, b.start, case["context"]), len(rows), L)
-    loss_fn = row_objective(model, anchor, case["cons_target"], case["ar_target"], case["replay"] or "kl",
+    loss_fn = RowObjective(model, anchor, case["cons_target"], case["ar_target"], case["replay"] or "kl",
                             case["truth"] or "anchor", chunk=7)
     got, terms = loss_fn(b, mask, lam, w_replay, w_truth, x, y)
     got.backward()
@@ -153,7 +153,7 @@ def test_row_objective_gives_the_head_autocast_dtype_hidden_states():
         seen.append((h.dtype, None if target_h is None else target_h.dtype))
         return ce_chunk(h, W, pad, weight, labels, target_h, target_W)
 
-    loss_fn = row_objective(model, anchor, "soft", "anchor", "kl", "ce", chunk=7, chunk_fn=chunk_fn,
+    loss_fn = RowObjective(model, anchor, "soft", "anchor", "kl", "ce", chunk=7, chunk_fn=chunk_fn,
                             autocast=lambda: torch.autocast("cpu", dtype=torch.bfloat16))
     got, _ = loss_fn(b, mask, 10.0, 5.0, 5.0, x, y)
     got.backward()

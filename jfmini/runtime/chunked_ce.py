@@ -1,6 +1,8 @@
 """The head and a cross-entropy over a 50K-token vocabulary without a (positions, V) tensor: machinery
-under jfmini.forcing.row_objective. A chunk of positions at a time, its logits made, used and dropped, and
+under jfmini.forcing.RowObjective. A chunk of positions at a time, its logits made, used and dropped, and
 its gradient computed in the forward pass (backward only scales it)."""
+import contextlib
+
 import torch
 from torch.autograd.function import once_differentiable
 
@@ -78,3 +80,11 @@ def soft_cross_entropy(h, W, weight, vocab, labels=None, target_h=None, target_W
         h, weight, labels, target_h = grow(h), grow(weight), grow(labels, -1), grow(target_h)
     total, ce, ent = SoftCrossEntropy.apply(h, W, weight, labels, target_h, target_W, vocab, chunk, fn)
     return total, ce[:N], ent[:N]
+
+
+def hidden_states(net, tokens, pos, mask, autocast, grad=True):
+    """net's final hidden states (B, L, D), in the dtype autocast gives the head's matmul (RMSNorm returns
+    float32 under autocast); grad False for the frozen anchor."""
+    with autocast(), contextlib.nullcontext() if grad else torch.no_grad():
+        h = net(tokens, pos, mask, hidden=True)
+        return h.to(autocast_dtype(h))
