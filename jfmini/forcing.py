@@ -72,12 +72,12 @@ def state_ratios(traj):
     return traj._ratios
 
 
-def target_ratios(num_blocks, schedule, rng, t_min=0.0, t_max=1.0, window=16, phase=0):
+def target_ratios(num_blocks, schedule, rng, t_min=0.0, t_max=1.0, noise_window=16, phase=0):
     """Noise ratio wanted for each block j: progressive = a ramp from t_min to t_max that repeats
-    every `window` blocks, starting `phase` blocks into it; reverse = the ramp descending; random =
+    every `noise_window` blocks, starting `phase` blocks into it; reverse = the ramp descending; random =
     uniform draws."""
-    ramp = np.linspace(t_min, t_max, window)
-    j = (np.arange(num_blocks) + phase) % window
+    ramp = np.linspace(t_min, t_max, noise_window)
+    j = (np.arange(num_blocks) + phase) % noise_window
     if schedule == "progressive":
         return ramp[j]
     if schedule == "reverse":
@@ -109,16 +109,16 @@ def choose_states(traj, i, by_owner, ratios, wanted, rng, fresh, tolerance):
     return np.stack(noisy)
 
 
-def draw_packing(traj, i, schedule, rng, eot, window, fresh, by_owner, ratios):
+def draw_packing(traj, i, schedule, rng, eot, noise_window, fresh, by_owner, ratios):
     """One packing of prompt i: (prompt (P,), fixed point (T, n), the noisy state chosen for each block
     by the schedule (T, n), the stream index of the first end-of-text (T*n = none)). by_owner: where each
     block's states begin in traj.states; ratios: state_ratios(traj)."""
     T = traj.fixed.shape[1]
     prompt, fixed = traj.prompt(i).astype(np.int64), traj.fixed[i].astype(np.int64)
     cut = np.flatnonzero(fixed.reshape(-1) == eot)
-    phase = int(rng.integers(window)) if fresh and schedule != "random" else 0
-    wanted = target_ratios(T, schedule, rng, window=window, phase=phase)
-    tolerance = 0.5 / max(window - 1, 1) + 1e-9
+    phase = int(rng.integers(noise_window)) if fresh and schedule != "random" else 0
+    wanted = target_ratios(T, schedule, rng, noise_window=noise_window, phase=phase)
+    tolerance = 0.5 / max(noise_window - 1, 1) + 1e-9          # half a step of the ramp
     noisy = choose_states(traj, i, by_owner, ratios, wanted, rng, fresh, tolerance)
     return prompt, fixed, noisy, int(cut[0]) if len(cut) else fixed.size
 
@@ -145,7 +145,7 @@ def row_length(max_prompt, traj_tokens, block_len, cons_window, context="clean",
     return math.ceil(need / multiple) * multiple
 
 
-def pack_rows(traj, rows, length, schedule, rng, eot, window=16, fresh=True, cons_window=0, context="clean",
+def pack_rows(traj, rows, length, schedule, rng, eot, noise_window=16, fresh=True, cons_window=0, context="clean",
               truth=True):
     """Pack prompts `rows` into compact rows of `length` tokens (jfmini.masks.row_mask): the same noisy
     states as jfmini.tools.paper.pack draws from the same rng, and the same losses, with fewer tokens. Block
@@ -165,7 +165,8 @@ def pack_rows(traj, rows, length, schedule, rng, eot, window=16, fresh=True, con
     by_owner, ratios = np.searchsorted(traj.owner, np.arange(len(traj) * T + 1)), state_ratios(traj)
     slot = np.arange(w)
     for r, i in enumerate(rows):
-        prompt, fixed, noisy, valid_until = draw_packing(traj, i, schedule, rng, eot, window, fresh, by_owner, ratios)
+        prompt, fixed, noisy, valid_until = draw_packing(traj, i, schedule, rng, eot, noise_window, fresh, by_owner,
+                                                         ratios)
         P, clean = len(prompt), fixed.reshape(-1)        # valid_until: no targets past the first end-of-text
         S = len(clean)
         real = traj.truth[i][:S] if truth else np.zeros(0, np.int64)
@@ -222,40 +223,39 @@ class RowObjective:
 
         L = consistency + lam * AR                 (the paper's: soft or hard consistency on the windows,
                                                     AR on the prompt and clean stream; noise-aware mask)
-              + w_replay * replay                  (jfmini: corpus text x, y; ce, or kl from the anchor)
-              + w_truth * truth                    (jfmini: the prompt's real code; ce, or anchor KL)
+              + w_replay * replay + w_truth * truth   (jfmini: corpus text x, y; the prompt's real code)
+    The other terms each have one of two kinds of target (as train.py's flags name them): labels, the
+    cross-entropy to tokens (ar_target "greedy": the paper's, truth_target "ce", replay_target "ce"), or
+    anchor, the KL from a frozen anchor model's distribution (ar_target "anchor", truth_target "anchor",
+    replay_target "kl"; jfmini's). Consistency: "soft" (the paper's: the detached clean twin's
+    distribution) or "hard" (its next token). The head and the losses run a chunk of positions at a time
+    (jfmini.runtime.chunked_ce): no (B, L, V) tensor is made. batch: Rows as tensors and windows, an int;
+    the weights are tensors or floats, so changing one recompiles nothing."""
 
-    One forward of the model and (for the KL terms) one of the frozen anchor per row; the head and the
-    losses run a chunk of positions at a time (jfmini.runtime.chunked_ce), so no (B, L, V) tensor is made.
-    ar_target 'anchor' makes AR the KL from the anchor on the clean stream (jfmini's; 'greedy' = the
-    paper's cross-entropy to the greedy tokens). batch: Rows as tensors (tokens, pos, ar_targets,
-    truth_targets, cons_weight, teacher) and windows, an int. The weights are tensors or floats: changing
-    one recompiles nothing."""
-
-    def __init__(self, model, anchor, cons_target="soft", ar_target="greedy", replay="kl", truth="anchor",
-                 autocast=contextlib.nullcontext, chunk_fn=ce_chunk, chunk=2048):
+    def __init__(self, model, anchor, cons_target="soft", ar_target="greedy", replay_target="kl",
+                 truth_target="anchor", autocast=contextlib.nullcontext, chunk_fn=ce_chunk, chunk=2048):
         raw = getattr(model, "module", model)                       # under DDP
         self.raw = getattr(raw, "_orig_mod", raw)                   # under torch.compile
         self.model, self.anchor, self.autocast, self.chunking = model, anchor, autocast, dict(chunk=chunk, fn=chunk_fn)
-        self.hard, self.ar_target, self.replay = cons_target == "hard", ar_target, replay
-        self.truth_kind = truth or ar_target                        # truth None: no truth term, so its kind is moot
-        self.anchored_rows = ar_target == "anchor" or self.truth_kind == "anchor"
-        self.shared_pass = (ar_target == "anchor") == (self.truth_kind == "anchor")
+        self.hard = cons_target == "hard"
+        self.ar_to_anchor = ar_target == "anchor"
+        self.truth_to_anchor = (truth_target or ar_target) == "anchor"  # truth_target None: no truth term
+        self.replay_to_anchor = replay_target == "kl"
 
     def __call__(self, b, mask, lam, w_replay=0.0, w_truth=0.0, x=None, y=None):
         h = hidden_states(self.model, b.tokens, b.pos, mask, self.autocast)                     # (B, L, D)
-        a = hidden_states(self.anchor, b.tokens, b.pos, mask, self.autocast, grad=False) if self.anchored_rows else None
+        anchored = self.ar_to_anchor or self.truth_to_anchor
+        a = hidden_states(self.anchor, b.tokens, b.pos, mask, self.autocast, grad=False) if anchored else None
         pc = consistency_term(h, b, self.raw.embed.weight, self.raw.cfg.vocab_size, self.hard, **self.chunking)
         ar_and_truth, ar, tr = self.clean_stream(h, a, b, lam, w_truth)
         rp, rp_kl = self.replay_term(x, y, w_replay) if x is not None else (0.0, torch.zeros_like(pc))
         total = pc + ar_and_truth + rp                              # L, as above
         return total, {"consistency": pc.detach(), "AR": ar.detach(), "replay": rp_kl.detach(), "truth": tr.detach()}
 
-    def divergence(self, h, weight, kind, labels, a):
+    def divergence(self, h, weight, to_anchor, labels, a):
         """sum weight * KL(target || model) over the positions of h (N, D), and the KL at each: the target is
-        the anchor's distribution (its hidden states a; kinds anchor, kl) or labels (ce, greedy), whose
-        entropy is 0. KL = the chunked cross-entropy minus the target's entropy."""
-        to_anchor = kind in ("anchor", "kl")
+        the anchor's distribution (its hidden states a) or labels, whose entropy is 0. KL = the chunked
+        cross-entropy minus the target's entropy."""
         target = dict(target_h=a, target_W=self.anchor.embed.weight) if to_anchor else dict(labels=labels)
         total, ce, ent = soft_cross_entropy(h, self.raw.embed.weight, weight, self.raw.cfg.vocab_size, **target,
                                             **self.chunking)
@@ -264,17 +264,17 @@ class RowObjective:
     def clean_stream(self, h, a, b, lam, w_truth):
         """lam * AR (the prompt and the clean stream) + w_truth * truth (the prompt's real code), on the row
         after its windows; and each term's mean KL. Their positions never overlap, so when both have the same
-        kind of target one chunked pass serves both."""
+        kind of target one chunked pass serves both, with the AR tokens' or the truth's labels at each."""
         k, D = b.windows, h.shape[-1]
         hm, am = h[:, k:].reshape(-1, D), a[:, k:].reshape(-1, D) if a is not None else None
         ar_t, tr_t = b.ar_targets[:, k:].reshape(-1), b.truth_targets[:, k:].reshape(-1)
         ar_on, tr_on = (ar_t >= 0).float(), (tr_t >= 0).float()
         w_ar, w_tr = lam * ar_on / ar_on.sum().clamp(min=1), w_truth * tr_on / tr_on.sum().clamp(min=1)
-        if self.shared_pass:
-            both, kl = self.divergence(hm, w_ar + w_tr, self.ar_target, torch.where(ar_t >= 0, ar_t, tr_t), am)
+        if self.ar_to_anchor == self.truth_to_anchor:
+            both, kl = self.divergence(hm, w_ar + w_tr, self.ar_to_anchor, torch.where(ar_t >= 0, ar_t, tr_t), am)
             return both, mean(kl, ar_on), mean(kl, tr_on)
-        ar, ar_kl = self.divergence(hm, w_ar, self.ar_target, ar_t, am)
-        tr, tr_kl = self.divergence(hm, w_tr, self.truth_kind, tr_t, am)
+        ar, ar_kl = self.divergence(hm, w_ar, self.ar_to_anchor, ar_t, am)
+        tr, tr_kl = self.divergence(hm, w_tr, self.truth_to_anchor, tr_t, am)
         return ar + tr, mean(ar_kl, ar_on), mean(tr_kl, tr_on)
 
     def replay_term(self, x, y, w_replay):
@@ -282,10 +282,10 @@ class RowObjective:
         pos = torch.arange(x.shape[1], device=x.device)
         hr = hidden_states(self.model, x, pos, None, self.autocast)
         hr = hr.reshape(-1, hr.shape[-1])
-        ar = hidden_states(self.anchor, x, pos, None, self.autocast, grad=False) if self.replay == "kl" else None
+        ar = hidden_states(self.anchor, x, pos, None, self.autocast, grad=False) if self.replay_to_anchor else None
         ar = ar.reshape(hr.shape) if ar is not None else None
         on = (y.reshape(-1) >= 0).float()
-        total, kl = self.divergence(hr, w_replay * on / on.sum().clamp(min=1), self.replay, y.reshape(-1), ar)
+        total, kl = self.divergence(hr, w_replay * on / on.sum().clamp(min=1), self.replay_to_anchor, y.reshape(-1), ar)
         return total, mean(kl, on)
 
 

@@ -70,7 +70,7 @@ def test_selected_noise_ratios_follow_the_schedule(schedule):
 
 
 def test_progressive_ramp_repeats_every_window():
-    t = target_ratios(8, "progressive", None, window=4)
+    t = target_ratios(8, "progressive", None, noise_window=4)
     np.testing.assert_allclose(t, [0, 1 / 3, 2 / 3, 1] * 2)
 
 
@@ -81,7 +81,7 @@ def test_consistency_loss_zero_when_noisy_equals_clean_and_positive_otherwise():
     noisy_traj = synthetic([np.arange(7)], T=T, n=n, states_per_block=[1])
     for traj, zero in ((clean_traj, True), (noisy_traj, False)):
         L = packed_length(16, n, T)
-        p = pack(traj, [0], L, "progressive", np.random.default_rng(0), EOT, window=T)
+        p = pack(traj, [0], L, "progressive", np.random.default_rng(0), EOT, noise_window=T)
         mod = noise_aware_mask(torch.tensor(p.prompt_len), torch.tensor(p.pad_start), n, "noisy")
         logits = model(torch.tensor(p.tokens), torch.tensor(p.pos), dense_mask(mod, 1, L))
         for target in ("soft", "hard"):
@@ -262,9 +262,9 @@ def test_fresh_states_vary_across_epochs_with_the_same_schedule_statistics():
     rows = list(range(40))
     L = packed_length(16, n, T)
     rng = np.random.default_rng(0)
-    a, b = (pack(traj, rows, L, "progressive", rng, EOT, window=W) for _ in range(2))
+    a, b = (pack(traj, rows, L, "progressive", rng, EOT, noise_window=W) for _ in range(2))
     assert (packed_states(a, n, T, 6) != packed_states(b, n, T, 6)).any(-1).mean() > 0.3
-    fixed = (pack(traj, rows, L, "progressive", rng, EOT, window=W, fresh=False) for _ in range(2))
+    fixed = (pack(traj, rows, L, "progressive", rng, EOT, noise_window=W, fresh=False) for _ in range(2))
     assert np.array_equal(*(packed_states(p, n, T, 6) for p in fixed))
     for p in (a, b):
         got = np.array([[noise_ratio(p.tokens[r, 6 + 2 * n * j: 6 + 2 * n * j + n][None], traj.fixed[r, j])[0]

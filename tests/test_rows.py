@@ -105,7 +105,7 @@ def test_compact_rows_give_the_papers_layout_loss_terms_and_gradients(case, seed
     g = torch.Generator().manual_seed(seed)
     x = torch.randint(0, 257, (2, 11), generator=g) if case["replay"] else None
     y = torch.randint(-1, 257, (2, 11), generator=g) if case["replay"] else None
-    kw = dict(window=3, fresh=True, cons_window=case["cons_window"])
+    kw = dict(noise_window=3, fresh=True, cons_window=case["cons_window"])
     p = pack(traj, rows, packed_length(9, n, T), "progressive", np.random.default_rng(seed), EOT, **kw)
     gx = gy = None
     if case["truth"]:
@@ -143,7 +143,7 @@ def test_row_objective_gives_the_head_autocast_dtype_hidden_states():
     g = torch.Generator().manual_seed(seed)
     x, y = torch.randint(0, 257, (2, 11), generator=g), torch.randint(-1, 257, (2, 11), generator=g)
     L = row_length(9, n * T, n, 2, "clean", truth=True, multiple=8)
-    r = pack_rows(traj, rows, L, "progressive", np.random.default_rng(seed), EOT, window=3, fresh=True,
+    r = pack_rows(traj, rows, L, "progressive", np.random.default_rng(seed), EOT, noise_window=3, fresh=True,
                   cons_window=2, context="clean", truth=True)
     b = as_tensors(r)
     mask = dense_mask(row_mask(b.group, b.pos, b.start, "clean"), len(rows), L)
@@ -214,7 +214,7 @@ def test_flex_attention_under_row_mask_equals_the_dense_mask(context):
     n, T = 4, 3
     traj = trajectories_with_truth(5, n, T)
     L = row_length(9, n * T, n, 2, context, multiple=128)
-    r = as_tensors(pack_rows(traj, [0, 1, 2, 3], L, "progressive", np.random.default_rng(0), EOT, window=3,
+    r = as_tensors(pack_rows(traj, [0, 1, 2, 3], L, "progressive", np.random.default_rng(0), EOT, noise_window=3,
                              cons_window=2, context=context))
     model = tiny_model(0).cuda()
     meta = [t.cuda() for t in (r.group, r.pos, r.start)]

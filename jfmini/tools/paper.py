@@ -95,7 +95,7 @@ def packed_length(max_prompt, block_len, num_blocks, multiple=128):
     return math.ceil((max_prompt + 2 * block_len * num_blocks) / multiple) * multiple
 
 
-def pack(traj, rows, length, schedule, rng, eot, window=16, fresh=True, cons_window=0):
+def pack(traj, rows, length, schedule, rng, eot, noise_window=16, fresh=True, cons_window=0):
     """The paper's layout, literally: pack the trajectories of prompts `rows` into one batch of rows
     [prompt | k_0 | l_0 | k_1 | l_1 | ...], choosing k_j by the noise schedule. Training packs the
     compact rows of pack_rows instead (the same losses with fewer tokens); this layout serves the
@@ -114,7 +114,8 @@ def pack(traj, rows, length, schedule, rng, eot, window=16, fresh=True, cons_win
     by_owner, ratios = np.searchsorted(traj.owner, np.arange(len(traj) * T + 1)), state_ratios(traj)  # owner is sorted
     reach = cons_window if cons_window > 0 else n
     for r, i in enumerate(rows):
-        prompt, fixed, noisy, valid_until = draw_packing(traj, i, schedule, rng, eot, window, fresh, by_owner, ratios)
+        prompt, fixed, noisy, valid_until = draw_packing(traj, i, schedule, rng, eot, noise_window, fresh, by_owner,
+                                                         ratios)
         P, clean = len(prompt), fixed.reshape(-1)
         toks, pos = [prompt], [np.arange(P)]
         ar = [np.append(prompt[1:], clean[0])]                     # prompt predicts its next token, then l_0[0]
@@ -191,7 +192,7 @@ def accuracy_by_distance(model, traj, eot, context="clean", batch=16, seed=0, au
     rng = np.random.default_rng(seed)
     hits, counts = np.zeros(n, np.int64), np.zeros(n, np.int64)
     for lo in range(0, len(traj), batch):
-        p = pack(traj, range(lo, min(lo + batch, len(traj))), L, "progressive", rng, eot, window=min(16, T))
+        p = pack(traj, range(lo, min(lo + batch, len(traj))), L, "progressive", rng, eot, noise_window=min(16, T))
         t = {k: torch.from_numpy(getattr(p, k)).to(dev) for k in ("tokens", "pos", "ar_targets", "noisy_idx")}
         mask = dense_mask(noise_aware_mask(torch.from_numpy(p.prompt_len).to(dev),
                                            torch.from_numpy(p.pad_start).to(dev), n, context), len(p.tokens), L, dev)
