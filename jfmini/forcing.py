@@ -219,18 +219,20 @@ def mean(values, on):
 
 class RowObjective:
     """The whole objective of a round on compact rows (pack_rows): objective(batch, mask, lam, w_replay,
-    w_truth, x, y) -> (L, {term: value}), where
+    w_truth, x, y) -> (L, {term: value}), L = consistency + lam * AR + w_replay * replay + w_truth * truth:
 
-        L = consistency + lam * AR                 (the paper's: soft or hard consistency on the windows,
-                                                    AR on the prompt and clean stream; noise-aware mask)
-              + w_replay * replay + w_truth * truth   (jfmini: corpus text x, y; the prompt's real code)
-    The other terms each have one of two kinds of target (as train.py's flags name them): labels, the
-    cross-entropy to tokens (ar_target "greedy": the paper's, truth_target "ce", replay_target "ce"), or
-    anchor, the KL from a frozen anchor model's distribution (ar_target "anchor", truth_target "anchor",
-    replay_target "kl"; jfmini's). Consistency: "soft" (the paper's: the detached clean twin's
-    distribution) or "hard" (its next token). The head and the losses run a chunk of positions at a time
-    (jfmini.runtime.chunked_ce): no (B, L, V) tensor is made. batch: Rows as tensors and windows, an int;
-    the weights are tensors or floats, so changing one recompiles nothing."""
+    term         positions                     target (train.py flag: default; other)     why
+    consistency  the noisy windows             the clean twin's distribution, detached     the paper's L_pc
+                                               (--cons_target soft; hard: its next token)
+    AR           prompt + clean stream         KL from the anchor (--ar_target anchor;     the paper's L_AR;
+                                               greedy: cross-entropy to the tokens)        KL keeps the base's
+    replay       corpus text x, y              KL from the anchor (--anchor kl; ce)        jfmini: keeps val loss
+    truth        the prompt's real code        KL from the anchor (--truth_target anchor;  jfmini: keeps real-code
+                                               ce: cross-entropy to the real tokens)       predictions
+
+    The anchor is a frozen model (train.py: the base). AR, replay and truth log their KL, consistency its
+    cross-entropy (floor: the teacher's entropy). Losses run a chunk of positions at a time
+    (jfmini.runtime.chunked_ce). The weights are tensors or floats: changing one recompiles nothing."""
 
     def __init__(self, model, anchor, cons_target="soft", ar_target="greedy", replay_target="kl",
                  truth_target="anchor", autocast=contextlib.nullcontext, chunk_fn=ce_chunk, chunk=2048):
@@ -279,13 +281,11 @@ class RowObjective:
 
     def replay_term(self, x, y, w_replay):
         """w_replay * replay on plain causal corpus text x, y (jfmini's), and its mean KL."""
-        pos = torch.arange(x.shape[1], device=x.device)
-        hr = hidden_states(self.model, x, pos, None, self.autocast)
-        hr = hr.reshape(-1, hr.shape[-1])
-        ar = hidden_states(self.anchor, x, pos, None, self.autocast, grad=False) if self.replay_to_anchor else None
-        ar = ar.reshape(hr.shape) if ar is not None else None
-        on = (y.reshape(-1) >= 0).float()
-        total, kl = self.divergence(hr, w_replay * on / on.sum().clamp(min=1), self.replay_to_anchor, y.reshape(-1), ar)
+        pos, y, to_anchor = torch.arange(x.shape[1], device=x.device), y.reshape(-1), self.replay_to_anchor
+        hr = hidden_states(self.model, x, pos, None, self.autocast).flatten(0, 1)                 # (B * L, D)
+        ar = hidden_states(self.anchor, x, pos, None, self.autocast, grad=False).flatten(0, 1) if to_anchor else None
+        on = (y >= 0).float()
+        total, kl = self.divergence(hr, w_replay * on / on.sum().clamp(min=1), to_anchor, y, ar)
         return total, mean(kl, on)
 
 
