@@ -5,6 +5,7 @@
 # checks on both, `decode.py --prompt "def fib(n):"` and the decoder sweep, each timed. SEED=... trains another
 # seed into out_s<seed> (each seed against its own base) and benches it; SEEDS="2 3" only trains those seeds,
 # one after another (train.py's evaluation holds the seed table's figures).
+# QUICK=1: train.py, bench.py on HumanEval and its float32 check only (~17 min on an H100).
 # ARGS=... and BARGS=... add flags to train.py and bench.py (a CPU smoke test of this script: see results/README).
 # The code is copied first so that edits to the checkout during the run do not reach it. Logs go to /tmp/r.
 #   setsid nohup bash results/defaults/run.sh > /dev/null 2>&1 &   then   bash results/defaults/poll.sh 560
@@ -27,6 +28,8 @@ FP32="--dtype float32 --compile no --limit 24 --max_new_tokens 128 --eager_limit
 [ -z "$SEED" ] && timed bash -c "python3 train.py $ARGS > $R/train.log 2>&1" train.py
 if [ -z "$ONLY_TRAIN" ]; then
 timed bash -c "python3 bench.py $M $BARGS --eager_limit 2 > $R/bench$S.log 2>&1" bench.py
+[ -n "$QUICK" ] && { timed bash -c "python3 bench.py $M $BARGS $FP32 > $R/bench_fp32$S.log 2>&1" bench fp32
+                     log "all done"; touch $R/ALLDONE; exit 0; }
 timed bash -c "python3 bench.py $M $BARGS --prompts heldout --limit 164 --eager_limit 2 > $R/bench_heldout$S.log 2>&1" bench heldout
 timed bash -c "python3 bench.py $M $BARGS --prompts heldout $FP32 > $R/bench_fp32_heldout$S.log 2>&1" bench fp32 heldout
 timed bash -c "python3 bench.py $M $BARGS $FP32 > $R/bench_fp32$S.log 2>&1" bench fp32
