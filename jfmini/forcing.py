@@ -222,10 +222,10 @@ class RowObjective:
     w_truth, x, y) -> (L, {term: value}), L = consistency + lam * AR + w_replay * replay + w_truth * truth:
 
     term         positions                     target (train.py flag: default; other)     why
-    consistency  the noisy windows             the clean twin's distribution, detached     the paper's L_pc
-                                               (--cons_target soft; hard: its next token)
-    AR           prompt + clean stream         KL from the anchor (--ar_target anchor;     the paper's L_AR;
-                                               greedy: cross-entropy to the tokens)        KL keeps the base's
+    consistency  noisy windows, from the first the clean twin's distribution, detached     the paper's L_pc
+                 wrong token d_j (cons_weight) (--cons_target soft; hard: its next token)
+    AR           prompt + clean stream         KL from the anchor (--ar_target anchor;     the paper's L_AR (KL:
+                                               greedy, the paper's: CE to the tokens)      keeps base predictions)
     replay       corpus text x, y              KL from the anchor (--anchor kl; ce)        jfmini: keeps val loss
     truth        the prompt's real code        KL from the anchor (--truth_target anchor;  jfmini: keeps real-code
                                                ce: cross-entropy to the real tokens)       predictions
@@ -241,7 +241,7 @@ class RowObjective:
         self.model, self.anchor, self.autocast, self.chunking = model, anchor, autocast, dict(chunk=chunk, fn=chunk_fn)
         self.hard = cons_target == "hard"
         self.ar_to_anchor = ar_target == "anchor"
-        self.truth_to_anchor = (truth_target or ar_target) == "anchor"  # truth_target None: no truth term
+        self.truth_to_anchor = (truth_target or ar_target) == "anchor"  # None (w_truth 0): as AR, one pass
         self.replay_to_anchor = replay_target == "kl"
 
     def __call__(self, b, mask, lam, w_replay=0.0, w_truth=0.0, x=None, y=None):

@@ -158,7 +158,10 @@ def forcing_loss(logits, ar_targets, noisy_idx, cons_weight, block_len, target="
 
     L_pc, at the noisy positions cons_weight keeps: soft = cross-entropy from the detached clean
     distribution at l_j[t] (n positions after k_j[t]) to the noisy one at k_j[t] (the paper's);
-    hard = cross-entropy to the fixed point's next token (the clean distribution's argmax).
+    hard = cross-entropy to the fixed point's next token (the clean distribution's argmax). pack keeps
+    positions from the block's first wrong token d_j on: before it k_j[t] = l_j[t], and with the clean
+    context they also see the same keys, so the term is constant there (no gradient); with the noisy
+    context it would not be, and pack leaves them out too.
     L_AR: next-token cross-entropy on the clean stream (the paper's: its targets are the source model's
     own greedy tokens, loops included); with ref_logits (an anchor model's logits on the same rows),
     jfmini's alternative: the KL divergence from the anchor's distribution there, which keeps the model's
