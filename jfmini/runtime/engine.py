@@ -212,10 +212,11 @@ def read_progress(s, lens, committed, most):
     one device-to-host copy: at most `most` new tokens a row (the drafts of every iteration since)."""
     n, starts = len(lens), [P + len(c) for P, c in zip(lens, committed)]
     lo, hi = min(starts), min(max(starts) + most, s.text.shape[1])
-    v = torch.cat([s.done[:n, None].long(), s.length[:n, None], s.text[:n, lo:hi]], 1).tolist()
+    v = torch.cat([s.done[:n, None].long(), s.length[:n, None], s.text[:n, lo:hi]], 1).cpu()
+    head = v[:, :2].tolist()                            # (done, length) per row; only new tokens become lists
     for b, start in enumerate(starts):
-        committed[b] += v[b][2 + start - lo:2 + v[b][1] - lo]
-    return [bool(row[0]) for row in v]
+        committed[b] += v[b, 2 + start - lo:2 + head[b][1] - lo].tolist()
+    return [bool(done) for done, _ in head]
 
 
 def generate(dec, prompt, max_new_tokens, sync_every=1, on_step=None, stop=None):
