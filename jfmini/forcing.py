@@ -300,9 +300,8 @@ class Recorder:
         self.count = torch.zeros(B, num_blocks, dtype=torch.long, device=jac.dev)
 
     def tensors(self):
-        """The recorder's state: the decoder puts it back after the warm-up steps of a CUDA graph capture
-        (without that, the first batch's block 0 counted 4 extra iterations and the states of every later
-        block were filed under the wrong block)."""
+        """The recorder's state: the decoder puts it back after the warm-up steps of a CUDA graph capture,
+        which would otherwise count as iterations of the first batch's block 0."""
         return [self.states, self.count]
 
     def __call__(self, jac):
