@@ -6,7 +6,9 @@
 # seed into out_s<seed> (each seed against its own base) and benches it; SEEDS="2 3" only trains those seeds,
 # one after another (train.py's evaluation holds the seed table's figures).
 # QUICK=1: train.py, bench.py on HumanEval and its float32 check only (~17 min on an H100).
-# ARGS=... and BARGS=... add flags to train.py and bench.py (a CPU smoke test of this script: see results/README).
+# ARGS=... and BARGS=... add flags to train.py and bench.py. A CPU smoke test of this script (about 2 min):
+#   QUICK=1 R=/tmp/rsmoke ARGS="--preset cpu --steps 30 --traj_prompts 16 --distill_steps 4 --block_lens 16
+#   --eval_every 15 --eval_batches 2" BARGS="--limit 3 --max_new_tokens 32" bash results/defaults/run.sh
 # The code is copied first so that edits to the checkout during the run do not reach it. Logs go to /tmp/r.
 #   setsid nohup bash results/defaults/run.sh > /dev/null 2>&1 &   then   bash results/defaults/poll.sh 560
 export PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
